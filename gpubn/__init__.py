@@ -1,0 +1,25 @@
+"""gpubn: batch normalization as fast Numba kernels, on NVIDIA GPUs or the CPU.
+
+Functional ops (``batch_stats``, ``normalize``, ``batch_norm_forward``,
+``batch_norm_backward``), a ``BatchNorm`` layer for training loops and a
+``Standardizer`` for input normalization.  The kernels themselves live in
+``gpubn.kernels``.
+"""
+
+__version__ = "0.1.0"
+
+from ._arrays import canonical_shape
+from ._backend import available_backends, default_backend
+from .functional import ForwardCache, batch_norm_backward, batch_norm_forward, batch_stats, normalize
+
+__all__ = [
+    "__version__",
+    "available_backends",
+    "default_backend",
+    "batch_stats",
+    "normalize",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "ForwardCache",
+    "canonical_shape",
+]

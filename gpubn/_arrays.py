@@ -1,0 +1,164 @@
+"""Validation, the canonical (outer, C, inner) view, and host/device movement."""
+
+import numbers
+
+import numpy as np
+from numba import cuda
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def is_device_array(a) -> bool:
+    """Numba device arrays and anything with ``__cuda_array_interface__``."""
+    return bool(getattr(a, "__cuda_ndarray__", False)) or hasattr(a, "__cuda_array_interface__")
+
+
+def device_view(a):
+    """A numba device array over ``a``'s memory (zero-copy)."""
+    return a if getattr(a, "__cuda_ndarray__", False) else cuda.as_cuda_array(a)
+
+
+def acc_dtype(dtype) -> np.dtype:
+    """Accumulation / statistics dtype: float64 for float64 input, else float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def check_float(dtype, name: str) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {dt} is not supported; expected float16, float32 or float64")
+    return dt
+
+
+def check_axis(axis, ndim: int, name: str = "axis") -> int:
+    """The feature axis as a non-negative int (negative counts from the end)."""
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(axis).__name__}")
+    if ndim == 0:
+        raise ValueError(f"{name}: x is 0-d and has no feature axis")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: {axis} is out of range for an input with {ndim} dimensions")
+    return int(axis) % ndim
+
+
+def check_scalar(value, name: str, low: float = 0.0, high: float = np.inf) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    v = float(value)
+    if not (low <= v <= high):
+        raise ValueError(f"{name}: {value} is outside [{low}, {high}]")
+    return v
+
+
+def canonical_shape(shape, axis: int) -> tuple:
+    """(outer, C, inner) of an array of ``shape`` whose feature axis is ``axis``.
+
+    >>> canonical_shape((8, 3, 4, 5), 1)
+    (8, 3, 20)
+    >>> canonical_shape((8, 4, 5, 3), -1)
+    (160, 3, 1)
+    """
+    axis = check_axis(axis, len(shape))
+    outer = int(np.prod(shape[:axis], dtype=np.int64))
+    inner = int(np.prod(shape[axis + 1 :], dtype=np.int64))
+    return outer, int(shape[axis]), inner
+
+
+def as_input(x, name: str, backend: str):
+    """(array, on_device): a NumPy array, or for the CUDA backend a numba device
+    array viewing the caller's device memory (zero-copy)."""
+    if is_device_array(x):
+        if backend != "cuda":
+            raise TypeError(
+                f"{name}: a device array cannot be used with backend {backend!r}; "
+                "pass a NumPy array or use backend='cuda'"
+            )
+        return device_view(x), True
+    if isinstance(x, np.ndarray):
+        return x, False
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
+    return arr, False
+
+
+def to_canonical(arr, shape3, on_device: bool):
+    """The (outer, C, inner) view of ``arr``: zero-copy when contiguous.
+
+    A non-contiguous host array is reshaped by NumPy (a view where strides
+    allow, a copy otherwise); a non-contiguous device array is first copied
+    into a contiguous one on the device.
+    """
+    if not on_device:
+        return arr.reshape(shape3)
+    if not arr.is_c_contiguous():
+        dense = cuda.device_array(arr.shape, arr.dtype)
+        dense[...] = arr
+        arr = dense
+    return arr.reshape(*shape3)
+
+
+def channel_vector(v, name: str, C: int, dtype, backend: str, fill=None):
+    """A per-channel (C,) vector as the kernels take it: ``dtype``, on the
+    backend's side.  None gives ``fill`` (or None when fill is None)."""
+    if v is None:
+        if fill is None:
+            return None
+        host = np.full(C, fill, dtype)
+        return cuda.to_device(host) if backend == "cuda" else host
+    on_device = is_device_array(v)
+    if on_device and backend != "cuda":
+        raise TypeError(f"{name}: a device array cannot be used with backend {backend!r}")
+    arr = device_view(v) if on_device else np.asarray(v)
+    check_float(arr.dtype, name)
+    if tuple(arr.shape) != (C,):
+        raise ValueError(f"{name}: expected shape ({C},) to match the {C} channels of x, got {tuple(arr.shape)}")
+    if on_device:
+        if arr.dtype != dtype:
+            raise TypeError(f"{name}: device array of dtype {arr.dtype}; this input needs {np.dtype(dtype)}")
+        return arr
+    host = np.ascontiguousarray(arr, dtype=dtype)
+    return cuda.to_device(host) if backend == "cuda" else host
+
+
+class StateVector:
+    """A per-channel vector the kernels update in place (running statistics).
+
+    ``work`` is what the kernel writes: the caller's array itself when its
+    dtype and side fit, else a copy that ``commit()`` writes back.  Validation
+    happens at construction, so a refused call changes nothing.
+    """
+
+    def __init__(self, v, name: str, C: int, dtype, backend: str):
+        on_device = is_device_array(v)
+        if on_device and backend != "cuda":
+            raise TypeError(f"{name}: a device array cannot be used with backend {backend!r}")
+        if on_device:
+            arr = device_view(v)
+        elif isinstance(v, np.ndarray):
+            arr = v
+        else:
+            raise TypeError(f"{name}: expected a NumPy or device array (updated in place), got {type(v).__name__}")
+        check_float(arr.dtype, name)
+        if tuple(arr.shape) != (C,):
+            raise ValueError(f"{name}: expected shape ({C},) to match the {C} channels of x, got {tuple(arr.shape)}")
+        if not on_device and not arr.flags.writeable:
+            raise ValueError(f"{name}: array is read-only; it is updated in place")
+        self.target = arr
+        self.copied = False
+        if on_device:
+            if arr.dtype != dtype:
+                raise TypeError(f"{name}: device array of dtype {arr.dtype}; this input needs {np.dtype(dtype)}")
+            self.work = arr
+        elif backend == "cuda":
+            self.work, self.copied = cuda.to_device(np.ascontiguousarray(arr, dtype)), True
+        elif arr.dtype != dtype:
+            self.work, self.copied = arr.astype(dtype), True
+        else:
+            self.work = arr
+
+    def commit(self):
+        if self.copied:
+            w = self.work
+            self.target[...] = w.copy_to_host() if hasattr(w, "copy_to_host") else w

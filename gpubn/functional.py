@@ -1,0 +1,293 @@
+"""The functional API: batch statistics, normalize, forward and backward.
+
+Each function validates everything first (a call that raises changes nothing),
+builds the canonical ``(outer, C, inner)`` view of its input, and calls the
+launchers in ``gpubn.kernels``.  Semantics follow ``torch.nn.functional.batch_norm``:
+biased variance normalizes, the unbiased variance enters the running estimate,
+``momentum`` is the weight of the new batch.
+
+Arrays: NumPy in, NumPy out on either backend.  On the CUDA backend, device
+arrays (numba, or anything with ``__cuda_array_interface__``: CuPy, PyTorch)
+are used in place and results are numba device arrays on the same device.
+"""
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+from numba import cuda
+
+from .kernels import backward as _bw
+from .kernels import normalize as _nz
+from .kernels import stats as _st
+
+from ._arrays import (
+    StateVector,
+    acc_dtype,
+    as_input,
+    canonical_shape,
+    channel_vector,
+    check_axis,
+    check_float,
+    check_scalar,
+    to_canonical,
+)
+from ._backend import resolve_backend
+
+_ENGINES = {
+    "cpu": SimpleNamespace(
+        stats=_st.launch_stats_cpu,
+        affine=_nz.launch_affine_coefficients_cpu,
+        scale_shift=_nz.launch_scale_shift_cpu,
+        backward=_bw.launch_backward_cpu,
+    ),
+    "cuda": SimpleNamespace(
+        stats=_st.launch_stats_cuda,
+        affine=_nz.launch_affine_coefficients_cuda,
+        scale_shift=_nz.launch_scale_shift_cuda,
+        backward=_bw.launch_backward_cuda,
+    ),
+}
+
+
+@dataclass
+class _Input:
+    """A validated input: its canonical view ready for the kernels."""
+
+    backend: str
+    on_device: bool
+    shape: tuple  # the caller's shape
+    dtype: np.dtype  # the caller's dtype
+    axis: int
+    arr: object  # the caller's array (NumPy or numba device array)
+    shape3: tuple  # (outer, C, inner)
+    acc: np.dtype  # statistics dtype
+    view: object = None  # (outer, C, inner) on the backend's side, set by _materialize
+
+    @property
+    def C(self) -> int:
+        return self.shape3[1]
+
+    @property
+    def count(self) -> int:
+        """Values per channel."""
+        return self.shape3[0] * self.shape3[2]
+
+    def empty(self, rows=None):
+        """A new array of the input's shape and dtype (rows=k: (k, C) stats)."""
+        if rows is not None:
+            shape, dtype = (rows, self.C), self.acc
+        else:
+            shape, dtype = self.shape, self.dtype
+        return cuda.device_array(shape, dtype) if self.backend == "cuda" else np.empty(shape, dtype)
+
+    def deliver(self, arr):
+        """Results go back where the input came from."""
+        if self.backend == "cuda" and not self.on_device:
+            return arr.copy_to_host()
+        return arr
+
+
+def _prepare(x, axis, backend, name="x") -> _Input:
+    be = resolve_backend(backend)
+    arr, on_device = as_input(x, name, be)
+    dtype = check_float(arr.dtype, name)
+    ax = check_axis(axis, arr.ndim)
+    shape3 = canonical_shape(arr.shape, ax)
+    if 0 in arr.shape:
+        raise ValueError(f"{name}: empty input of shape {tuple(arr.shape)}")
+    return _Input(be, on_device, tuple(arr.shape), dtype, ax, arr, shape3, acc_dtype(dtype))
+
+
+def _materialize(inp: _Input) -> _Input:
+    """Build the kernel-ready view of a validated input."""
+    view = to_canonical(inp.arr, inp.shape3, inp.on_device)
+    if inp.backend == "cuda" and not inp.on_device:
+        view = cuda.to_device(np.ascontiguousarray(view))
+    elif inp.backend == "cpu" and view.dtype == np.float16:
+        view = view.astype(np.float32)  # numba has no float16 on the CPU
+    inp.view = view
+    return inp
+
+
+def batch_stats(x, axis: int = 1, backend=None):
+    """Per-feature mean and biased variance of ``x``.
+
+    Args:
+        x: array of any shape, float16/32/64; ``axis`` is the feature axis.
+    Returns:
+        (mean, var): each shape (C,), float32 (float64 for float64 x); NumPy
+        arrays, or device arrays when x is a device array.
+    """
+    inp = _materialize(_prepare(x, axis, backend))
+    C = inp.C
+    ones = channel_vector(None, "gamma", C, inp.acc, inp.backend, fill=1.0)
+    zeros = channel_vector(None, "beta", C, inp.acc, inp.backend, fill=0.0)
+    coef = inp.empty(rows=5)
+    _ENGINES[inp.backend].stats(inp.view, coef, ones, zeros, ones, ones, 0.0, 0.0, False)
+    return inp.deliver(coef[_st.MEAN]), inp.deliver(coef[_st.VAR])
+
+
+def normalize(x, mean, var, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1, backend=None):
+    """The elementwise kernel: ``(x - mean) / sqrt(var + eps) * gamma + beta``.
+
+    Args:
+        x: array, float16/32/64, feature axis ``axis``.
+        mean, var: (C,) statistics to normalize with (var is biased variance).
+        gamma, beta: (C,) or None (1 and 0).
+    Returns:
+        y: x's shape and dtype.
+    """
+    inp = _prepare(x, axis, backend)
+    C = inp.C
+    eps = check_scalar(eps, "eps")
+    vec = [
+        channel_vector(v, name, C, inp.acc, inp.backend, fill)
+        for v, name, fill in ((mean, "mean", None), (var, "var", None), (gamma, "gamma", 1.0), (beta, "beta", 0.0))
+    ]
+    if vec[0] is None or vec[1] is None:
+        raise ValueError("mean, var: both are required")
+    inp = _materialize(inp)
+    eng = _ENGINES[inp.backend]
+    coef = inp.empty(rows=5)
+    eng.affine(*vec, eps, coef)
+    y = inp.empty()
+    eng.scale_shift(inp.view, coef, y.reshape(*inp.shape3))
+    return inp.deliver(y)
+
+
+@dataclass
+class ForwardCache:
+    """What ``batch_norm_backward`` needs from a forward call.
+
+    ``x`` is the canonical (outer, C, inner) view (on the device for the CUDA
+    backend), ``coef`` the (5, C) per-channel constants (MEAN, VAR, INVSTD,
+    SCALE, BIAS), ``gamma`` the (C,) scale used.
+    """
+
+    inp: _Input
+    coef: object
+    gamma: object
+    training: bool
+
+    @property
+    def backend(self) -> str:
+        return self.inp.backend
+
+    @property
+    def mean(self):
+        return self.inp.deliver(self.coef[_st.MEAN])
+
+    @property
+    def invstd(self):
+        return self.inp.deliver(self.coef[_st.INVSTD])
+
+
+def batch_norm_forward(
+    x,
+    gamma=None,
+    beta=None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+    training: bool = True,
+    running_mean=None,
+    running_var=None,
+    momentum: float = 0.1,
+    backend=None,
+):
+    """Batch normalization forward pass.
+
+    Args:
+        x: array of any shape, float16/32/64; ``axis`` is the feature axis (C).
+        gamma, beta: (C,) scale and shift, or None (1 and 0).
+        training: True normalizes with this batch's statistics and, when
+            running_mean/running_var are given, updates them in place:
+            ``running = (1 - momentum) * running + momentum * batch`` (unbiased
+            variance).  False normalizes with running_mean/running_var (required).
+        eps: added to the variance.  momentum: float in [0, 1].
+    Returns:
+        (y, cache): y has x's shape and dtype; cache feeds batch_norm_backward.
+    Raises:
+        TypeError / ValueError naming the argument; nothing is modified then.
+    """
+    inp = _prepare(x, axis, backend)
+    C = inp.C
+    eps = check_scalar(eps, "eps")
+    training = bool(training)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean, running_var: give both or neither")
+    if training and inp.count < 2:
+        raise ValueError(
+            f"x: expected more than 1 value per channel when training, got input of shape {inp.shape} (axis={inp.axis})"
+        )
+    if not training and running_mean is None:
+        raise ValueError("running_mean, running_var: required when training=False")
+    update = training and running_mean is not None
+    if update:
+        if momentum is None:
+            raise ValueError("momentum: None (cumulative average) needs a counter; use gpubn.BatchNorm")
+        momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
+    g = channel_vector(gamma, "gamma", C, inp.acc, inp.backend, fill=1.0)
+    b = channel_vector(beta, "beta", C, inp.acc, inp.backend, fill=0.0)
+    rm = rv = None
+    if running_mean is not None:
+        rm = StateVector(running_mean, "running_mean", C, inp.acc, inp.backend)
+        rv = StateVector(running_var, "running_var", C, inp.acc, inp.backend)
+    # -- validated: from here on nothing raises by design --
+    inp = _materialize(inp)
+    eng = _ENGINES[inp.backend]
+    coef = inp.empty(rows=5)
+    if training:
+        dummy = g  # never written when update is False
+        eng.stats(
+            inp.view, coef, g, b,
+            rm.work if update else dummy, rv.work if update else dummy,
+            eps, momentum if update else 0.0, update,
+        )  # fmt: skip
+        if update:
+            rm.commit()
+            rv.commit()
+    else:
+        eng.affine(rm.work, rv.work, g, b, eps, coef)
+    y = inp.empty()
+    eng.scale_shift(inp.view, coef, y.reshape(*inp.shape3))
+    return inp.deliver(y), ForwardCache(inp, coef, g, training)
+
+
+def batch_norm_backward(dy, cache: ForwardCache):
+    """Gradients of batch_norm_forward.
+
+    Args:
+        dy: gradient of the loss w.r.t. y; y's shape.
+        cache: the second result of the matching batch_norm_forward.
+    Returns:
+        (dx, dgamma, dbeta): dx has x's shape and dtype; dgamma, dbeta are (C,)
+        float32 (float64 for float64 x).  With training=False in the forward,
+        the statistics are constants: dx = gamma / sqrt(running_var + eps) * dy.
+    """
+    if not isinstance(cache, ForwardCache):
+        raise TypeError(f"cache: expected the cache returned by batch_norm_forward, got {type(cache).__name__}")
+    inp = cache.inp
+    arr, on_device = as_input(dy, "dy", inp.backend)
+    check_float(arr.dtype, "dy")
+    if tuple(arr.shape) != inp.shape:
+        raise ValueError(f"dy: shape {tuple(arr.shape)} does not match the forward input's shape {inp.shape}")
+    if on_device and arr.dtype != inp.dtype:
+        raise TypeError(f"dy: device array of dtype {arr.dtype}; the forward input was {inp.dtype}")
+    # -- validated --
+    dyv = to_canonical(arr, inp.shape3, on_device)
+    if inp.backend == "cuda" and not on_device:
+        dyv = cuda.to_device(np.ascontiguousarray(dyv, dtype=inp.dtype))
+    elif inp.backend == "cpu":
+        dyv = dyv.astype(inp.view.dtype, copy=False)
+    dx = inp.empty()
+    grads = inp.empty(rows=2)  # dgamma, dbeta
+    bcoef = inp.empty(rows=4)
+    _ENGINES[inp.backend].backward(
+        dyv, inp.view, cache.coef, cache.gamma, cache.training, bcoef, grads[0], grads[1], dx.reshape(*inp.shape3)
+    )
+    return inp.deliver(dx), inp.deliver(grads[0]), inp.deliver(grads[1])
+
+
+__all__ = ["batch_stats", "normalize", "batch_norm_forward", "batch_norm_backward", "ForwardCache"]

@@ -1,0 +1,56 @@
+"""gpubn.kernels: the batch-norm kernels, CUDA kernels beside their CPU twins.
+
+Every kernel works on the canonical view ``(outer, C, inner)`` of the input,
+``C`` being the feature axis (see ``gpubn.canonical_shape``).  Per-channel
+constants travel packed in one small array:
+
+- ``coef`` (5, C), rows ``MEAN, VAR, INVSTD, SCALE, BIAS`` (forward);
+- ``bcoef`` (4, C), rows ``B_MEAN, B_DY, B_X, B_CONST`` (backward).
+
+Modules: ``stats`` (batch statistics, split reduction), ``normalize`` (the
+elementwise scale-shift pass), ``backward``.  Each ``launch_*`` function is the
+plain launcher of one pass; the kernels themselves can be launched directly with
+an explicit grid and block (see ``examples/kernels_direct.py``).
+"""
+
+from .backward import (
+    B_CONST,
+    B_DY,
+    B_MEAN,
+    B_X,
+    backward_sums_cpu,
+    backward_sums_cuda_channels,
+    backward_sums_cuda_inner,
+    input_grad_cpu,
+    input_grad_cuda_channels,
+    input_grad_cuda_inner,
+    launch_backward_cpu,
+    launch_backward_cuda,
+)
+from .common import CUDASIM, block_shape, chan_merge, reduction_splits
+from .normalize import (
+    affine_coefficients_cpu,
+    affine_coefficients_cuda,
+    elementwise_launch_config,
+    launch_affine_coefficients_cpu,
+    launch_affine_coefficients_cuda,
+    launch_scale_shift_cpu,
+    launch_scale_shift_cuda,
+    scale_shift_cpu,
+    scale_shift_cuda_channels,
+    scale_shift_cuda_inner,
+)
+from .stats import (
+    BIAS,
+    INVSTD,
+    MEAN,
+    SCALE,
+    VAR,
+    batch_stats_cuda_channels,
+    batch_stats_cuda_inner,
+    channel_moments_cpu,
+    finish_channels_cpu,
+    launch_stats_cpu,
+    launch_stats_cuda,
+    stats_launch_config,
+)

@@ -1,0 +1,363 @@
+"""The backward pass of batch normalization.
+
+With ``xhat = (x - mean) * invstd`` and ``y = gamma * xhat + beta``, for each
+channel c over its n = outer * inner values:
+
+    dbeta[c]  = sum(dy)
+    dgamma[c] = sum(dy * xhat) = invstd * sum(dy * (x - mean))
+
+Training (mean and invstd are functions of x):
+
+    dx = gamma * invstd / n * (n * dy - sum(dy) - xhat * sum(dy * xhat))
+       = A * dy + B * (x - mean) + K,   with
+    A = gamma * invstd
+    B = -gamma * invstd**3 * sum(dy * (x - mean)) / n
+    K = -gamma * invstd * sum(dy) / n
+
+Inference (running statistics are constants): ``dx = A * dy`` (B = K = 0).
+
+Two passes, as for the forward: a split reduction of the two sums per channel
+(``backward_sums_*``) that also finalizes dgamma, dbeta and the per-channel
+constants ``bcoef`` (4, C) = (MEAN, A, B, K); then the elementwise
+``input_grad_*`` pass.  Traffic: dy and x read twice, dx written once (5B).
+"""
+
+import numba
+import numpy as np
+from numba import cuda, prange
+
+from .common import FASTMATH, MAX_THREADS, tree_sum2, twin
+from .normalize import elementwise_launch_config
+from .stats import CHUNK, INVSTD, MEAN, block_slice, coherent, last_block, stats_launch_config
+from .workspace import workspace
+
+B_MEAN, B_DY, B_X, B_CONST = range(4)
+
+
+def finish_backward_channel(c, n, sum_dy, sum_dyx, coef, gamma, training, bcoef, dgamma, dbeta):
+    """dgamma[c], dbeta[c] and bcoef[:, c] from the two sums of channel c."""
+    invstd = coef[INVSTD, c]
+    a = gamma[c] * invstd
+    dbeta[c] = sum_dy
+    dgamma[c] = sum_dyx * invstd
+    bcoef[B_MEAN, c] = coef[MEAN, c]
+    bcoef[B_DY, c] = a
+    if training:
+        bcoef[B_X, c] = -a * invstd * invstd * sum_dyx / n
+        bcoef[B_CONST, c] = -a * sum_dy / n
+    else:
+        bcoef[B_X, c] = 0.0
+        bcoef[B_CONST, c] = 0.0
+
+
+finish_backward_channel_cpu, finish_backward_channel_cuda = twin(finish_backward_channel)
+
+
+# ----------------------------------------------------------------------------
+# CPU twin
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _chunk_sums(dy, x, m):
+    s1 = dy.dtype.type(0)
+    s2 = dy.dtype.type(0)
+    for i in range(dy.shape[0]):
+        s1 += dy[i]
+        s2 += dy[i] * (x[i] - m)
+    return s1, s2
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def backward_sums_cpu(dy, x, coef, out):
+    """out (2, C) float64 <- sum(dy) and sum(dy * (x - mean)) per channel.
+
+    dy, x: (outer, C, inner), same float dtype; coef: (5, C) forward constants.
+    Partial sums in the input's dtype over bounded pieces, combined in float64.
+    """
+    outer, C, inner = x.shape
+    if inner > 1:
+        rows = outer * C
+        part = np.empty((2, rows))
+        for r in prange(rows):
+            o = r // C
+            c = r - o * C
+            m = dy.dtype.type(coef[MEAN, c])
+            t1, t2 = 0.0, 0.0
+            for start in range(0, inner, CHUNK):
+                stop = min(start + CHUNK, inner)
+                s1, s2 = _chunk_sums(dy[o, c, start:stop], x[o, c, start:stop], m)
+                t1 += s1
+                t2 += s2
+            part[0, r] = t1
+            part[1, r] = t2
+        for c in prange(C):
+            t1, t2 = 0.0, 0.0
+            for o in range(outer):
+                t1 += part[0, o * C + c]
+                t2 += part[1, o * C + c]
+            out[0, c] = t1
+            out[1, c] = t2
+    else:
+        rows_per = max(1, min(outer, 16384 // C))
+        blocks = (outer + rows_per - 1) // rows_per
+        part = np.empty((2, blocks, C))
+        m = coef[MEAN].astype(dy.dtype)
+        for k in prange(blocks):
+            s1 = np.zeros(C, dy.dtype)
+            s2 = np.zeros(C, dy.dtype)
+            for o in range(k * rows_per, min(outer, (k + 1) * rows_per)):
+                for c in range(C):
+                    g = dy[o, c, 0]
+                    s1[c] += g
+                    s2[c] += g * (x[o, c, 0] - m[c])
+            for c in range(C):
+                part[0, k, c] = s1[c]
+                part[1, k, c] = s2[c]
+        for c in prange(C):
+            t1, t2 = 0.0, 0.0
+            for k in range(blocks):
+                t1 += part[0, k, c]
+                t2 += part[1, k, c]
+            out[0, c] = t1
+            out[1, c] = t2
+
+
+@numba.njit(cache=True)
+def finish_backward_cpu(sums, n, coef, gamma, training, bcoef, dgamma, dbeta):
+    for c in range(coef.shape[1]):
+        finish_backward_channel_cpu(c, n, sums[0, c], sums[1, c], coef, gamma, training, bcoef, dgamma, dbeta)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def input_grad_cpu(dy, x, bcoef, dx):
+    """dx = A * dy + B * (x - mean) + K on (outer, C, inner) views."""
+    outer, C, inner = x.shape
+    if inner > 1:
+        for r in prange(outer * C):
+            o = r // C
+            c = r - o * C
+            m = bcoef[B_MEAN, c]
+            a = bcoef[B_DY, c]
+            b = bcoef[B_X, c]
+            k = bcoef[B_CONST, c]
+            for i in range(inner):
+                dx[o, c, i] = a * dy[o, c, i] + b * (x[o, c, i] - m) + k
+    else:
+        m = bcoef[B_MEAN]
+        a = bcoef[B_DY]
+        b = bcoef[B_X]
+        k = bcoef[B_CONST]
+        for o in prange(outer):
+            for c in range(C):
+                dx[o, c, 0] = a[c] * dy[o, c, 0] + b[c] * (x[o, c, 0] - m[c]) + k[c]
+
+
+def launch_backward_cpu(dy, x, coef, gamma, training, bcoef, dgamma, dbeta, dx):
+    """Both backward passes on the CPU.
+
+    Args:
+        dy, x: (outer, C, inner) float32/float64 arrays of one dtype.
+        coef: (5, C) forward constants (MEAN, VAR, INVSTD, SCALE, BIAS).
+        gamma: (C,).  training: whether the forward used batch statistics.
+        bcoef: (4, C) out (MEAN, A, B, K); dgamma, dbeta: (C,) out; dx: like x, out
+            (float16 allowed).
+    """
+    outer, C, inner = x.shape
+    sums = np.empty((2, C))
+    backward_sums_cpu(dy, x, coef, sums)
+    finish_backward_cpu(sums, float(outer * inner), coef, gamma, training, bcoef, dgamma, dbeta)
+    if dx.dtype == x.dtype:
+        input_grad_cpu(dy, x, bcoef, dx)
+    else:  # float16 dx: computed in float32, rounded once
+        tmp = np.empty(x.shape, x.dtype)
+        input_grad_cpu(dy, x, bcoef, tmp)
+        dx[...] = tmp
+
+
+# ----------------------------------------------------------------------------
+# CUDA kernels
+
+
+@cuda.jit
+def backward_sums_cuda_inner(
+    dy,  # (outer, C, inner) upstream gradient
+    x,  # (outer, C, inner) forward input
+    coef,  # (5, C) forward constants (MEAN, VAR, INVSTD, SCALE, BIAS)
+    gamma,  # (C,)
+    work,  # (2, splits, C) partial sums, accumulation dtype
+    counter,  # (C,) int32 blocks finished per channel; zero between launches
+    bcoef,  # (4, C) out: MEAN, A, B, K
+    dgamma,  # (C,) out
+    dbeta,  # (C,) out
+    training,  # bool: statistics came from this batch
+    inner_splits,  # splits along inner; gridDim.y = outer splits * inner_splits
+):
+    """Grid (C, splits), block (TX, TY), the same slicing as batch_stats_cuda_inner."""
+    outer, C, inner = x.shape
+    acc = work.dtype.type
+    c = cuda.blockIdx.x
+    s = cuda.blockIdx.y
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    t = ty * TX + tx
+    o0, o1, i0, i1 = block_slice(outer, inner, s, inner_splits)
+    m = coef[MEAN, c]
+    s1 = acc(0)
+    s2 = acc(0)
+    for o in range(o0 + ty, o1, TY):
+        for i in range(i0 + tx, i1, TX):
+            g = acc(dy[o, c, i])
+            s1 += g
+            s2 += g * (acc(x[o, c, i]) - m)
+
+    a1 = cuda.shared.array(MAX_THREADS, numba.float64)
+    a2 = cuda.shared.array(MAX_THREADS, numba.float64)
+    flag = cuda.shared.array(1, numba.int32)
+    a1[t] = s1
+    a2[t] = s2
+    cuda.syncthreads()
+    tree_sum2(a1, a2, t, 0, 1, TX * TY)
+    if t == 0:
+        work[0, s, c] = a1[0]
+        work[1, s, c] = a2[0]
+
+    splits = cuda.gridDim.y
+    if last_block(counter, c, splits, flag):
+        t1, t2 = 0.0, 0.0
+        for j in range(t, splits, TX * TY):
+            t1 += coherent(work, 0, j, c)
+            t2 += coherent(work, 1, j, c)
+        a1[t] = t1
+        a2[t] = t2
+        cuda.syncthreads()
+        tree_sum2(a1, a2, t, 0, 1, TX * TY)
+        if t == 0:
+            n = numba.float64(outer) * inner
+            finish_backward_channel_cuda(c, n, a1[0], a2[0], coef, gamma, training, bcoef, dgamma, dbeta)
+
+
+@cuda.jit
+def backward_sums_cuda_channels(
+    dy,  # (outer, C, 1) upstream gradient, channels contiguous
+    x,  # (outer, C, 1) forward input
+    coef,  # (5, C) forward constants
+    gamma,  # (C,)
+    work,  # (2, splits, C) partial sums
+    counter,  # (ceil(C / TX),) int32 blocks finished per channel tile
+    bcoef,  # (4, C) out: MEAN, A, B, K
+    dgamma,  # (C,) out
+    dbeta,  # (C,) out
+    training,  # bool
+):
+    """Grid (ceil(C / TX), splits), block (TX, TY), as batch_stats_cuda_channels."""
+    outer, C, _ = x.shape
+    acc = work.dtype.type
+    tile = cuda.blockIdx.x
+    s = cuda.blockIdx.y
+    splits = cuda.gridDim.y
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    t = ty * TX + tx
+    c = tile * TX + tx
+    rows = (outer + splits - 1) // splits
+    o0 = s * rows
+    o1 = min(outer, o0 + rows)
+    s1 = acc(0)
+    s2 = acc(0)
+    if c < C:
+        m = coef[MEAN, c]
+        for o in range(o0 + ty, o1, TY):
+            g = acc(dy[o, c, 0])
+            s1 += g
+            s2 += g * (acc(x[o, c, 0]) - m)
+
+    a1 = cuda.shared.array(MAX_THREADS, numba.float64)
+    a2 = cuda.shared.array(MAX_THREADS, numba.float64)
+    flag = cuda.shared.array(1, numba.int32)
+    a1[t] = s1
+    a2[t] = s2
+    cuda.syncthreads()
+    tree_sum2(a1, a2, ty, tx, TX, TY)
+    if ty == 0 and c < C:
+        work[0, s, c] = a1[tx]
+        work[1, s, c] = a2[tx]
+
+    if last_block(counter, tile, splits, flag):
+        t1, t2 = 0.0, 0.0
+        if c < C:
+            for j in range(ty, splits, TY):
+                t1 += coherent(work, 0, j, c)
+                t2 += coherent(work, 1, j, c)
+        a1[t] = t1
+        a2[t] = t2
+        cuda.syncthreads()
+        tree_sum2(a1, a2, ty, tx, TX, TY)
+        if ty == 0 and c < C:
+            n = numba.float64(outer)
+            finish_backward_channel_cuda(c, n, a1[tx], a2[tx], coef, gamma, training, bcoef, dgamma, dbeta)
+
+
+@cuda.jit
+def input_grad_cuda_inner(
+    dy,  # (outer, C, inner) upstream gradient
+    x,  # (outer, C, inner) forward input
+    bcoef,  # (4, C) MEAN, A, B, K
+    dx,  # (outer, C, inner) out
+):
+    """dx = A * dy + B * (x - mean) + K; the grid of scale_shift_cuda_inner."""
+    outer, C, inner = x.shape
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    for r in range(cuda.blockIdx.y * TY + ty, outer * C, cuda.gridDim.y * TY):
+        o = r // C
+        c = r - o * C
+        m = bcoef[B_MEAN, c]
+        a = bcoef[B_DY, c]
+        b = bcoef[B_X, c]
+        k = bcoef[B_CONST, c]
+        for i in range(cuda.blockIdx.x * TX + tx, inner, cuda.gridDim.x * TX):
+            dx[o, c, i] = a * dy[o, c, i] + b * (x[o, c, i] - m) + k
+
+
+@cuda.jit
+def input_grad_cuda_channels(
+    dy,  # (outer, C, 1) upstream gradient
+    x,  # (outer, C, 1) forward input
+    bcoef,  # (4, C) MEAN, A, B, K
+    dx,  # (outer, C, 1) out
+):
+    """dx = A * dy + B * (x - mean) + K; the grid of scale_shift_cuda_channels."""
+    outer, C, _ = x.shape
+    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if c < C:
+        m = bcoef[B_MEAN, c]
+        a = bcoef[B_DY, c]
+        b = bcoef[B_X, c]
+        k = bcoef[B_CONST, c]
+        TY = cuda.blockDim.y
+        for o in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, outer, cuda.gridDim.y * TY):
+            dx[o, c, 0] = a * dy[o, c, 0] + b * (x[o, c, 0] - m) + k
+
+
+def launch_backward_cuda(dy, x, coef, gamma, training, bcoef, dgamma, dbeta, dx, stream=0):
+    """Both backward passes on the GPU: two launches.
+
+    Args as launch_backward_cpu, as device arrays; dy, x, dx float16/32/64 and
+    coef, gamma, bcoef, dgamma, dbeta of the accumulation dtype.
+    """
+    outer, C, inner = x.shape
+    _, grid, block, inner_splits, splits, columns = stats_launch_config(x.shape)
+    acc = coef.dtype
+    work = workspace("backward.work", (2, splits, C), acc)
+    counter = workspace("backward.counter", (columns,), np.int32, zero=True)
+    if inner_splits is not None:
+        backward_sums_cuda_inner[grid, block, stream](
+            dy, x, coef, gamma, work, counter, bcoef, dgamma, dbeta, bool(training), inner_splits
+        )
+    else:
+        backward_sums_cuda_channels[grid, block, stream](
+            dy, x, coef, gamma, work, counter, bcoef, dgamma, dbeta, bool(training)
+        )
+    regime, grid, block = elementwise_launch_config(x.shape)
+    kernel = input_grad_cuda_inner if regime == "inner" else input_grad_cuda_channels
+    kernel[grid, block, stream](dy, x, bcoef, dx)

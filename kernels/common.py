@@ -1,0 +1,171 @@
+"""Pieces shared by every kernel family: the stable merge, per-channel finalize,
+the block-level tree reduction and the one helper that picks grids and blocks.
+
+Per-channel statistics are carried as ``(count, mean, M2)`` triples, where
+``M2 = sum((x - mean)**2)``.  Two triples merge exactly by Chan's formula
+
+    n     = na + nb
+    delta = mb - ma
+    mean  = ma + delta * nb / n
+    M2    = qa + qb + delta**2 * na * nb / n
+
+which never subtracts two large sums, so an offset of 1e6 over a spread of 1 in
+float32 loses nothing (unlike ``E[x^2] - E[x]^2``).
+"""
+
+import math
+import os
+
+import numba
+from numba import cuda
+
+#: True when numba's CUDA simulator runs the CUDA kernels (CI without a GPU).
+CUDASIM = bool(cuda.config.ENABLE_CUDASIM)
+
+#: LLVM flags for the CPU kernels: reassociation lets the compiler vectorise the
+#: reductions; "nnan"/"ninf" are left out on purpose so NaN and Inf propagate.
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+#: Threads per CUDA block.  The simulator runs one Python thread per CUDA thread,
+#: so it gets small blocks (still two levels of every tree reduction).
+MAX_THREADS = 32 if CUDASIM else 256
+
+
+@numba.njit(cache=True)
+def chan_merge(na, ma, qa, nb, mb, qb):
+    """Merge two (count, mean, M2) triples; all arithmetic in float64."""
+    na = numba.float64(na)
+    nb = numba.float64(nb)
+    ma = numba.float64(ma)
+    mb = numba.float64(mb)
+    qa = numba.float64(qa)
+    qb = numba.float64(qb)
+    if nb == 0.0:
+        return na, ma, qa
+    if na == 0.0:
+        return nb, mb, qb
+    n = na + nb
+    delta = mb - ma
+    w = nb / n
+    return n, ma + delta * w, qa + qb + delta * delta * na * w
+
+
+@numba.njit(cache=True)
+def shifted_to_moments(n, shift, s1, s2):
+    """(count, mean, M2) from sums shifted by ``shift``: s1 = sum(x - shift),
+    s2 = sum((x - shift)**2).  Exact algebra; stable while |shift - mean| is
+    within a few standard deviations (the shift is one of the summed values)."""
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    nf = numba.float64(n)
+    d = numba.float64(s1) / nf
+    m2 = numba.float64(s2) - numba.float64(s1) * d
+    if m2 < 0.0:
+        m2 = 0.0
+    return nf, numba.float64(shift) + d, m2
+
+
+@numba.njit(cache=True)
+def finalize_channel(n, mean, m2, eps, gamma, momentum):
+    """Per-channel constants of the forward pass from merged moments.
+
+    Returns ``(var, invstd, scale, running_var_sample)``: biased variance (what
+    normalizes), 1/sqrt(var + eps), gamma * invstd, and the unbiased variance
+    that goes into the running estimate.  NaN stays NaN (no max()).
+    """
+    var = m2 / n
+    if var < 0.0:
+        var = 0.0
+    invstd = 1.0 / math.sqrt(var + eps)
+    unbiased = m2 / (n - 1.0) if n > 1.0 else var
+    return var, invstd, gamma * invstd, unbiased
+
+
+@cuda.jit(device=True)
+def tree_merge(sn, sm, sq, lane, base, stride, count):
+    """Chan-merge ``count`` (a power of two) triples held in shared memory at
+    ``base + k * stride``; the result lands at ``base``.  Every thread of the
+    block must call this (it synchronises); ``lane`` is the caller's k."""
+    step = count // 2
+    while step > 0:
+        if lane < step:
+            a = base + lane * stride
+            b = a + step * stride
+            n, m, q = chan_merge(sn[a], sm[a], sq[a], sn[b], sm[b], sq[b])
+            sn[a] = n
+            sm[a] = m
+            sq[a] = q
+        cuda.syncthreads()
+        step //= 2
+
+
+@cuda.jit(device=True)
+def tree_sum2(s1, s2, lane, base, stride, count):
+    """Sum ``count`` (a power of two) pairs in shared memory at ``base + k*stride``
+    into ``base``; every thread of the block must call it."""
+    step = count // 2
+    while step > 0:
+        if lane < step:
+            a = base + lane * stride
+            b = a + step * stride
+            s1[a] += s1[b]
+            s2[a] += s2[b]
+        cuda.syncthreads()
+        step //= 2
+
+
+def twin(fn):
+    """Compile one per-channel helper for both targets: ``(cpu, cuda)``.
+
+    Helpers that take arrays cannot be a single ``numba.njit`` function: the
+    CUDA simulator hands kernels fake device arrays that njit cannot unbox.
+    Scalar-only helpers (``chan_merge`` ...) are plain njit functions, callable
+    from CPU code and CUDA kernels alike.
+    """
+    return numba.njit(cache=True)(fn), cuda.jit(device=True)(fn)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+_SM_COUNT = None
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the current device (2 under the simulator)."""
+    global _SM_COUNT
+    if _SM_COUNT is None:
+        if CUDASIM:
+            _SM_COUNT = 2
+        else:
+            _SM_COUNT = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    return _SM_COUNT
+
+
+def block_shape(outer: int, C: int, inner: int) -> tuple:
+    """Threads per block ``(TX, TY)`` for the canonical view.
+
+    ``inner > 1``: TX threads walk the contiguous inner axis, TY walk rows.
+    ``inner == 1``: TX threads walk channels (contiguous), TY walk rows.
+    Both are powers of two with TX * TY == MAX_THREADS.
+    """
+    lanes = inner if inner > 1 else C
+    tx = min(MAX_THREADS, max(min(32, MAX_THREADS), next_pow2(lanes)))
+    return tx, MAX_THREADS // tx
+
+
+def reduction_splits(n_per_channel: int, columns: int, threads: int) -> int:
+    """Blocks per channel column for a split reduction.
+
+    Enough blocks in all for ~4 per SM, but each thread still gets >= 16
+    elements, and each block fewer than 2**23 (counts stay exact in float32).
+    """
+    want = max(1, -(-4 * sm_count() // columns))
+    most = max(1, n_per_channel // (16 * threads))
+    least = -(-n_per_channel // (1 << 23))
+    return int(min(65535, max(least, min(want, most))))
+
+
+def env_flag(name: str) -> str:
+    return os.environ.get(name, "").strip().lower()

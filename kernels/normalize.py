@@ -1,0 +1,183 @@
+"""The elementwise pass: normalize, then scale and shift.
+
+For each element of the canonical view ``x`` (outer, C, inner)
+
+    y[o, c, i] = (x[o, c, i] - mean[c]) * scale[c] + bias[c]
+
+with ``scale = gamma / sqrt(var + eps)`` and ``bias = beta`` precomputed once per
+channel in ``coef`` (rows MEAN, SCALE, BIAS of the (5, C) layout of
+``stats.py``).  This is the course's ``z_norm = (z - mu) / sqrt(var + eps)``,
+``z~ = gamma * z_norm + beta`` as one subtract and one multiply-add.  Keeping the
+subtraction (rather than folding it into ``x * scale + shift``) costs nothing in
+a memory-bound pass and keeps two guarantees: data with a large offset loses no
+digits to cancellation, and a constant channel maps to exactly ``beta``.
+
+``affine_coefficients_*`` fills coef from given mean/var (inference, or
+``gpubn.normalize``).
+"""
+
+import math
+
+import numba
+import numpy as np
+from numba import cuda, prange
+
+from .common import FASTMATH, block_shape, sm_count, twin
+from .stats import BIAS, INVSTD, MEAN, SCALE, VAR
+
+# ----------------------------------------------------------------------------
+# per-channel constants from given statistics
+
+
+def affine_channel(c, mean, var, gamma, beta, eps, coef):
+    """coef[:, c] from mean, biased variance, gamma, beta."""
+    invstd = 1.0 / math.sqrt(var[c] + eps)
+    coef[MEAN, c] = mean[c]
+    coef[VAR, c] = var[c]
+    coef[INVSTD, c] = invstd
+    coef[SCALE, c] = gamma[c] * invstd
+    coef[BIAS, c] = beta[c]
+
+
+affine_channel_cpu, affine_channel_cuda = twin(affine_channel)
+
+
+@numba.njit(cache=True)
+def affine_coefficients_cpu(mean, var, gamma, beta, eps, coef):
+    """coef (5, C) out from (C,) mean, var, gamma, beta and float eps."""
+    for c in range(coef.shape[1]):
+        affine_channel_cpu(c, mean, var, gamma, beta, eps, coef)
+
+
+@cuda.jit
+def affine_coefficients_cuda(
+    mean,  # (C,) mean to normalize with
+    var,  # (C,) biased variance
+    gamma,  # (C,)
+    beta,  # (C,)
+    eps,  # float
+    coef,  # (5, C) out
+):
+    """1-D grid over channels."""
+    c = cuda.grid(1)
+    if c < coef.shape[1]:
+        affine_channel_cuda(c, mean, var, gamma, beta, eps, coef)
+
+
+# ----------------------------------------------------------------------------
+# the elementwise pass
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def scale_shift_cpu(x, coef, y):
+    """y = (x - mean) * scale + bias on (outer, C, inner) views x and y (float32/64)."""
+    outer, C, inner = x.shape
+    if inner > 1:
+        for r in prange(outer * C):
+            o = r // C
+            c = r - o * C
+            m = coef[MEAN, c]
+            s = coef[SCALE, c]
+            b = coef[BIAS, c]
+            for i in range(inner):
+                y[o, c, i] = (x[o, c, i] - m) * s + b
+    else:
+        m = coef[MEAN]
+        s = coef[SCALE]
+        b = coef[BIAS]
+        for o in prange(outer):
+            for c in range(C):
+                y[o, c, 0] = (x[o, c, 0] - m[c]) * s[c] + b[c]
+
+
+@cuda.jit
+def scale_shift_cuda_inner(
+    x,  # (outer, C, inner) input
+    coef,  # (5, C) per-channel MEAN, SCALE, BIAS (accumulation dtype)
+    y,  # (outer, C, inner) out, x's dtype
+):
+    """Block (TX, TY); grid.y strides over the outer*C rows, grid.x over inner."""
+    outer, C, inner = x.shape
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    for r in range(cuda.blockIdx.y * TY + ty, outer * C, cuda.gridDim.y * TY):
+        o = r // C
+        c = r - o * C
+        m = coef[MEAN, c]
+        s = coef[SCALE, c]
+        b = coef[BIAS, c]
+        for i in range(cuda.blockIdx.x * TX + tx, inner, cuda.gridDim.x * TX):
+            y[o, c, i] = (x[o, c, i] - m) * s + b
+
+
+@cuda.jit
+def scale_shift_cuda_channels(
+    x,  # (outer, C, 1) input, channels contiguous
+    coef,  # (5, C) per-channel MEAN, SCALE, BIAS
+    y,  # (outer, C, 1) out
+):
+    """Block (TX, TY); grid.x tiles channels, grid.y strides over rows."""
+    outer, C, _ = x.shape
+    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if c < C:
+        m = coef[MEAN, c]
+        s = coef[SCALE, c]
+        b = coef[BIAS, c]
+        TY = cuda.blockDim.y
+        for o in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, outer, cuda.gridDim.y * TY):
+            y[o, c, 0] = (x[o, c, 0] - m) * s + b
+
+
+def elementwise_launch_config(shape):
+    """(regime, grid, block) for an elementwise pass over a canonical view.
+
+    Enough blocks for ~32 resident per SM; each thread then strides over several
+    elements (independent loads in flight), never dividing per element.
+    """
+    outer, C, inner = shape
+    tx, ty = block_shape(outer, C, inner)
+    budget = 32 * sm_count()
+    if inner > 1:
+        gx = min(-(-inner // tx), 65535)
+        gy = max(1, min(-(-(outer * C) // ty), budget // gx, 65535))
+        return "inner", (gx, gy), (tx, ty)
+    gx = -(-C // tx)
+    gy = max(1, min(-(-outer // ty), max(1, budget // gx), 65535))
+    return "channels", (gx, gy), (tx, ty)
+
+
+def launch_scale_shift_cpu(x, coef, y):
+    """y = (x - mean) * scale + bias.
+
+    x: (outer, C, inner) float32/64; coef (5, C) of x's dtype; y: like x, out,
+    any float dtype (a float16 y is computed in float32 and rounded once).
+    """
+    if y.dtype == x.dtype:
+        scale_shift_cpu(x, coef, y)
+    else:
+        tmp = np.empty(x.shape, x.dtype)
+        scale_shift_cpu(x, coef, tmp)
+        y[...] = tmp
+
+
+def launch_scale_shift_cuda(x, coef, y, stream=0):
+    """y = (x - mean) * scale + bias on the GPU, one launch.
+
+    x, y: (outer, C, inner) device arrays (float16/32/64; y may be x for in place);
+    coef: (5, C) device array of the accumulation dtype.
+    """
+    regime, grid, block = elementwise_launch_config(x.shape)
+    kernel = scale_shift_cuda_inner if regime == "inner" else scale_shift_cuda_channels
+    kernel[grid, block, stream](x, coef, y)
+
+
+def launch_affine_coefficients_cpu(mean, var, gamma, beta, eps, coef):
+    """coef (5, C) from (C,) mean, var, gamma, beta."""
+    affine_coefficients_cpu(mean, var, gamma, beta, eps, coef)
+
+
+def launch_affine_coefficients_cuda(mean, var, gamma, beta, eps, coef, stream=0):
+    """coef (5, C) device array from (C,) device arrays mean, var, gamma, beta."""
+    C = coef.shape[1]
+    threads = min(128, max(32, C))
+    affine_coefficients_cuda[-(-C // threads), threads, stream](mean, var, gamma, beta, coef.dtype.type(eps), coef)

@@ -1,0 +1,393 @@
+"""Per-channel batch statistics: mean and biased variance by split reduction.
+
+On the canonical view ``x`` of shape ``(outer, C, inner)``, for each channel c
+
+    mean[c] = 1/n * sum_{o,i} x[o, c, i]               n = outer * inner
+    var[c]  = 1/n * sum_{o,i} (x[o, c, i] - mean[c])**2
+
+computed as partial ``(count, mean, M2)`` triples over bounded pieces of the
+channel, merged by Chan's formula (``common.chan_merge``).  The same pass then
+finalizes the per-channel constants of the forward pass into ``coef`` (5, C):
+
+    coef[MEAN] = mean, coef[VAR] = var, coef[INVSTD] = 1/sqrt(var + eps),
+    coef[SCALE] = gamma * invstd, coef[BIAS] = beta
+
+and, when ``update`` is set, the running statistics (PyTorch's semantics):
+
+    running_mean = (1 - momentum) * running_mean + momentum * mean
+    running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
+
+CPU: ``channel_moments_cpu`` (numba.njit, parallel) then ``finish_channels_cpu``.
+CUDA: one launch.  Each channel's reduction is split over many blocks; every
+block writes its partial triple to a workspace, and the last block of a channel
+column to finish (threadfence + atomic ticket) merges the partials and finalizes.
+Two kernels, one per access regime of the view:
+``batch_stats_cuda_inner`` (inner > 1: threads walk the contiguous inner axis)
+and ``batch_stats_cuda_channels`` (inner == 1: threads walk channels).
+"""
+
+import numba
+import numpy as np
+from numba import cuda, prange
+
+from .common import (
+    FASTMATH,
+    MAX_THREADS,
+    block_shape,
+    chan_merge,
+    finalize_channel,
+    reduction_splits,
+    shifted_to_moments,
+    tree_merge,
+    twin,
+)
+from .workspace import workspace
+
+MEAN, VAR, INVSTD, SCALE, BIAS = range(5)
+
+#: Elements per cache-resident chunk of the CPU two-pass moments.
+CHUNK = 4096
+
+
+# ----------------------------------------------------------------------------
+# shared per-channel finalize (CPU and CUDA)
+
+
+def finish_channel(c, n, mean, m2, coef, gamma, beta, rmean, rvar, eps, momentum, update):
+    """Write channel c's forward constants to coef (5, C); update running stats."""
+    var, invstd, scale, unbiased = finalize_channel(n, mean, m2, eps, gamma[c], momentum)
+    coef[MEAN, c] = mean
+    coef[VAR, c] = var
+    coef[INVSTD, c] = invstd
+    coef[SCALE, c] = scale
+    coef[BIAS, c] = beta[c]
+    if update:
+        rmean[c] = (1.0 - momentum) * rmean[c] + momentum * mean
+        rvar[c] = (1.0 - momentum) * rvar[c] + momentum * unbiased
+
+
+finish_channel_cpu, finish_channel_cuda = twin(finish_channel)
+
+
+# ----------------------------------------------------------------------------
+# CPU twin
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _chunk_moments(v):
+    """(count, mean, M2) of a short 1-D run by the corrected two-pass formula;
+    the run is cache-resident, so the second pass costs no memory traffic."""
+    n = v.shape[0]
+    s = v.dtype.type(0)
+    for i in range(n):
+        s += v[i]
+    mu = s / n
+    d = v.dtype.type(0)
+    q = v.dtype.type(0)
+    for i in range(n):
+        t = v[i] - mu
+        d += t
+        q += t * t
+    return shifted_to_moments(n, mu, d, q)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def channel_moments_cpu(x, out):
+    """Moments of every channel of x (outer, C, inner), float32 or float64.
+
+    out: (3, C) float64, receives count, mean and M2 (sum of squared deviations).
+    """
+    outer, C, inner = x.shape
+    if inner > 1:
+        # one (o, c) row at a time, split into cache-sized chunks
+        rows = outer * C
+        part = np.empty((3, rows))
+        for r in prange(rows):
+            o = r // C
+            c = r - o * C
+            n, m, q = 0.0, 0.0, 0.0
+            for start in range(0, inner, CHUNK):
+                cn, cm, cq = _chunk_moments(x[o, c, start : min(start + CHUNK, inner)])
+                n, m, q = chan_merge(n, m, q, cn, cm, cq)
+            part[0, r] = n
+            part[1, r] = m
+            part[2, r] = q
+        for c in prange(C):
+            n, m, q = 0.0, 0.0, 0.0
+            for o in range(outer):
+                r = o * C + c
+                n, m, q = chan_merge(n, m, q, part[0, r], part[1, r], part[2, r])
+            out[0, c] = n
+            out[1, c] = m
+            out[2, c] = q
+    else:
+        # rows of C contiguous values: accumulate whole rows, vectorised across C,
+        # over blocks of rows small enough to stay in cache for the second pass
+        rows_per = max(1, min(outer, 16384 // C))
+        blocks = (outer + rows_per - 1) // rows_per
+        part = np.empty((3, blocks, C))
+        for k in prange(blocks):
+            o0 = k * rows_per
+            o1 = min(outer, o0 + rows_per)
+            cnt = o1 - o0
+            mu = np.zeros(C, x.dtype)
+            for o in range(o0, o1):
+                for c in range(C):
+                    mu[c] += x[o, c, 0]
+            for c in range(C):
+                mu[c] /= cnt
+            d = np.zeros(C, x.dtype)
+            q = np.zeros(C, x.dtype)
+            for o in range(o0, o1):
+                for c in range(C):
+                    t = x[o, c, 0] - mu[c]
+                    d[c] += t
+                    q[c] += t * t
+            for c in range(C):
+                part[0, k, c], part[1, k, c], part[2, k, c] = shifted_to_moments(cnt, mu[c], d[c], q[c])
+        for c in prange(C):
+            n, m, q2 = 0.0, 0.0, 0.0
+            for k in range(blocks):
+                n, m, q2 = chan_merge(n, m, q2, part[0, k, c], part[1, k, c], part[2, k, c])
+            out[0, c] = n
+            out[1, c] = m
+            out[2, c] = q2
+
+
+@numba.njit(cache=True)
+def finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, update):
+    """finish_channel for every channel from channel_moments_cpu's output."""
+    for c in range(coef.shape[1]):
+        finish_channel_cpu(
+            c, moments[0, c], moments[1, c], moments[2, c],
+            coef, gamma, beta, rmean, rvar, eps, momentum, update,
+        )  # fmt: skip
+
+
+def launch_stats_cpu(x, coef, gamma, beta, rmean, rvar, eps, momentum, update):
+    """Batch statistics and forward constants on the CPU.
+
+    Args:
+        x: (outer, C, inner) float32/float64 NumPy array (any strides).
+        coef: (5, C) out, x's dtype: rows MEAN, VAR, INVSTD, SCALE, BIAS.
+        gamma, beta: (C,) arrays of x's dtype.
+        rmean, rvar: (C,) running statistics, updated in place when ``update``.
+        eps, momentum: floats.  update: bool.
+    """
+    moments = np.empty((3, x.shape[1]))
+    channel_moments_cpu(x, moments)
+    finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, update)
+
+
+# ----------------------------------------------------------------------------
+# CUDA kernels
+
+
+@cuda.jit(device=True)
+def block_slice(outer, inner, s, inner_splits):
+    """Rows [o0, o1) and inner range [i0, i1) of split s of a channel."""
+    outer_splits = cuda.gridDim.y // inner_splits
+    so = s // inner_splits
+    si = s - so * inner_splits
+    rows = (outer + outer_splits - 1) // outer_splits
+    cols = (inner + inner_splits - 1) // inner_splits
+    o0 = so * rows
+    i0 = si * cols
+    return o0, min(outer, o0 + rows), i0, min(inner, i0 + cols)
+
+
+@cuda.jit(device=True)
+def last_block(counter, column, splits, flag):
+    """True in every thread of the last block of ``column`` to get here.
+
+    Partials are fenced before the ticket, so the last block sees them all.
+    The last block resets the counter for the next launch."""
+    t = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    cuda.threadfence()
+    cuda.syncthreads()
+    if t == 0:
+        ticket = cuda.atomic.add(counter, column, 1)
+        flag[0] = 1 if ticket == splits - 1 else 0
+        if ticket == splits - 1:
+            counter[column] = 0
+    cuda.syncthreads()
+    return flag[0] == 1
+
+
+@cuda.jit(device=True)
+def coherent(work, k, j, c):
+    """Read work[k, j, c] through L2 (an atomic no-op), never a stale L1 line."""
+    return cuda.atomic.add(work, (k, j, c), 0)
+
+
+@cuda.jit
+def batch_stats_cuda_inner(
+    x,  # (outer, C, inner) input, float16/32/64
+    work,  # (3, splits, C) partial count/mean/M2, accumulation dtype
+    counter,  # (C,) int32 blocks finished per channel; zero between launches
+    coef,  # (5, C) out: MEAN, VAR, INVSTD, SCALE, BIAS
+    gamma,  # (C,) scale
+    beta,  # (C,) shift
+    rmean,  # (C,) running mean, updated in place when update
+    rvar,  # (C,) running (unbiased) variance, updated in place when update
+    eps,  # float
+    momentum,  # float, weight of this batch in the running statistics
+    update,  # bool
+    inner_splits,  # splits along inner; gridDim.y = outer splits * inner_splits
+):
+    """Grid (C, splits), block (TX, TY): block (c, s) reduces one slice of channel c."""
+    outer, C, inner = x.shape
+    acc = work.dtype.type
+    c = cuda.blockIdx.x
+    s = cuda.blockIdx.y
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    t = ty * TX + tx
+    o0, o1, i0, i1 = block_slice(outer, inner, s, inner_splits)
+
+    # per-thread sums shifted by the thread's first value (stable, one pass)
+    n = 0
+    shift = acc(0)
+    s1 = acc(0)
+    s2 = acc(0)
+    if o0 + ty < o1 and i0 + tx < i1:
+        shift = acc(x[o0 + ty, c, i0 + tx])
+    for o in range(o0 + ty, o1, TY):
+        for i in range(i0 + tx, i1, TX):
+            d = acc(x[o, c, i]) - shift
+            s1 += d
+            s2 += d * d
+            n += 1
+
+    sn = cuda.shared.array(MAX_THREADS, numba.float64)
+    sm = cuda.shared.array(MAX_THREADS, numba.float64)
+    sq = cuda.shared.array(MAX_THREADS, numba.float64)
+    flag = cuda.shared.array(1, numba.int32)
+    sn[t], sm[t], sq[t] = shifted_to_moments(n, shift, s1, s2)
+    cuda.syncthreads()
+    tree_merge(sn, sm, sq, t, 0, 1, TX * TY)
+    if t == 0:
+        work[0, s, c] = sn[0]
+        work[1, s, c] = sm[0]
+        work[2, s, c] = sq[0]
+
+    splits = cuda.gridDim.y
+    if last_block(counter, c, splits, flag):
+        n2, m2, q2 = 0.0, 0.0, 0.0
+        for j in range(t, splits, TX * TY):
+            n2, m2, q2 = chan_merge(
+                n2, m2, q2, coherent(work, 0, j, c), coherent(work, 1, j, c), coherent(work, 2, j, c)
+            )
+        sn[t], sm[t], sq[t] = n2, m2, q2
+        cuda.syncthreads()
+        tree_merge(sn, sm, sq, t, 0, 1, TX * TY)
+        if t == 0:
+            finish_channel_cuda(c, sn[0], sm[0], sq[0], coef, gamma, beta, rmean, rvar, eps, momentum, update)
+
+
+@cuda.jit
+def batch_stats_cuda_channels(
+    x,  # (outer, C, 1) input, channels contiguous
+    work,  # (3, splits, C) partial count/mean/M2, accumulation dtype
+    counter,  # (ceil(C / TX),) int32 blocks finished per channel tile
+    coef,  # (5, C) out: MEAN, VAR, INVSTD, SCALE, BIAS
+    gamma,  # (C,)
+    beta,  # (C,)
+    rmean,  # (C,) running mean
+    rvar,  # (C,) running variance
+    eps,  # float
+    momentum,  # float
+    update,  # bool
+):
+    """Grid (ceil(C / TX), splits), block (TX, TY): thread (tx, ty) of block
+    (tile, s) walks channel tile*TX + tx over rows s*rows + ty, step TY."""
+    outer, C, _ = x.shape
+    acc = work.dtype.type
+    tile = cuda.blockIdx.x
+    s = cuda.blockIdx.y
+    splits = cuda.gridDim.y
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    t = ty * TX + tx
+    c = tile * TX + tx
+    rows = (outer + splits - 1) // splits
+    o0 = s * rows
+    o1 = min(outer, o0 + rows)
+
+    n = 0
+    shift = acc(0)
+    s1 = acc(0)
+    s2 = acc(0)
+    if c < C:
+        if o0 + ty < o1:
+            shift = acc(x[o0 + ty, c, 0])
+        for o in range(o0 + ty, o1, TY):
+            d = acc(x[o, c, 0]) - shift
+            s1 += d
+            s2 += d * d
+            n += 1
+
+    sn = cuda.shared.array(MAX_THREADS, numba.float64)
+    sm = cuda.shared.array(MAX_THREADS, numba.float64)
+    sq = cuda.shared.array(MAX_THREADS, numba.float64)
+    flag = cuda.shared.array(1, numba.int32)
+    sn[t], sm[t], sq[t] = shifted_to_moments(n, shift, s1, s2)
+    cuda.syncthreads()
+    tree_merge(sn, sm, sq, ty, tx, TX, TY)
+    if ty == 0 and c < C:
+        work[0, s, c] = sn[tx]
+        work[1, s, c] = sm[tx]
+        work[2, s, c] = sq[tx]
+
+    if last_block(counter, tile, splits, flag):
+        n2, m2, q2 = 0.0, 0.0, 0.0
+        if c < C:
+            for j in range(ty, splits, TY):
+                n2, m2, q2 = chan_merge(
+                    n2, m2, q2, coherent(work, 0, j, c), coherent(work, 1, j, c), coherent(work, 2, j, c)
+                )
+        sn[t], sm[t], sq[t] = n2, m2, q2
+        cuda.syncthreads()
+        tree_merge(sn, sm, sq, ty, tx, TX, TY)
+        if ty == 0 and c < C:
+            finish_channel_cuda(c, sn[tx], sm[tx], sq[tx], coef, gamma, beta, rmean, rvar, eps, momentum, update)
+
+
+def stats_launch_config(shape):
+    """(kernel, grid, block, inner_splits or None, splits, columns) for a view shape."""
+    outer, C, inner = shape
+    tx, ty = block_shape(outer, C, inner)
+    n = outer * inner
+    if inner > 1:
+        splits = reduction_splits(n, C, tx * ty)
+        # split the inner axis only as far as the rows cannot carry the split
+        inner_splits = max(1, min(-(-splits // max(1, -(-outer // ty))), -(-inner // tx)))
+        outer_splits = max(1, min(-(-splits // inner_splits), -(-outer // ty)))
+        splits = outer_splits * inner_splits
+        return batch_stats_cuda_inner, (C, splits), (tx, ty), inner_splits, splits, C
+    columns = -(-C // tx)
+    splits = min(reduction_splits(n, columns, tx * ty), max(1, -(-outer // ty)))
+    return batch_stats_cuda_channels, (columns, splits), (tx, ty), None, splits, columns
+
+
+def launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, stream=0):
+    """Batch statistics and forward constants on the GPU, one launch.
+
+    Args:
+        x: (outer, C, inner) device array, float16/32/64.
+        coef: (5, C) device array, out, accumulation dtype: rows MEAN, VAR,
+            INVSTD, SCALE, BIAS.
+        gamma, beta, rmean, rvar: (C,) device arrays of the accumulation dtype
+            (float64 for float64 x, else float32); rmean/rvar updated when update.
+        eps, momentum: floats.  update: bool.
+    Scratch (partials, counters) comes from a per-thread cache of workspaces.
+    """
+    acc = gamma.dtype
+    kernel, grid, block, inner_splits, splits, columns = stats_launch_config(x.shape)
+    C = x.shape[1]
+    work = workspace("stats.work", (3, splits, C), acc)
+    counter = workspace("stats.counter", (columns,), np.int32, zero=True)
+    args = [x, work, counter, coef, gamma, beta, rmean, rvar, acc.type(eps), acc.type(momentum), bool(update)]
+    if inner_splits is not None:
+        args.append(inner_splits)
+    kernel[grid, block, stream](*args)
