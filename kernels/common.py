@@ -51,6 +51,16 @@ def chan_merge(na, ma, qa, nb, mb, qb):
 
 
 @numba.njit(cache=True)
+def welford_step(n, mean, m2, v):
+    """Add one value to a running (count, mean, M2), in the accumulators' dtype."""
+    n += 1
+    d = v - mean
+    mean += d / n
+    m2 += d * (v - mean)
+    return n, mean, m2
+
+
+@numba.njit(cache=True)
 def shifted_to_moments(n, shift, s1, s2):
     """(count, mean, M2) from sums shifted by ``shift``: s1 = sum(x - shift),
     s2 = sum((x - shift)**2).  Exact algebra; stable while |shift - mean| is

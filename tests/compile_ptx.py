@@ -1,0 +1,59 @@
+"""Compile every CUDA kernel of gpubn.kernels to PTX, without a GPU.
+
+Run in a process without the simulator (NUMBA_ENABLE_CUDASIM=0): the simulator
+checks what kernels do, this checks that the real compiler takes them (types,
+float16 loads and stores, shared memory, atomics) for a given compute capability.
+Prints one line per kernel and dtype; exit 2 when no CUDA compiler is installed.
+
+    NUMBA_ENABLE_CUDASIM=0 python tests/compile_ptx.py [--cc 9.0]
+"""
+
+import argparse
+import sys
+import types as pytypes
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cc", default="9.0")
+    cc = tuple(int(v) for v in ap.parse_args().cc.split("."))
+
+    from numba import cuda, types
+    from numba.cuda import dispatcher
+
+    import gpubn.kernels as K
+
+    # Device functions are compiled for the current device's capability; there
+    # is no device here, so say which one to target.
+    dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=cc)
+
+    try:
+        cuda.compile_ptx(lambda a: None, (types.float32[::1],), cc=cc)
+    except Exception as exc:  # no NVVM / NVRTC installed
+        print(f"no CUDA compiler: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        return 2
+
+    for xt in (types.float16, types.float32, types.float64):
+        acc = types.float64 if xt == types.float64 else types.float32
+        x3, v, m2, w3 = xt[:, :, ::1], acc[::1], acc[:, ::1], acc[:, :, ::1]
+        i32, flag, i64 = types.int32[::1], types.boolean, types.int64
+        strided = xt[:, :, :]  # non-contiguous views reach the kernels too
+        signatures = {
+            K.batch_stats_cuda_inner: (x3, w3, i32, m2, v, v, v, v, acc, acc, flag, i64),
+            K.batch_stats_cuda_channels: (strided, w3, i32, m2, v, v, v, v, acc, acc, flag),
+            K.affine_coefficients_cuda: (v, v, v, v, acc, m2),
+            K.scale_shift_cuda_inner: (x3, m2, x3),
+            K.scale_shift_cuda_channels: (strided, m2, x3),
+            K.backward_sums_cuda_inner: (x3, x3, m2, v, w3, i32, m2, v, v, flag, i64),
+            K.backward_sums_cuda_channels: (strided, x3, m2, v, w3, i32, m2, v, v, flag),
+            K.input_grad_cuda_inner: (x3, x3, m2, x3),
+            K.input_grad_cuda_channels: (x3, strided, m2, x3),
+        }
+        for kernel, sig in signatures.items():
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
+            print(f"{kernel.py_func.__name__:28s} {str(xt):8s} sm_{cc[0]}{cc[1]} {len(ptx):7d} chars of PTX")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Test setup: the CUDA backend runs on numba's simulator unless a GPU is present.
+
+NUMBA_ENABLE_CUDASIM must be set before numba is first imported, so this runs
+before any test module imports gpubn.  Set it yourself (0 or 1) to override.
+"""
+
+import os
+import shutil
+import subprocess
+
+
+def _has_gpu() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        return subprocess.run([smi, "-L"], capture_output=True, timeout=20).returncode == 0
+    except Exception:
+        return False
+
+
+if "NUMBA_ENABLE_CUDASIM" not in os.environ:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "0" if _has_gpu() else "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import gpubn  # noqa: E402
+from gpubn._backend import simulated  # noqa: E402
+
+SIM = simulated()
+BACKENDS = ["cpu", "cuda"]
+
+
+def pytest_report_header(config):
+    mode = "numba CUDA simulator (tiny shapes)" if SIM else "real GPU"
+    return f"gpubn {gpubn.__version__}: backends {gpubn.available_backends()}; CUDA backend on {mode}"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Every test body runs on both backends."""
+    if request.param not in gpubn.available_backends():
+        pytest.skip(f"backend {request.param!r} not available")
+    return request.param
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

@@ -1,0 +1,78 @@
+"""The float64 NumPy oracle: forward, backward and running-statistics update.
+
+Written from the formulas, independent of gpubn's code (no view tricks, no
+merges): reduce over every axis but the feature axis.
+"""
+
+import numpy as np
+
+# Tolerances by input dtype, written once: (atol, rtol) for outputs of order 1.
+TOL = {
+    np.float16: (2e-2, 2e-2),
+    np.float32: (2e-4, 2e-4),
+    np.float64: (1e-10, 1e-10),
+}
+
+
+def tol(dtype):
+    atol, rtol = TOL[np.dtype(dtype).type]
+    return {"atol": atol, "rtol": rtol}
+
+
+def _axes(x, axis):
+    axis %= x.ndim
+    return tuple(i for i in range(x.ndim) if i != axis), axis
+
+
+def _bshape(x, axis):
+    shape = [1] * x.ndim
+    shape[axis % x.ndim] = x.shape[axis % x.ndim]
+    return shape
+
+
+def stats(x, axis):
+    red, _ = _axes(x, axis)
+    x = np.asarray(x, np.float64)
+    return x.mean(axis=red), x.var(axis=red)
+
+
+def forward(x, gamma, beta, axis, eps=1e-5, mean=None, var=None):
+    """y and (mean, biased var) used; batch statistics unless mean/var given."""
+    x = np.asarray(x, np.float64)
+    if mean is None:
+        mean, var = stats(x, axis)
+    b = _bshape(x, axis)
+    g = np.ones(x.shape[axis]) if gamma is None else np.asarray(gamma, np.float64)
+    be = np.zeros(x.shape[axis]) if beta is None else np.asarray(beta, np.float64)
+    xhat = (x - np.reshape(mean, b)) / np.sqrt(np.reshape(var, b) + eps)
+    return xhat * g.reshape(b) + be.reshape(b), (mean, var)
+
+
+def backward(dy, x, gamma, axis, eps=1e-5, training=True, mean=None, var=None):
+    """(dx, dgamma, dbeta) in float64."""
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    red, _ = _axes(x, axis)
+    b = _bshape(x, axis)
+    if mean is None:
+        mean, var = stats(x, axis)
+    g = np.ones(x.shape[axis]) if gamma is None else np.asarray(gamma, np.float64)
+    invstd = 1.0 / np.sqrt(np.reshape(var, b) + eps)
+    xhat = (x - np.reshape(mean, b)) * invstd
+    dgamma = (dy * xhat).sum(axis=red)
+    dbeta = dy.sum(axis=red)
+    dxhat = dy * g.reshape(b)
+    if training:
+        dx = invstd * (dxhat - dxhat.mean(axis=red, keepdims=True) - xhat * (dxhat * xhat).mean(axis=red, keepdims=True))
+    else:
+        dx = invstd * dxhat
+    return dx, dgamma, dbeta
+
+
+def running_update(running_mean, running_var, x, axis, momentum):
+    """PyTorch's update: unbiased variance, momentum = weight of the new batch."""
+    mean, var = stats(x, axis)
+    n = x.size // x.shape[axis]
+    rm = (1 - momentum) * np.asarray(running_mean, np.float64) + momentum * mean
+    rv = (1 - momentum) * np.asarray(running_var, np.float64) + momentum * var * n / (n - 1)
+    return rm, rv

@@ -1,0 +1,203 @@
+"""The functional API against the float64 reference, on both backends."""
+
+import numpy as np
+import pytest
+from conftest import SIM
+from numba import cuda
+from reference import backward, forward, running_update, stats, tol
+
+import gpubn
+
+# (shape, feature axis): every layout of design.md's canonical-view table, plus
+# 3-D and 5-D.  Under the simulator every CUDA thread is a Python thread: tiny.
+LAYOUTS = [
+    ((33, 5), 1),  # (N, C) dense
+    ((4, 3, 5, 7), 1),  # NCHW
+    ((3, 4, 5, 6), -1),  # channels-last
+    ((3, 41), 0),  # course layout: features x examples
+    ((5, 4, 9), 1),  # (N, C, L)
+    ((2, 3, 2, 3, 4), 1),  # NCDHW
+]
+if not SIM:
+    LAYOUTS += [((64, 17, 33, 31), 1), ((1025, 129), 1), ((16, 7, 7, 128), -1), ((20, 6, 4097), 1)]
+
+# awkward (N, C) sizes around block and warp edges
+EDGE_SIZES = [(2, 1), (3, 17), (17, 3), (31, 33)] if SIM else [(2, 1), (1023, 15), (1025, 129), (129, 1025), (7, 255)]
+DTYPES = [np.float16, np.float32, np.float64]
+
+
+def make(rng, shape, dtype, offset=-2.3, spread=0.5):
+    """Deliberately offset data (Triton's tutorial trick) so cancellation shows."""
+    return (offset + spread * rng.standard_normal(shape)).astype(dtype)
+
+
+def host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_stats(backend, rng, shape, axis, dtype):
+    x = make(rng, shape, dtype)
+    mean, var = gpubn.batch_stats(x, axis=axis, backend=backend)
+    rmean, rvar = stats(x, axis)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    assert mean.dtype == acc and var.dtype == acc and mean.shape == (x.shape[axis],)
+    t = tol(np.float32 if dtype == np.float16 else dtype)  # statistics accumulate in float32
+    np.testing.assert_allclose(mean, rmean, **t)
+    np.testing.assert_allclose(var, rvar, **t)
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_backward_training(backend, rng, shape, axis, dtype):
+    x = make(rng, shape, dtype)
+    C = x.shape[axis]
+    acc = np.float64 if dtype == np.float64 else np.float32
+    gamma = (1 + 0.3 * rng.standard_normal(C)).astype(acc)
+    beta = rng.standard_normal(C).astype(acc)
+    rm0 = rng.standard_normal(C).astype(acc)
+    rv0 = (1 + rng.random(C)).astype(acc)
+    rm, rv = rm0.copy(), rv0.copy()
+    y, cache = gpubn.batch_norm_forward(
+        x, gamma, beta, axis=axis, running_mean=rm, running_var=rv, momentum=0.3, backend=backend
+    )
+    assert y.shape == x.shape and y.dtype == x.dtype
+    yref, _ = forward(x, gamma, beta, axis)
+    np.testing.assert_allclose(y.astype(np.float64), yref, **tol(dtype))
+    erm, erv = running_update(rm0, rv0, x, axis, 0.3)
+    t = tol(np.float32 if dtype == np.float16 else dtype)
+    np.testing.assert_allclose(rm, erm, **t)
+    np.testing.assert_allclose(rv, erv, **t)
+
+    dy = rng.standard_normal(shape).astype(dtype)
+    dx, dgamma, dbeta = gpubn.batch_norm_backward(dy, cache)
+    edx, edg, edb = backward(dy, x, gamma, axis)
+    assert dx.shape == x.shape and dx.dtype == x.dtype and dgamma.dtype == acc
+    n = x.size // C
+    np.testing.assert_allclose(dx.astype(np.float64), edx, **tol(dtype))
+    # sums of n terms of order 1: error grows like n * eps at worst
+    atol, rtol = tol(dtype).values()
+    np.testing.assert_allclose(dgamma, edg, atol=atol * np.sqrt(n) * 4, rtol=rtol)
+    np.testing.assert_allclose(dbeta, edb, atol=atol * np.sqrt(n) * 4, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", EDGE_SIZES)
+def test_edge_sizes(backend, rng, shape):
+    x = make(rng, shape, np.float32)
+    y, cache = gpubn.batch_norm_forward(x, backend=backend)
+    np.testing.assert_allclose(y, forward(x, None, None, 1)[0], **tol(np.float32))
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dx, _, _ = gpubn.batch_norm_backward(dy, cache)
+    np.testing.assert_allclose(dx, backward(dy, x, None, 1)[0], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inference_uses_running_stats(backend, rng, dtype):
+    x = make(rng, (6, 4, 3, 5), dtype)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    gamma, beta = rng.standard_normal(4).astype(acc), rng.standard_normal(4).astype(acc)
+    rm, rv = rng.standard_normal(4).astype(acc), (0.5 + rng.random(4)).astype(acc)
+    rm0, rv0 = rm.copy(), rv.copy()
+    y, cache = gpubn.batch_norm_forward(
+        x, gamma, beta, training=False, running_mean=rm, running_var=rv, backend=backend
+    )
+    np.testing.assert_allclose(y.astype(np.float64), forward(x, gamma, beta, 1, mean=rm, var=rv)[0], **tol(dtype))
+    np.testing.assert_array_equal(rm, rm0)  # inference never updates
+    np.testing.assert_array_equal(rv, rv0)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dx, dg, db = gpubn.batch_norm_backward(dy, cache)
+    edx, edg, edb = backward(dy, x, gamma, 1, training=False, mean=rm, var=rv)
+    np.testing.assert_allclose(dx.astype(np.float64), edx, **tol(dtype))
+    np.testing.assert_allclose(dg, edg, atol=0.05 if dtype == np.float16 else 1e-3, rtol=1e-3)
+
+
+def test_normalize_matches_reference(backend, rng):
+    x = make(rng, (5, 3, 4), np.float32)
+    mean, var = rng.standard_normal(3), 0.5 + rng.random(3)
+    gamma, beta = rng.standard_normal(3), rng.standard_normal(3)
+    y = gpubn.normalize(x, mean, var, gamma, beta, eps=1e-3, backend=backend)
+    ref, _ = forward(x, gamma, beta, 1, eps=1e-3, mean=mean, var=var)
+    np.testing.assert_allclose(y, ref, **tol(np.float32))
+    # without gamma/beta: plain standardization
+    y = gpubn.normalize(x, mean, var, axis=1, backend=backend)
+    np.testing.assert_allclose(y, forward(x, None, None, 1, mean=mean, var=var)[0], **tol(np.float32))
+
+
+def test_backward_finite_differences(backend, rng):
+    """dx, dgamma, dbeta against central differences of L = sum(y * w)."""
+    x = rng.standard_normal((4, 3, 5))
+    gamma, beta = 1 + 0.2 * rng.standard_normal(3), rng.standard_normal(3)
+    w = rng.standard_normal(x.shape)
+
+    def loss(x_, g_, b_):
+        y, _ = gpubn.batch_norm_forward(x_, g_, b_, backend=backend)
+        return float((y * w).sum())
+
+    _, cache = gpubn.batch_norm_forward(x, gamma, beta, backend=backend)
+    dx, dg, db = gpubn.batch_norm_backward(w, cache)
+    h = 1e-6
+    for idx in [(0, 0, 0), (3, 2, 4), (1, 1, 2)]:
+        e = np.zeros_like(x)
+        e[idx] = h
+        num = (loss(x + e, gamma, beta) - loss(x - e, gamma, beta)) / (2 * h)
+        assert abs(num - dx[idx]) < 1e-6 * max(1, abs(num))
+    for c in range(3):
+        e = np.zeros(3)
+        e[c] = h
+        assert abs((loss(x, gamma + e, beta) - loss(x, gamma - e, beta)) / (2 * h) - dg[c]) < 1e-6
+        assert abs((loss(x, gamma, beta + e) - loss(x, gamma, beta - e)) / (2 * h) - db[c]) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_seed_identity(backend, rng, dtype):
+    """The course's remark: gamma = sqrt(var + eps), beta = mean gives y == x."""
+    x = make(rng, (7, 4, 6), dtype, offset=3.0, spread=2.0)
+    mean, var = stats(x, 1)
+    eps = 1e-5
+    y, _ = gpubn.batch_norm_forward(x, np.sqrt(var + eps), mean, eps=eps, backend=backend)
+    np.testing.assert_allclose(y, x, **tol(dtype))
+
+
+def test_non_contiguous_inputs(backend, rng):
+    base = make(rng, (6, 10, 8), np.float32)
+    for x, axis in [(base[:, ::2, :], 1), (base.transpose(2, 0, 1), -1), (base[::2, :, 1:7], 2), (base.T, 0)]:
+        assert not x.flags.c_contiguous
+        y, cache = gpubn.batch_norm_forward(x, axis=axis, backend=backend)
+        np.testing.assert_allclose(y, forward(x, None, None, axis)[0], **tol(np.float32))
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        dx, _, _ = gpubn.batch_norm_backward(dy.T.copy().T, cache)  # dy non-contiguous too
+        np.testing.assert_allclose(dx, backward(dy, x, None, axis)[0], atol=1e-3, rtol=1e-3)
+
+
+def test_device_arrays_stay_on_device(rng):
+    if "cuda" not in gpubn.available_backends():
+        pytest.skip("no CUDA backend")
+    x = make(rng, (5, 3, 4), np.float32)
+    gamma, beta = rng.standard_normal(3).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    d_x, d_rm, d_rv = cuda.to_device(x), cuda.to_device(rm), cuda.to_device(rv)
+    y, cache = gpubn.batch_norm_forward(
+        d_x, cuda.to_device(gamma), beta, running_mean=d_rm, running_var=d_rv, backend="cuda"
+    )
+    assert hasattr(y, "copy_to_host")
+    np.testing.assert_allclose(y.copy_to_host(), forward(x, gamma, beta, 1)[0], **tol(np.float32))
+    erm, erv = running_update(rm, rv, x, 1, 0.1)
+    np.testing.assert_allclose(d_rm.copy_to_host(), erm, **tol(np.float32))
+    np.testing.assert_allclose(d_rv.copy_to_host(), erv, **tol(np.float32))
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx, dg, db = gpubn.batch_norm_backward(cuda.to_device(dy), cache)
+    assert hasattr(dx, "copy_to_host") and hasattr(dg, "copy_to_host")
+    np.testing.assert_allclose(dx.copy_to_host(), backward(dy, x, gamma, 1)[0], atol=1e-4, rtol=1e-4)
+    mean, var = gpubn.batch_stats(d_x, backend="cuda")
+    np.testing.assert_allclose(mean.copy_to_host(), stats(x, 1)[0], **tol(np.float32))
+
+
+def test_running_stats_in_other_dtype(backend, rng):
+    """float64 running statistics with float32 input are updated in place."""
+    x = make(rng, (8, 3), np.float32)
+    rm, rv = np.zeros(3), np.ones(3)
+    gpubn.batch_norm_forward(x, running_mean=rm, running_var=rv, backend=backend)
+    erm, erv = running_update(np.zeros(3), np.ones(3), x, 1, 0.1)
+    np.testing.assert_allclose(rm, erm, **tol(np.float32))
+    np.testing.assert_allclose(rv, erv, **tol(np.float32))
