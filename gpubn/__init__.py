@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 from ._arrays import canonical_shape
 from ._backend import available_backends, default_backend
 from .functional import ForwardCache, batch_norm_backward, batch_norm_forward, batch_stats, normalize
+from .layer import BatchNorm
+from .standardizer import Standardizer
 
 __all__ = [
     "__version__",
@@ -21,5 +23,7 @@ __all__ = [
     "batch_norm_forward",
     "batch_norm_backward",
     "ForwardCache",
+    "BatchNorm",
+    "Standardizer",
     "canonical_shape",
 ]

@@ -195,6 +195,7 @@ def batch_norm_forward(
     running_var=None,
     momentum: float = 0.1,
     backend=None,
+    _coef=None,
 ):
     """Batch normalization forward pass.
 
@@ -206,6 +207,8 @@ def batch_norm_forward(
             ``running = (1 - momentum) * running + momentum * batch`` (unbiased
             variance).  False normalizes with running_mean/running_var (required).
         eps: added to the variance.  momentum: float in [0, 1].
+        _coef: (internal) a (5, C) array to hold the per-channel constants,
+            so that a layer reuses one buffer instead of allocating per call.
     Returns:
         (y, cache): y has x's shape and dtype; cache feeds batch_norm_backward.
     Raises:
@@ -237,7 +240,7 @@ def batch_norm_forward(
     # -- validated: from here on nothing raises by design --
     inp = _materialize(inp)
     eng = _ENGINES[inp.backend]
-    coef = inp.empty(rows=5)
+    coef = _coef if _buffer_fits(_coef, inp, 5) else inp.empty(rows=5)
     if training:
         dummy = g  # never written when update is False
         eng.stats(
@@ -255,7 +258,14 @@ def batch_norm_forward(
     return inp.deliver(y), ForwardCache(inp, coef, g, training)
 
 
-def batch_norm_backward(dy, cache: ForwardCache):
+def _buffer_fits(buf, inp: _Input, rows: int) -> bool:
+    if buf is None:
+        return False
+    on_device = hasattr(buf, "copy_to_host")
+    return on_device == (inp.backend == "cuda") and buf.shape == (rows, inp.C) and buf.dtype == inp.acc
+
+
+def batch_norm_backward(dy, cache: ForwardCache, _grads=None):
     """Gradients of batch_norm_forward.
 
     Args:
@@ -265,6 +275,7 @@ def batch_norm_backward(dy, cache: ForwardCache):
         (dx, dgamma, dbeta): dx has x's shape and dtype; dgamma, dbeta are (C,)
         float32 (float64 for float64 x).  With training=False in the forward,
         the statistics are constants: dx = gamma / sqrt(running_var + eps) * dy.
+        _grads: (internal) a (2, C) array to receive dgamma, dbeta in place.
     """
     if not isinstance(cache, ForwardCache):
         raise TypeError(f"cache: expected the cache returned by batch_norm_forward, got {type(cache).__name__}")
@@ -282,7 +293,7 @@ def batch_norm_backward(dy, cache: ForwardCache):
     elif inp.backend == "cpu":
         dyv = dyv.astype(inp.view.dtype, copy=False)
     dx = inp.empty()
-    grads = inp.empty(rows=2)  # dgamma, dbeta
+    grads = _grads if _buffer_fits(_grads, inp, 2) else inp.empty(rows=2)  # dgamma, dbeta
     bcoef = inp.empty(rows=4)
     _ENGINES[inp.backend].backward(
         dyv, inp.view, cache.coef, cache.gamma, cache.training, bcoef, grads[0], grads[1], dx.reshape(*inp.shape3)

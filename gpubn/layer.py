@@ -1,0 +1,260 @@
+"""BatchNorm: the layer a training loop holds.  State only; the maths lives in
+``gpubn.functional`` and the kernels."""
+
+import numbers
+
+import numpy as np
+from numba import cuda
+
+from ._arrays import check_axis, check_scalar, is_device_array
+from ._backend import resolve_backend
+from .functional import _buffer_fits, batch_norm_backward, batch_norm_forward
+
+_KEYS = ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked")
+
+
+class BatchNorm:
+    """Batch normalization over the feature axis, with learnable gamma and beta.
+
+    Follows ``torch.nn.BatchNorm*d``: in training mode the batch's statistics
+    normalize and the running statistics are updated (momentum = weight of the
+    new batch; ``momentum=None`` = cumulative average over
+    ``num_batches_tracked``; unbiased variance); in eval mode the running
+    statistics normalize.
+
+    Args:
+        num_features: C, the size of the feature axis.
+        axis: the feature axis of the inputs (negative allowed).
+        eps: added to the variance.  momentum: float in [0, 1] or None.
+        affine: learn gamma (init 1) and beta (init 0).
+        track_running_stats: keep running statistics (else batch statistics
+            are used in eval mode too).
+        backend: "cpu", "cuda" or None (default backend).
+        dtype: "float32" or "float64", the dtype of parameters and statistics
+            (float16 inputs use float32).
+
+    State: ``params`` and ``grads`` (dicts of (C,) arrays that an optimizer
+    updates in place), ``running_mean``, ``running_var``, ``num_batches_tracked``,
+    ``training``.  They are NumPy arrays; on the CUDA backend they move to the
+    device (numba device arrays) at the first device input, or at ``to_device()``,
+    and stay there: a training loop on device arrays makes no host round trip.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        axis: int = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        backend: str | None = None,
+        dtype="float32",
+    ):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+            raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
+        if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+            raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype: {dtype!r} is not a dtype") from None
+        if dt not in (np.float32, np.float64):
+            raise TypeError(f"dtype: expected float32 or float64, got {dt}")
+        self.num_features = int(num_features)
+        self.axis = int(axis)
+        self.eps = check_scalar(eps, "eps")
+        self.momentum = None if momentum is None else check_scalar(momentum, "momentum", 0.0, 1.0)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.backend = resolve_backend(backend)
+        self.dtype = dt
+        self.training = True
+        C = self.num_features
+        # gamma/beta and their grads are rows of packed (2, C) buffers: kernels
+        # write the gradients in place and one array crosses to the device
+        self._packed = np.stack([np.ones(C, dt), np.zeros(C, dt)])
+        self._packed_grads = np.zeros((2, C), dt)
+        self.running_mean = np.zeros(C, dt) if self.track_running_stats else None
+        self.running_var = np.ones(C, dt) if self.track_running_stats else None
+        self.num_batches_tracked = 0
+        self._bind()
+        self._coef = None
+        self._cache = None
+
+    def _bind(self):
+        p, g = self._packed, self._packed_grads
+        self.params = {"gamma": p[0], "beta": p[1]} if self.affine else {}
+        self.grads = {"gamma": g[0], "beta": g[1]} if self.affine else {}
+
+    @property
+    def on_device(self) -> bool:
+        return hasattr(self._packed, "copy_to_host")
+
+    def to_device(self) -> "BatchNorm":
+        """Move parameters, gradients and running statistics to the GPU (CUDA
+        backend only).  Hand ``params`` to an optimizer after this call."""
+        if self.backend != "cuda":
+            raise ValueError(f"backend: to_device() needs the 'cuda' backend, this layer uses {self.backend!r}")
+        if not self.on_device:
+            self._packed = cuda.to_device(self._packed)
+            self._packed_grads = cuda.to_device(self._packed_grads)
+            if self.track_running_stats:
+                self.running_mean = cuda.to_device(self.running_mean)
+                self.running_var = cuda.to_device(self.running_var)
+            self._coef = None
+            self._bind()
+        return self
+
+    # -- modes ----------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "BatchNorm":
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "BatchNorm":
+        return self.train(False)
+
+    # -- passes ---------------------------------------------------------------
+
+    def forward(self, x):
+        """y = gamma * (x - mean) / sqrt(var + eps) + beta; x's shape and dtype.
+
+        Batch statistics in training mode (or without running statistics),
+        running statistics in eval mode.
+        """
+        shape = x.shape if hasattr(x, "shape") else np.shape(x)
+        if len(shape) > 0 and shape[check_axis(self.axis, len(shape))] != self.num_features:
+            raise ValueError(
+                f"x: {shape[check_axis(self.axis, len(shape))]} features on axis {self.axis} "
+                f"(shape {tuple(shape)}), this layer has num_features={self.num_features}"
+            )
+        if self.backend == "cuda" and not self.on_device and is_device_array(x):
+            self.to_device()
+        batch_stats = self.training or not self.track_running_stats
+        update = self.training and self.track_running_stats
+        momentum = self.momentum
+        if update and momentum is None:
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        gamma = self._packed[0] if self.affine else None
+        beta = self._packed[1] if self.affine else None
+        y, cache = batch_norm_forward(
+            x,
+            gamma,
+            beta,
+            axis=self.axis,
+            eps=self.eps,
+            training=batch_stats,
+            running_mean=self.running_mean if self.track_running_stats else None,
+            running_var=self.running_var if self.track_running_stats else None,
+            momentum=momentum if update else 0.0,
+            backend=self.backend,
+            _coef=self._coef,
+        )
+        self._coef = cache.coef
+        self._cache = cache
+        if update:
+            self.num_batches_tracked += 1
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """dx for the last forward; fills ``grads`` (when affine) in place."""
+        if self._cache is None:
+            raise ValueError("dy: backward() called before any forward()")
+        in_place = _buffer_fits(self._packed_grads, self._cache.inp, 2)
+        dx, dgamma, dbeta = batch_norm_backward(dy, self._cache, _grads=self._packed_grads)
+        if self.affine and not in_place:
+            self._store_grads(dgamma, dbeta)
+        return dx
+
+    def _store_grads(self, dgamma, dbeta):
+        # the kernels wrote a separate buffer (other dtype or side): copy in
+        if self.on_device:
+            self._packed_grads[0].copy_to_device(_host(dgamma).astype(self.dtype))
+            self._packed_grads[1].copy_to_device(_host(dbeta).astype(self.dtype))
+        else:
+            self._packed_grads[0] = _host(dgamma)
+            self._packed_grads[1] = _host(dbeta)
+
+    # -- state ----------------------------------------------------------------
+
+    def _expected_keys(self):
+        keys = []
+        if self.affine:
+            keys += ["gamma", "beta"]
+        if self.track_running_stats:
+            keys += ["running_mean", "running_var", "num_batches_tracked"]
+        return keys
+
+    def state_dict(self) -> dict:
+        """Plain dict of NumPy copies (and the int counter)."""
+        state = {}
+        if self.affine:
+            state["gamma"] = _host(self._packed[0]).copy()
+            state["beta"] = _host(self._packed[1]).copy()
+        if self.track_running_stats:
+            state["running_mean"] = _host(self.running_mean).copy()
+            state["running_var"] = _host(self.running_var).copy()
+            state["num_batches_tracked"] = int(self.num_batches_tracked)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state_dict.  Wrong keys, shapes or values raise ValueError
+        (TypeError for wrong types) and change nothing."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected a dict, got {type(state).__name__}")
+        expected = self._expected_keys()
+        if sorted(state) != sorted(expected):
+            missing = sorted(set(expected) - set(state))
+            extra = sorted(set(state) - set(expected))
+            raise ValueError(f"state: missing keys {missing}, unexpected keys {extra}")
+        arrays = {}
+        for key in expected:
+            if key == "num_batches_tracked":
+                continue
+            value = state[key]
+            arr = _host(value) if is_device_array(value) else np.asarray(value)
+            if arr.dtype.kind != "f":
+                raise TypeError(f"state: {key} has dtype {arr.dtype}, expected floats")
+            if arr.shape != (self.num_features,):
+                raise ValueError(f"state: {key} has shape {arr.shape}, expected ({self.num_features},)")
+            if key == "running_var" and np.any(arr < 0):
+                raise ValueError("state: running_var has negative entries")
+            arrays[key] = arr.astype(self.dtype)
+        count = state.get("num_batches_tracked", 0)
+        if isinstance(count, np.ndarray) and count.shape == ():
+            count = count.item()
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ValueError(f"state: num_batches_tracked must be a non-negative int, got {count!r}")
+        # -- validated: copy in place, keeping the arrays optimizers hold --
+        targets = {
+            "gamma": self._packed[0] if self.affine else None,
+            "beta": self._packed[1] if self.affine else None,
+            "running_mean": self.running_mean,
+            "running_var": self.running_var,
+        }
+        for key, arr in arrays.items():
+            target = targets[key]
+            if hasattr(target, "copy_to_device"):
+                target.copy_to_device(arr)
+            else:
+                target[...] = arr
+        if self.track_running_stats:
+            self.num_batches_tracked = int(count)
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps:g}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, backend={self.backend!r}, "
+            f"dtype='{self.dtype}', training={self.training}{', on device' if self.on_device else ''})"
+        )
+
+
+def _host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+__all__ = ["BatchNorm"]

@@ -1,0 +1,226 @@
+"""BatchNorm and Standardizer against the float64 reference, both backends."""
+
+import numpy as np
+import pytest
+from numba import cuda
+from reference import backward, forward, stats, tol
+
+import gpubn
+
+STEPS = 5
+
+
+def host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+class ReferenceBN:
+    """A float64 NumPy twin of the layer, written from PyTorch's documentation."""
+
+    def __init__(self, C, axis, eps, momentum):
+        self.gamma, self.beta = np.ones(C), np.zeros(C)
+        self.rm, self.rv, self.count = np.zeros(C), np.ones(C), 0
+        self.axis, self.eps, self.momentum = axis, eps, momentum
+
+    def train_step(self, x, dy):
+        self.count += 1
+        m = self.momentum if self.momentum is not None else 1.0 / self.count
+        mean, var = stats(x, self.axis)
+        n = x.size // x.shape[self.axis]
+        self.rm = (1 - m) * self.rm + m * mean
+        self.rv = (1 - m) * self.rv + m * var * n / (n - 1)
+        y, _ = forward(x, self.gamma, self.beta, self.axis, self.eps)
+        return y, backward(dy, x, self.gamma, self.axis, self.eps)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape,axis", [((6, 4, 3, 2), 1), ((12, 5), 1), ((4, 3, 3), -1)])
+def test_layer_matches_reference_over_steps(backend, rng, shape, axis, momentum):
+    C = shape[axis]
+    bn = gpubn.BatchNorm(C, axis=axis, momentum=momentum, backend=backend, dtype="float64")
+    ref = ReferenceBN(C, axis, bn.eps, momentum)
+    lr = 0.1
+    for step in range(STEPS):
+        x = 1.5 + 2 * rng.standard_normal(shape)
+        dy = rng.standard_normal(shape)
+        y = bn(x)
+        dx = bn.backward(dy)
+        ry, (rdx, rdg, rdb) = ref.train_step(x, dy)
+        np.testing.assert_allclose(y, ry, **tol(np.float64))
+        np.testing.assert_allclose(dx, rdx, atol=1e-9)
+        np.testing.assert_allclose(host(bn.grads["gamma"]), rdg, atol=1e-9)
+        np.testing.assert_allclose(host(bn.grads["beta"]), rdb, atol=1e-9)
+        np.testing.assert_allclose(host(bn.running_mean), ref.rm, atol=1e-12)
+        np.testing.assert_allclose(host(bn.running_var), ref.rv, atol=1e-12)
+        assert bn.num_batches_tracked == step + 1
+        # an optimizer updates the params in place
+        for name in ("gamma", "beta"):
+            bn.params[name][...] = host(bn.params[name]) - lr * host(bn.grads[name])
+        ref.gamma = ref.gamma - lr * rdg
+        ref.beta = ref.beta - lr * rdb
+    # eval mode uses the running statistics and leaves them alone
+    bn.eval()
+    x = rng.standard_normal(shape)
+    rm_before = host(bn.running_mean).copy()
+    y = bn(x)
+    np.testing.assert_allclose(y, forward(x, ref.gamma, ref.beta, axis, bn.eps, ref.rm, ref.rv)[0], atol=1e-9)
+    np.testing.assert_array_equal(host(bn.running_mean), rm_before)
+    assert bn.num_batches_tracked == STEPS
+    dy = rng.standard_normal(shape)
+    np.testing.assert_allclose(
+        bn.backward(dy), backward(dy, x, ref.gamma, axis, bn.eps, training=False, mean=ref.rm, var=ref.rv)[0], atol=1e-9
+    )
+
+
+def test_layer_float32_and_float16_inputs(backend, rng):
+    bn = gpubn.BatchNorm(3, backend=backend)
+    for dtype in (np.float32, np.float16):
+        x = rng.standard_normal((10, 3, 4)).astype(dtype)
+        y = bn(x)
+        assert y.dtype == dtype
+        np.testing.assert_allclose(y.astype(np.float64), forward(x, None, None, 1)[0], **tol(dtype))
+        dx = bn.backward(np.ones_like(x))
+        assert dx.dtype == dtype and np.abs(dx.astype(np.float64)).max() < 1e-2
+
+
+def test_layer_finite_differences(backend, rng):
+    x = rng.standard_normal((5, 2, 3))
+    w = rng.standard_normal(x.shape)
+    bn = gpubn.BatchNorm(2, backend=backend, dtype="float64", track_running_stats=False)
+    bn.params["gamma"][...] = [1.5, -0.5]
+    bn(x)
+    dx = bn.backward(w)
+    h = 1e-6
+    for idx in [(0, 0, 0), (4, 1, 2)]:
+        e = np.zeros_like(x)
+        e[idx] = h
+        num = ((bn(x + e) * w).sum() - (bn(x - e) * w).sum()) / (2 * h)
+        assert abs(num - dx[idx]) < 1e-6
+
+
+def test_no_affine_no_tracking(backend, rng):
+    bn = gpubn.BatchNorm(4, affine=False, track_running_stats=False, backend=backend).eval()
+    x = rng.standard_normal((7, 4)).astype(np.float32)
+    np.testing.assert_allclose(bn(x), forward(x, None, None, 1)[0], **tol(np.float32))  # batch stats in eval
+    assert bn.params == {} and bn.state_dict() == {}
+    with pytest.raises(ValueError, match="x: 3 features on axis 1"):
+        bn(rng.standard_normal((7, 3)).astype(np.float32))
+
+
+def test_state_dict_round_trip_and_refusals(backend, rng):
+    bn = gpubn.BatchNorm(3, backend=backend)
+    for _ in range(3):
+        bn(rng.standard_normal((8, 3)).astype(np.float32))
+    state = bn.state_dict()
+    assert sorted(state) == ["beta", "gamma", "num_batches_tracked", "running_mean", "running_var"]
+    assert all(isinstance(v, np.ndarray) for k, v in state.items() if k != "num_batches_tracked")
+    other = gpubn.BatchNorm(3, backend=backend)
+    gamma_obj = other.params["gamma"]
+    other.load_state_dict(state)
+    assert other.params["gamma"] is gamma_obj  # loaded in place
+    for k, v in other.state_dict().items():
+        np.testing.assert_array_equal(v, state[k])
+    before = other.state_dict()
+    bad_states = [
+        ({**state, "extra": 1}, ValueError, "unexpected keys"),
+        ({k: v for k, v in state.items() if k != "beta"}, ValueError, "missing keys"),
+        ({**state, "running_mean": np.zeros(4)}, ValueError, "running_mean has shape"),
+        ({**state, "gamma": np.zeros(3, np.int64)}, TypeError, "gamma has dtype"),
+        ({**state, "running_var": -np.ones(3)}, ValueError, "negative"),
+        ({**state, "num_batches_tracked": -1}, ValueError, "num_batches_tracked"),
+        ([1, 2], TypeError, "state: expected a dict"),
+    ]
+    for bad, exc, msg in bad_states:
+        with pytest.raises(exc, match=msg):
+            other.load_state_dict(bad)
+        for k, v in other.state_dict().items():
+            np.testing.assert_array_equal(v, before[k])
+
+
+def test_failed_calls_change_nothing(backend, rng):
+    bn = gpubn.BatchNorm(3, backend=backend)
+    bn(rng.standard_normal((8, 3)).astype(np.float32))
+    before = bn.state_dict()
+    with pytest.raises(ValueError, match="backward\\(\\) called before"):
+        gpubn.BatchNorm(3, backend=backend).backward(np.ones((8, 3), np.float32))
+    for bad in [np.ones((1, 3), np.float32), np.ones((8, 4), np.float32), np.zeros((0, 3), np.float32)]:
+        with pytest.raises(ValueError):
+            bn(bad)
+    with pytest.raises(TypeError):
+        bn(np.ones((8, 3), np.int32))
+    after = bn.state_dict()
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
+    with pytest.raises(ValueError, match="dy: shape"):
+        bn.backward(np.ones((9, 3), np.float32))
+
+
+def test_layer_constructor_errors():
+    with pytest.raises(ValueError, match="num_features"):
+        gpubn.BatchNorm(0)
+    with pytest.raises(TypeError, match="dtype"):
+        gpubn.BatchNorm(3, dtype="int32")
+    with pytest.raises(ValueError, match="momentum"):
+        gpubn.BatchNorm(3, momentum=2.0)
+    with pytest.raises(ValueError, match="backend: unknown"):
+        gpubn.BatchNorm(3, backend="metal")
+    assert "BatchNorm(3, axis=1" in repr(gpubn.BatchNorm(3, backend="cpu"))
+
+
+def test_layer_keeps_state_on_device(rng):
+    if "cuda" not in gpubn.available_backends():
+        pytest.skip("no CUDA backend")
+    bn = gpubn.BatchNorm(3, backend="cuda")
+    x = rng.standard_normal((6, 3, 2)).astype(np.float32)
+    y = bn(cuda.to_device(x))
+    assert bn.on_device and hasattr(bn.params["gamma"], "copy_to_host") and hasattr(y, "copy_to_host")
+    np.testing.assert_allclose(y.copy_to_host(), forward(x, None, None, 1)[0], **tol(np.float32))
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx = bn.backward(cuda.to_device(dy))
+    np.testing.assert_allclose(bn.grads["gamma"].copy_to_host(), backward(dy, x, None, 1)[1], atol=1e-4)
+    np.testing.assert_allclose(dx.copy_to_host(), backward(dy, x, None, 1)[0], atol=1e-4)
+    # host input on a device-resident layer still works, NumPy out
+    assert isinstance(bn(x), np.ndarray)
+    assert bn.num_batches_tracked == 2
+
+
+# -- Standardizer ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [1, 0, -1])
+def test_standardizer_fit_transform(backend, rng, axis):
+    X = rng.standard_normal((20, 4, 3)) * np.array([1, 100, 1e-3])[None, None, :] + 7
+    X = np.moveaxis(X, 2, axis % 3).astype(np.float32) if axis != -1 else X.astype(np.float32)
+    sc = gpubn.Standardizer(axis=axis, backend=backend)
+    Z = sc.fit_transform(X)
+    mean, var = stats(X, axis)
+    np.testing.assert_allclose(sc.mean_, mean, rtol=1e-5)
+    np.testing.assert_allclose(sc.var_, var, rtol=1e-4)
+    ref, _ = forward(X, None, None, axis, eps=sc.eps)  # (X - mean) / sqrt(var + eps)
+    np.testing.assert_allclose(Z, ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(sc.inverse_transform(Z), X, rtol=1e-4, atol=1e-4)
+
+
+def test_standardizer_partial_fit_equals_fit(backend, rng):
+    X = rng.standard_normal((53, 5)) * 3 + 1e3
+    full = gpubn.Standardizer(backend=backend).fit(X)
+    part = gpubn.Standardizer(backend=backend)
+    for chunk in np.array_split(X, [7, 8, 30]):
+        part.partial_fit(chunk)
+    assert part.n_samples_seen_ == full.n_samples_seen_ == 53
+    np.testing.assert_allclose(part.mean_, full.mean_, rtol=1e-12)
+    np.testing.assert_allclose(part.var_, full.var_, rtol=1e-9)
+    np.testing.assert_allclose(part.var_, X.var(axis=0), rtol=1e-9)
+
+
+def test_standardizer_zero_variance_and_unfitted(backend, rng):
+    X = rng.standard_normal((10, 3))
+    X[:, 1] = 4.0
+    sc = gpubn.Standardizer(backend=backend).fit(X)
+    assert sc.scale_[1] == 1.0
+    Z = sc.transform(X)
+    np.testing.assert_array_equal(Z[:, 1], 0.0)
+    with pytest.raises(ValueError, match="not fitted"):
+        gpubn.Standardizer(backend=backend).transform(X)
+    with pytest.raises(ValueError, match="X: 2 features"):
+        sc.partial_fit(X[:, :2])
