@@ -8,7 +8,7 @@ from numba import cuda
 BACKENDS = ("cpu", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpu_usable() -> bool:
     """A real CUDA device that numba can drive (the simulator is not one)."""
     if cuda.config.ENABLE_CUDASIM:
@@ -36,7 +36,7 @@ def available_backends() -> tuple:
 
 
 def default_backend() -> str:
-    """"cuda" when a real GPU is usable, else "cpu".
+    """ "cuda" when a real GPU is usable, else "cpu".
 
     ``GPUBN_BACKEND=cpu|cuda|auto`` overrides; asking for "cuda" where it is
     not available is an error, never a silent fallback.  The simulator is not

@@ -17,10 +17,6 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
-from .kernels import backward as _bw
-from .kernels import normalize as _nz
-from .kernels import stats as _st
-
 from ._arrays import (
     StateVector,
     acc_dtype,
@@ -33,6 +29,9 @@ from ._arrays import (
     to_canonical,
 )
 from ._backend import resolve_backend
+from .kernels import backward as _bw
+from .kernels import normalize as _nz
+from .kernels import stats as _st
 
 _ENGINES = {
     "cpu": SimpleNamespace(

@@ -26,12 +26,19 @@ CUDASIM = bool(cuda.config.ENABLE_CUDASIM)
 #: reductions; "nnan"/"ninf" are left out on purpose so NaN and Inf propagate.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
+#: numba.njit options of every CPU function: cached on disk, and IEEE division
+#: (x/0 is inf or nan, as on the GPU) instead of Python's ZeroDivisionError.
+JIT = {"cache": True, "error_model": "numpy"}
+#: ... and of the streaming kernels: vectorised reductions, several cores.
+JIT_STREAM = {**JIT, "fastmath": FASTMATH}
+JIT_PARALLEL = {**JIT_STREAM, "parallel": True}
+
 #: Threads per CUDA block.  The simulator runs one Python thread per CUDA thread,
 #: so it gets small blocks (still two levels of every tree reduction).
 MAX_THREADS = 32 if CUDASIM else 256
 
 
-@numba.njit(cache=True)
+@numba.njit(**JIT)
 def chan_merge(na, ma, qa, nb, mb, qb):
     """Merge two (count, mean, M2) triples; all arithmetic in float64."""
     na = numba.float64(na)
@@ -50,7 +57,7 @@ def chan_merge(na, ma, qa, nb, mb, qb):
     return n, ma + delta * w, qa + qb + delta * delta * na * w
 
 
-@numba.njit(cache=True)
+@numba.njit(**JIT)
 def welford_step(n, mean, m2, v):
     """Add one value to a running (count, mean, M2), in the accumulators' dtype."""
     n += 1
@@ -60,7 +67,7 @@ def welford_step(n, mean, m2, v):
     return n, mean, m2
 
 
-@numba.njit(cache=True)
+@numba.njit(**JIT)
 def shifted_to_moments(n, shift, s1, s2):
     """(count, mean, M2) from sums shifted by ``shift``: s1 = sum(x - shift),
     s2 = sum((x - shift)**2).  Exact algebra; stable while |shift - mean| is
@@ -75,7 +82,7 @@ def shifted_to_moments(n, shift, s1, s2):
     return nf, numba.float64(shift) + d, m2
 
 
-@numba.njit(cache=True)
+@numba.njit(**JIT)
 def finalize_channel(n, mean, m2, eps, gamma, momentum):
     """Per-channel constants of the forward pass from merged moments.
 
@@ -87,7 +94,7 @@ def finalize_channel(n, mean, m2, eps, gamma, momentum):
     if var < 0.0:
         var = 0.0
     invstd = 1.0 / math.sqrt(var + eps)
-    unbiased = m2 / (n - 1.0) if n > 1.0 else var
+    unbiased = m2 / max(n - 1.0, 1.0)
     return var, invstd, gamma * invstd, unbiased
 
 
@@ -132,7 +139,7 @@ def twin(fn):
     Scalar-only helpers (``chan_merge`` ...) are plain njit functions, callable
     from CPU code and CUDA kernels alike.
     """
-    return numba.njit(cache=True)(fn), cuda.jit(device=True)(fn)
+    return numba.njit(**JIT)(fn), cuda.jit(device=True)(fn)
 
 
 def next_pow2(n: int) -> int:

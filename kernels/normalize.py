@@ -22,7 +22,7 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
-from .common import FASTMATH, block_shape, sm_count, twin
+from .common import JIT, JIT_PARALLEL, block_shape, sm_count, twin
 from .stats import BIAS, INVSTD, MEAN, SCALE, VAR
 
 # ----------------------------------------------------------------------------
@@ -42,7 +42,7 @@ def affine_channel(c, mean, var, gamma, beta, eps, coef):
 affine_channel_cpu, affine_channel_cuda = twin(affine_channel)
 
 
-@numba.njit(cache=True)
+@numba.njit(**JIT)
 def affine_coefficients_cpu(mean, var, gamma, beta, eps, coef):
     """coef (5, C) out from (C,) mean, var, gamma, beta and float eps."""
     for c in range(coef.shape[1]):
@@ -68,7 +68,7 @@ def affine_coefficients_cuda(
 # the elementwise pass
 
 
-@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+@numba.njit(**JIT_PARALLEL)
 def scale_shift_cpu(x, coef, y):
     """y = (x - mean) * scale + bias on (outer, C, inner) views x and y (float32/64)."""
     outer, C, inner = x.shape

@@ -34,16 +34,18 @@ import numpy as np
 from numba import cuda, prange
 
 from .common import (
-    FASTMATH,
+    JIT,
+    JIT_PARALLEL,
+    JIT_STREAM,
     MAX_THREADS,
     block_shape,
     chan_merge,
     finalize_channel,
     reduction_splits,
     shifted_to_moments,
-    welford_step,
     tree_merge,
     twin,
+    welford_step,
 )
 from .workspace import workspace
 
@@ -77,7 +79,7 @@ finish_channel_cpu, finish_channel_cuda = twin(finish_channel)
 # CPU twin
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
+@numba.njit(**JIT_STREAM)
 def _chunk_moments(v):
     """(count, mean, M2) of a short 1-D run by the corrected two-pass formula;
     the run is cache-resident, so the second pass costs no memory traffic."""
@@ -95,7 +97,7 @@ def _chunk_moments(v):
     return shifted_to_moments(n, mu, d, q)
 
 
-@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+@numba.njit(**JIT_PARALLEL)
 def channel_moments_cpu(x, out):
     """Moments of every channel of x (outer, C, inner), float32 or float64.
 
@@ -158,7 +160,7 @@ def channel_moments_cpu(x, out):
             out[2, c] = q2
 
 
-@numba.njit(cache=True)
+@numba.njit(**JIT)
 def finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, update):
     """finish_channel for every channel from channel_moments_cpu's output."""
     for c in range(coef.shape[1]):

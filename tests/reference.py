@@ -63,7 +63,9 @@ def backward(dy, x, gamma, axis, eps=1e-5, training=True, mean=None, var=None):
     dbeta = dy.sum(axis=red)
     dxhat = dy * g.reshape(b)
     if training:
-        dx = invstd * (dxhat - dxhat.mean(axis=red, keepdims=True) - xhat * (dxhat * xhat).mean(axis=red, keepdims=True))
+        dx = invstd * (
+            dxhat - dxhat.mean(axis=red, keepdims=True) - xhat * (dxhat * xhat).mean(axis=red, keepdims=True)
+        )
     else:
         dx = invstd * dxhat
     return dx, dgamma, dbeta

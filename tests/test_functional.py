@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
-from conftest import SIM
 from numba import cuda
-from reference import backward, forward, running_update, stats, tol
 
 import gpubn
+
+from conftest import SIM
+from reference import backward, forward, running_update, stats, tol
 
 # (shape, feature axis): every layout of design.md's canonical-view table, plus
 # 3-D and 5-D.  Under the simulator every CUDA thread is a Python thread: tiny.

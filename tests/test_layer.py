@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 from numba import cuda
-from reference import backward, forward, stats, tol
 
 import gpubn
+
+from reference import backward, forward, stats, tol
 
 STEPS = 5
 

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from conftest import SIM
-from reference import stats
 
 import gpubn
+
+from conftest import SIM
+from reference import stats
 
 N = 64 if SIM else 4096
 
