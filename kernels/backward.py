@@ -26,7 +26,7 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
-from .common import JIT, JIT_PARALLEL, JIT_STREAM, MAX_THREADS, tree_sum2, twin
+from .common import JIT, JIT_STREAM, MAX_THREADS, cpu_kernel, tree_sum2, twin
 from .normalize import elementwise_launch_config
 from .stats import CHUNK, INVSTD, MEAN, block_slice, coherent, last_block, stats_launch_config
 from .workspace import workspace
@@ -67,7 +67,7 @@ def _chunk_sums(dy, x, m):
     return s1, s2
 
 
-@numba.njit(**JIT_PARALLEL)
+@cpu_kernel
 def backward_sums_cpu(dy, x, coef, out):
     """out (2, C) float64 <- sum(dy) and sum(dy * (x - mean)) per channel.
 
@@ -128,7 +128,7 @@ def finish_backward_cpu(sums, n, coef, gamma, training, bcoef, dgamma, dbeta):
         finish_backward_channel_cpu(c, n, sums[0, c], sums[1, c], coef, gamma, training, bcoef, dgamma, dbeta)
 
 
-@numba.njit(**JIT_PARALLEL)
+@cpu_kernel
 def input_grad_cpu(dy, x, bcoef, dx):
     """dx = A * dy + B * (x - mean) + K on (outer, C, inner) views."""
     outer, C, inner = x.shape

@@ -33,6 +33,34 @@ JIT = {"cache": True, "error_model": "numpy"}
 JIT_STREAM = {**JIT, "fastmath": FASTMATH}
 JIT_PARALLEL = {**JIT_STREAM, "parallel": True}
 
+#: Below this many elements a CPU kernel runs on one core: waking the thread
+#: pool costs more than it saves, and idle pool threads that spin compete with
+#: the caller's own BLAS threads (a numpy MLP ran 50x slower before this).
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+
+class CPUKernel:
+    """A streaming CPU kernel compiled twice from one Python function:
+    ``parallel`` (prange spread over the cores) and ``serial`` (prange is range).
+    Calling it picks by the size of the first argument."""
+
+    def __init__(self, fn):
+        self.py_func = fn
+        self.parallel = numba.njit(**JIT_PARALLEL)(fn)
+        self.serial = numba.njit(**JIT_STREAM)(fn)
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, x, *args):
+        kernel = self.parallel if x.size >= PARALLEL_MIN_ELEMENTS else self.serial
+        return kernel(x, *args)
+
+
+def cpu_kernel(fn):
+    """Decorator: ``fn`` becomes a CPUKernel."""
+    return CPUKernel(fn)
+
+
 #: Threads per CUDA block.  The simulator runs one Python thread per CUDA thread,
 #: so it gets small blocks (still two levels of every tree reduction).
 MAX_THREADS = 32 if CUDASIM else 256

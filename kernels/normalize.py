@@ -22,7 +22,7 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
-from .common import JIT, JIT_PARALLEL, block_shape, sm_count, twin
+from .common import JIT, block_shape, cpu_kernel, sm_count, twin
 from .stats import BIAS, INVSTD, MEAN, SCALE, VAR
 
 # ----------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def affine_coefficients_cuda(
 # the elementwise pass
 
 
-@numba.njit(**JIT_PARALLEL)
+@cpu_kernel
 def scale_shift_cpu(x, coef, y):
     """y = (x - mean) * scale + bias on (outer, C, inner) views x and y (float32/64)."""
     outer, C, inner = x.shape

@@ -35,11 +35,11 @@ from numba import cuda, prange
 
 from .common import (
     JIT,
-    JIT_PARALLEL,
     JIT_STREAM,
     MAX_THREADS,
     block_shape,
     chan_merge,
+    cpu_kernel,
     finalize_channel,
     reduction_splits,
     shifted_to_moments,
@@ -97,7 +97,7 @@ def _chunk_moments(v):
     return shifted_to_moments(n, mu, d, q)
 
 
-@numba.njit(**JIT_PARALLEL)
+@cpu_kernel
 def channel_moments_cpu(x, out):
     """Moments of every channel of x (outer, C, inner), float32 or float64.
 
