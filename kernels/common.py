@@ -65,6 +65,11 @@ def cpu_kernel(fn):
 #: so it gets small blocks (still two levels of every tree reduction).
 MAX_THREADS = 32 if CUDASIM else 256
 
+#: Fewest elements per thread worth a reduction block of its own.  The
+#: simulator's tiny test tensors still split every channel over several blocks,
+#: so the cross-block merge runs in CI.
+MIN_PER_THREAD = 2 if CUDASIM else 16
+
 
 @numba.njit(**JIT)
 def chan_merge(na, ma, qa, nb, mb, qb):
@@ -203,11 +208,12 @@ def block_shape(outer: int, C: int, inner: int) -> tuple:
 def reduction_splits(n_per_channel: int, columns: int, threads: int) -> int:
     """Blocks per channel column for a split reduction.
 
-    Enough blocks in all for ~4 per SM, but each thread still gets >= 16
-    elements, and each block fewer than 2**23 (counts stay exact in float32).
+    Enough blocks in all for ~4 per SM, but each thread still gets
+    MIN_PER_THREAD elements, and each block fewer than 2**23 (counts stay
+    exact in float32).
     """
     want = max(1, -(-4 * sm_count() // columns))
-    most = max(1, n_per_channel // (16 * threads))
+    most = max(1, n_per_channel // (MIN_PER_THREAD * threads))
     least = -(-n_per_channel // (1 << 23))
     return int(min(65535, max(least, min(want, most))))
 

@@ -1,0 +1,52 @@
+"""Each example runs with --quick and says what it promises."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(name, *args, sim=None):
+    env = dict(os.environ)
+    if sim is not None:
+        env["NUMBA_ENABLE_CUDASIM"] = "1" if sim else "0"
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), "--quick", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_kernels_direct_cpu():
+    out = run("kernels_direct.py", "--backend", "cpu")
+    assert "ran channel_moments_cpu" in out and "all kernel results match NumPy" in out
+
+
+def test_kernels_direct_cuda():
+    """The CUDA kernels with explicit grids: on the GPU, or on the simulator."""
+    from conftest import SIM
+
+    out = run("kernels_direct.py", "--backend", "cuda", sim=SIM)
+    assert "launched batch_stats_cuda_inner" in out and "all kernel results match NumPy" in out
+
+
+def test_normalize_inputs():
+    out = run("normalize_inputs.py", "--backend", "cpu")
+    assert "standardized : converged in" in out
+
+
+def test_train_mlp(tmp_path):
+    png = tmp_path / "curves.png"
+    out = run("train_mlp.py", "--backend", "cpu", "--out", str(png))
+    assert "batch norm: reaches 90%" in out
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("name", ["kernels_direct.py", "normalize_inputs.py", "train_mlp.py"])
+def test_examples_have_help(name):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--quick" in proc.stdout and "--backend" in proc.stdout

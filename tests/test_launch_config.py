@@ -1,0 +1,62 @@
+"""Launch configurations: every reduction path is exercised, and huge tensors
+get valid 64-bit-safe grids (computed without allocating anything)."""
+
+import numpy as np
+import pytest
+from conftest import SIM
+
+import gpubn
+from gpubn import kernels as K
+
+# shapes the simulated tests use must split channels over several blocks, so
+# the cross-block merge (last block finalizes) runs in CI
+SPLIT_SHAPES = [((16, 3, 40), "inner"), ((2, 2, 400), "inner"), ((200, 5, 1), "channels")]
+
+
+@pytest.mark.parametrize("shape,regime", SPLIT_SHAPES)
+def test_small_shapes_split_channels(shape, regime):
+    kernel, grid, block, inner_splits, splits, columns = K.stats_launch_config(shape)
+    assert kernel.py_func.__name__ == f"batch_stats_cuda_{regime}"
+    assert splits > 1, (shape, grid, block)
+    if shape == (2, 2, 400):
+        assert inner_splits > 1  # too few rows: the inner axis carries the split
+
+
+@pytest.mark.parametrize("shape,regime", SPLIT_SHAPES)
+def test_split_reductions_on_both_backends(backend, rng, shape, regime):
+    """The shapes above through forward and backward, against NumPy."""
+    x = (3 + rng.standard_normal(shape)).astype(np.float32)
+    y, cache = gpubn.batch_norm_forward(x, backend=backend)
+    mean, var = x.astype(np.float64).mean(axis=(0, 2)), x.astype(np.float64).var(axis=(0, 2))
+    ref = (x - mean[None, :, None]) / np.sqrt(var[None, :, None] + 1e-5)
+    np.testing.assert_allclose(y, ref, atol=2e-4, rtol=2e-4)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dx, dg, db = gpubn.batch_norm_backward(dy, cache)
+    np.testing.assert_allclose(db, dy.astype(np.float64).sum(axis=(0, 2)), atol=1e-3, rtol=1e-4)
+    np.testing.assert_allclose(dg, (dy * ref).sum(axis=(0, 2)), atol=1e-3, rtol=1e-4)
+
+
+HUGE = [(2**16, 64, 2**16), (2**33, 1, 1), (1, 3, 2**33), (2**27, 64, 1), (3, 2**31, 1)]
+
+
+@pytest.mark.parametrize("shape", HUGE, ids=str)
+def test_huge_tensor_launch_config(shape):
+    """More than 2**31 elements: grids stay within CUDA's limits, every channel
+    is covered, and per-block counts stay exact in float32."""
+    outer, C, inner = shape
+    kernel, grid, block, inner_splits, splits, columns = K.stats_launch_config(shape)
+    assert grid[0] <= 2**31 - 1 and grid[1] <= 65535
+    assert block[0] * block[1] <= 1024
+    n = outer * inner
+    if inner > 1:
+        assert grid == (C, splits)
+        outer_splits = splits // inner_splits
+        rows = -(-outer // outer_splits)
+        cols = -(-inner // inner_splits)
+        assert rows * outer_splits >= outer and cols * inner_splits >= inner
+        assert rows * cols < 2**24 or SIM  # exact float32 counts per block
+    else:
+        assert grid[0] * block[0] >= C and grid[1] == splits
+        assert -(-outer // splits) < 2**24 or n < 2**24
+    regime, egrid, eblock = K.elementwise_launch_config(shape)
+    assert egrid[0] <= 2**31 - 1 and egrid[1] <= 65535
