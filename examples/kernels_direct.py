@@ -57,7 +57,7 @@ def main(argv=None):
         # the statistics kernel: grid (C, splits), block (TX, TY); each block
         # reduces one slice of one channel, the last block of a channel finalizes
         kernel, grid, block, inner_splits, splits, columns = K.stats_launch_config(x3.shape)
-        work = cuda.device_array((3, splits, C), np.float32)  # partial count/mean/M2
+        work = cuda.device_array((3, splits, C), np.float64)  # partial count/mean/M2
         counter = cuda.to_device(np.zeros(columns, np.int32))  # blocks done per channel
         stats_args = (d_x, work, counter, d_coef, d_gamma, d_beta, d_rm, d_rv, np.float32(eps), np.float32(momentum))
         kernel[grid, block](*stats_args, True, inner_splits)

@@ -63,7 +63,8 @@ def main(argv=None):
     Z_train = scaler.fit_transform(X_train)  # statistics of the training set only
     Z_test = scaler.transform(X_test)  # ... applied unchanged to held-out data
     print(f"wine: {len(X_train)} train / {len(X_test)} test samples, {X.shape[1]} features; backend {scaler.backend}")
-    print(f"{'feature':>30s} {'raw mean':>10s} {'raw std':>9s} -> {'train mean':>10s} {'train std':>9s} {'test mean':>9s}")
+    cols = ("raw mean", "raw std", "train mean", "train std", "test mean")
+    print(f"{'feature':>30s} {cols[0]:>10s} {cols[1]:>9s} -> {cols[2]:>10s} {cols[3]:>9s} {cols[4]:>9s}")
     for j in np.argsort(scaler.scale_)[[0, 1, -2, -1]]:
         print(
             f"{data.feature_names[j]:>30s} {scaler.mean_[j]:10.3f} {scaler.scale_[j]:9.3f} -> "

@@ -184,7 +184,7 @@ def backward_sums_cuda_inner(
     x,  # (outer, C, inner) forward input
     coef,  # (5, C) forward constants (MEAN, VAR, INVSTD, SCALE, BIAS)
     gamma,  # (C,)
-    work,  # (2, splits, C) partial sums, accumulation dtype
+    work,  # (2, splits, C) float64 partial sums
     counter,  # (C,) int32 blocks finished per channel; zero between launches
     bcoef,  # (4, C) out: MEAN, A, B, K
     dgamma,  # (C,) out
@@ -194,7 +194,7 @@ def backward_sums_cuda_inner(
 ):
     """Grid (C, splits), block (TX, TY), the same slicing as batch_stats_cuda_inner."""
     outer, C, inner = x.shape
-    acc = work.dtype.type
+    acc = coef.dtype.type  # float32, or float64 for float64 input
     c = cuda.blockIdx.x
     s = cuda.blockIdx.y
     tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
@@ -242,7 +242,7 @@ def backward_sums_cuda_channels(
     x,  # (outer, C, 1) forward input
     coef,  # (5, C) forward constants
     gamma,  # (C,)
-    work,  # (2, splits, C) partial sums
+    work,  # (2, splits, C) float64 partial sums
     counter,  # (ceil(C / TX),) int32 blocks finished per channel tile
     bcoef,  # (4, C) out: MEAN, A, B, K
     dgamma,  # (C,) out
@@ -251,7 +251,7 @@ def backward_sums_cuda_channels(
 ):
     """Grid (ceil(C / TX), splits), block (TX, TY), as batch_stats_cuda_channels."""
     outer, C, _ = x.shape
-    acc = work.dtype.type
+    acc = coef.dtype.type  # float32, or float64 for float64 input
     tile = cuda.blockIdx.x
     s = cuda.blockIdx.y
     splits = cuda.gridDim.y
@@ -347,8 +347,7 @@ def launch_backward_cuda(dy, x, coef, gamma, training, bcoef, dgamma, dbeta, dx,
     """
     outer, C, inner = x.shape
     _, grid, block, inner_splits, splits, columns = stats_launch_config(x.shape)
-    acc = coef.dtype
-    work = workspace("backward.work", (2, splits, C), acc)
+    work = workspace("backward.work", (2, splits, C), np.float64)
     counter = workspace("backward.counter", (columns,), np.int32, zero=True)
     if inner_splits is not None:
         backward_sums_cuda_inner[grid, block, stream](

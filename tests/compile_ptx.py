@@ -35,7 +35,7 @@ def main():
 
     for xt in (types.float16, types.float32, types.float64):
         acc = types.float64 if xt == types.float64 else types.float32
-        x3, v, m2, w3 = xt[:, :, ::1], acc[::1], acc[:, ::1], acc[:, :, ::1]
+        x3, v, m2, w3 = xt[:, :, ::1], acc[::1], acc[:, ::1], types.float64[:, :, ::1]
         i32, flag, i64 = types.int32[::1], types.boolean, types.int64
         strided = xt[:, :, :]  # non-contiguous views reach the kernels too
         signatures = {

@@ -3,10 +3,11 @@ get valid 64-bit-safe grids (computed without allocating anything)."""
 
 import numpy as np
 import pytest
-from conftest import SIM
 
 import gpubn
 from gpubn import kernels as K
+
+from conftest import SIM
 
 # shapes the simulated tests use must split channels over several blocks, so
 # the cross-block merge (last block finalizes) runs in CI

@@ -1,0 +1,362 @@
+"""Benchmark gpubn's ops against the bytes they must move, beside PyTorch.
+
+    python -m gpubn.bench [--backend cpu|cuda] [--shapes NAME ...] [--ops OP ...]
+                          [--repeat N] [--json PATH] [--list]
+
+For every shape and op: validate against a float64 NumPy reference first, then
+time (CUDA events on the GPU, a host timer on the CPU; warm-up, then the median
+of ``--repeat`` runs) and print the median ms, the GB/s this means for the
+minimum traffic of the op, and the fraction of the floor set by a memory copy
+measured in the same run.  When torch is importable, ``F.batch_norm`` (and
+autograd for the backward) is timed on the same data and the speedup printed.
+
+Minimum traffic, B = x.nbytes (design.md section 4):
+    stats 1B (read x) | fwd-train 3B (stats pass + normalize pass) |
+    eval 2B | backward 5B (dy and x read twice, dx written) |
+    fwd+bwd: both, one Python call each, back to back (the launch-overhead case)
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import gpubn
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    shape: tuple
+    axis: int
+    dtype: str = "float32"
+
+
+GPU_SHAPES = [
+    Shape("nchw-256x64x56x56", (256, 64, 56, 56), 1),
+    Shape("nhwc-256x64x56x56", (256, 56, 56, 64), -1),
+    Shape("nchw-256x64x56x56-f16", (256, 64, 56, 56), 1, "float16"),
+    Shape("nchw-64x256x28x28", (64, 256, 28, 28), 1),
+    Shape("nchw-32x2048x7x7", (32, 2048, 7, 7), 1),
+    Shape("nc-65536x1024", (65536, 1024), 1),
+    Shape("nc-4096x512", (4096, 512), 1),
+    Shape("ncl-20x6x65536", (20, 6, 65536), 1),
+]
+CPU_SHAPES = [
+    Shape("nchw-64x64x56x56", (64, 64, 56, 56), 1),
+    Shape("nchw-128x256x14x14", (128, 256, 14, 14), 1),
+    Shape("nhwc-64x64x56x56", (64, 56, 56, 64), -1),
+    Shape("nc-4096x512", (4096, 512), 1),
+    Shape("nchw-64x64x56x56-f16", (64, 64, 56, 56), 1, "float16"),
+]
+SHAPES = {s.name: s for s in GPU_SHAPES + CPU_SHAPES}
+TRAFFIC = {"stats": 1, "fwd-train": 3, "eval": 2, "backward": 5, "fwd+bwd": 8}
+OPS = list(TRAFFIC)
+
+
+# -- timing -------------------------------------------------------------------
+
+
+class HostTimer:
+    def time(self, fn, repeat, warmup=3):
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples) * 1e3
+
+    def copy_bandwidth(self, nbytes=512 << 20):
+        src = np.ones(nbytes // 4, np.float32)
+        dst = np.empty_like(src)
+        ms = self.time(lambda: np.copyto(dst, src), 10)
+        return 2 * nbytes / ms / 1e6  # read + write, GB/s
+
+
+class CudaTimer:
+    def __init__(self):
+        from numba import cuda
+
+        self.cuda = cuda
+
+    def time(self, fn, repeat, warmup=5):
+        cuda = self.cuda
+        for _ in range(warmup):
+            fn()
+        cuda.synchronize()
+        samples = []
+        for _ in range(repeat):
+            start, stop = cuda.event(), cuda.event()
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            samples.append(cuda.event_elapsed_time(start, stop))
+        return statistics.median(samples)
+
+    def copy_bandwidth(self, nbytes=1 << 30):
+        src = self.cuda.to_device(np.ones(nbytes // 4, np.float32))
+        dst = self.cuda.device_array_like(src)
+        ms = self.time(lambda: dst.copy_to_device(src), 20)
+        return 2 * nbytes / ms / 1e6
+
+
+def _torch():
+    try:
+        import torch
+        import torch.nn.functional as F
+
+        return torch, F
+    except Exception:
+        return None, None
+
+
+# -- one shape ------------------------------------------------------------------
+
+
+def _reference(x, gamma, beta, axis, dy):
+    """float64 NumPy forward and backward for validation."""
+    x64 = x.astype(np.float64)
+    ax = axis % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != ax)
+    b = [1] * x.ndim
+    b[ax] = x.shape[ax]
+    mean, var = x64.mean(axis=red), x64.var(axis=red)
+    invstd = 1 / np.sqrt(var + 1e-5)
+    xhat = (x64 - mean.reshape(b)) * invstd.reshape(b)
+    y = xhat * gamma.reshape(b) + beta.reshape(b)
+    g = dy.astype(np.float64) * gamma.reshape(b)
+    dx = invstd.reshape(b) * (g - g.mean(axis=red, keepdims=True) - xhat * (g * xhat).mean(axis=red, keepdims=True))
+    return mean, var, y, dx
+
+
+def _host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def bench_shape(spec, backend, ops, repeat, timer, floor_gbs, torch_mods, validate=True):
+    rng = np.random.default_rng(0)
+    dtype = np.dtype(spec.dtype)
+    x = (0.5 + rng.standard_normal(spec.shape, np.float32)).astype(dtype)
+    dy = rng.standard_normal(spec.shape, np.float32).astype(dtype)
+    C = spec.shape[spec.axis]
+    gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    beta = rng.standard_normal(C).astype(np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    if backend == "cuda":
+        from numba import cuda
+
+        xs, dys = cuda.to_device(x), cuda.to_device(dy)
+        gamma_b, beta_b, rm_b, rv_b = (cuda.to_device(a) for a in (gamma, beta, rm, rv))
+    else:
+        xs, dys, gamma_b, beta_b, rm_b, rv_b = x, dy, gamma, beta, rm, rv
+    kw = dict(axis=spec.axis, backend=backend)
+
+    def fwd():
+        return gpubn.batch_norm_forward(xs, gamma_b, beta_b, running_mean=rm_b, running_var=rv_b, **kw)
+
+    y, cache = fwd()
+    checks = {}
+    if validate:
+        mean, var, y_ref, dx_ref = _reference(x, gamma, beta, spec.axis, dy)
+        dx, _, _ = gpubn.batch_norm_backward(dys, cache)
+        m, v = gpubn.batch_stats(xs, **kw)
+        scale = 3e-2 if dtype == np.float16 else 1e-3
+        checks = {
+            "mean": float(np.abs(_host(m) - mean).max()),
+            "var": float(np.abs(_host(v) - var).max() / var.max()),
+            "y": float(np.abs(_host(y).astype(np.float64) - y_ref).max()),
+            "dx": float(np.abs(_host(dx).astype(np.float64) - dx_ref).max() / max(np.abs(dx_ref).max(), 1e-30)),
+        }
+        bad = {k: e for k, e in checks.items() if not e < scale}
+        if bad:
+            raise AssertionError(f"{spec.name}: validation failed on {backend}: {bad}")
+
+    fns = {
+        "stats": lambda: gpubn.batch_stats(xs, **kw),
+        "fwd-train": fwd,
+        "eval": lambda: gpubn.batch_norm_forward(
+            xs, gamma_b, beta_b, training=False, running_mean=rm_b, running_var=rv_b, **kw
+        ),
+        "backward": lambda: gpubn.batch_norm_backward(dys, cache),
+        "fwd+bwd": lambda: gpubn.batch_norm_backward(dys, fwd()[1]),
+    }
+    torch_fns = _torch_fns(spec, x, dy, gamma, beta, backend, torch_mods) if torch_mods[0] else {}
+    rows = []
+    for op in ops:
+        ms = timer.time(fns[op], repeat)
+        nbytes = TRAFFIC[op] * x.nbytes
+        gbs = nbytes / ms / 1e6
+        row = {
+            "shape": spec.name,
+            "dims": list(spec.shape),
+            "axis": spec.axis,
+            "dtype": spec.dtype,
+            "op": op,
+            "backend": backend,
+            "ms": ms,
+            "bytes": nbytes,
+            "GB/s": gbs,
+            "floor_ms": nbytes / floor_gbs / 1e6,
+            "pct_floor": 100 * gbs / floor_gbs,
+            "validation": checks,
+        }
+        if op in torch_fns:
+            row["torch_ms"] = timer.time(torch_fns[op], repeat)
+            row["speedup"] = row["torch_ms"] / ms
+        rows.append(row)
+    return rows
+
+
+def _torch_fns(spec, x, dy, gamma, beta, backend, torch_mods):
+    torch, F = torch_mods
+    device = "cuda" if backend == "cuda" else "cpu"
+    ax = spec.axis % x.ndim
+    if ax == x.ndim - 1 and x.ndim == 4:  # channels-last: same memory, NCHW view
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+        xt = xt.contiguous(memory_format=torch.channels_last)
+        dyt = torch.from_numpy(np.ascontiguousarray(dy.transpose(0, 3, 1, 2))).to(device)
+        dyt = dyt.contiguous(memory_format=torch.channels_last)
+    elif ax == 1:
+        xt, dyt = torch.from_numpy(x).to(device), torch.from_numpy(dy).to(device)
+    else:
+        return {}
+    pdt = torch.float32
+    w = torch.from_numpy(gamma).to(device, pdt).requires_grad_()
+    b = torch.from_numpy(beta).to(device, pdt).requires_grad_()
+    rm = torch.zeros(len(gamma), device=device)
+    rv = torch.ones(len(gamma), device=device)
+    xg = xt.clone().requires_grad_()
+    y = F.batch_norm(xg, rm, rv, w, b, training=True)
+
+    def fwd_bwd():
+        yy = F.batch_norm(xg, rm, rv, w, b, training=True)
+        torch.autograd.grad(yy, (xg, w, b), dyt)
+
+    with torch.no_grad():
+        fns = {
+            "fwd-train": lambda: F.batch_norm(xt, rm, rv, w.detach(), b.detach(), training=True),
+            "eval": lambda: F.batch_norm(xt, rm, rv, w.detach(), b.detach(), training=False),
+        }
+    fns = {k: _no_grad(torch, f) for k, f in fns.items()}
+    fns["backward"] = lambda: torch.autograd.grad(y, (xg, w, b), dyt, retain_graph=True)
+    fns["fwd+bwd"] = fwd_bwd
+    return fns
+
+
+def _no_grad(torch, fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
+# -- report ---------------------------------------------------------------------
+
+
+def _versions():
+    import numba
+
+    v = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__}
+    v["gpubn"] = gpubn.__version__
+    try:
+        import numba_cuda
+
+        v["numba_cuda"] = numba_cuda.__version__
+    except Exception:
+        pass
+    torch, _ = _torch()
+    if torch is not None:
+        v["torch"] = torch.__version__
+    return v
+
+
+def _commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _device_name(backend):
+    if backend == "cuda":
+        from numba import cuda
+
+        dev = cuda.get_current_device()
+        name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+        return f"{name} ({dev.MULTIPROCESSOR_COUNT} SMs)"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m gpubn.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--shapes", nargs="+", default=None, help="names (see --list); default: the backend's set")
+    ap.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs per op (default 30 GPU, 10 CPU)")
+    ap.add_argument("--json", default=None, help="write the numbers to this file")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    ap.add_argument("--list", action="store_true", help="list the shapes and exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        for s in SHAPES.values():
+            print(f"{s.name:24s} {str(s.shape):22s} axis={s.axis:2d} {s.dtype}")
+        return 0
+    backend = gpubn._backend.resolve_backend(args.backend)
+    if backend == "cuda" and gpubn._backend.simulated():
+        print("the CUDA backend is simulated here (NUMBA_ENABLE_CUDASIM=1): nothing to time", file=sys.stderr)
+        return 2
+    names = args.shapes or [s.name for s in (GPU_SHAPES if backend == "cuda" else CPU_SHAPES)]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        ap.error(f"unknown shapes {unknown}; see --list")
+    repeat = args.repeat or (30 if backend == "cuda" else 10)
+    timer = CudaTimer() if backend == "cuda" else HostTimer()
+    torch_mods = (None, None) if args.no_torch else _torch()
+    floor = timer.copy_bandwidth()
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backend": backend,
+        "device": _device_name(backend),
+        "commit": _commit(),
+        "versions": _versions(),
+        "copy_GBs": floor,
+        "repeat": repeat,
+    }
+    print(f"gpubn bench: {meta['device']}, backend {backend}, commit {meta['commit']}, {meta['date']}")
+    print(f"versions: {meta['versions']}")
+    print(f"memory copy: {floor:.1f} GB/s (read + write) = the floor; median of {repeat} runs\n")
+    header = f"{'shape':24s} {'op':9s} {'ms':>9s} {'GB/s':>8s} {'floor':>6s}"
+    if torch_mods[0] is not None:
+        header += f" {'torch ms':>9s} {'speedup':>8s}"
+    print(header)
+    rows = []
+    for name in names:
+        for row in bench_shape(SHAPES[name], backend, args.ops, repeat, timer, floor, torch_mods):
+            rows.append(row)
+            line = f"{row['shape']:24s} {row['op']:9s} {row['ms']:9.3f} {row['GB/s']:8.1f} {row['pct_floor']:5.0f}%"
+            if "torch_ms" in row:
+                line += f" {row['torch_ms']:9.3f} {row['speedup']:7.2f}x"
+            print(line, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
