@@ -28,7 +28,7 @@ from numba import cuda, prange
 
 from .common import JIT, JIT_STREAM, MAX_THREADS, cpu_kernel, tree_sum2, twin
 from .normalize import elementwise_launch_config
-from .stats import CHUNK, INVSTD, MEAN, block_slice, coherent, last_block, stats_launch_config
+from .stats import CHUNK, INVSTD, MEAN, ROW_BLOCKS, SUB_BLOCK, block_slice, coherent, last_block, stats_launch_config
 from .workspace import workspace
 
 B_MEAN, B_DY, B_X, B_CONST = range(4)
@@ -68,58 +68,79 @@ def _chunk_sums(dy, x, m):
 
 
 @cpu_kernel
+def backward_sums_inner_cpu(dy, x, coef, out):
+    """backward_sums_cpu for inner > 1: dy, x (outer, C, inner)."""
+    outer, C, inner = x.shape
+    rows = outer * C
+    part = np.empty((2, rows))
+    for r in prange(rows):
+        o = r // C
+        c = r - o * C
+        m = dy.dtype.type(coef[MEAN, c])
+        t1, t2 = 0.0, 0.0
+        for start in range(0, inner, CHUNK):
+            stop = min(start + CHUNK, inner)
+            s1, s2 = _chunk_sums(dy[o, c, start:stop], x[o, c, start:stop], m)
+            t1 += s1
+            t2 += s2
+        part[0, r] = t1
+        part[1, r] = t2
+    for c in prange(C):
+        t1, t2 = 0.0, 0.0
+        for o in range(outer):
+            t1 += part[0, o * C + c]
+            t2 += part[1, o * C + c]
+        out[0, c] = t1
+        out[1, c] = t2
+
+
+@cpu_kernel
+def backward_sums_channels_cpu(dy, x, coef, out):
+    """backward_sums_cpu for inner == 1: dy, x (outer, C), channels contiguous."""
+    outer, C = x.shape
+    # rows of C contiguous values: a few row blocks per thread, float64
+    # running sums per channel fed by input-dtype sums over cache-sized
+    # sub-blocks of rows (vectorised across C)
+    blocks = min(outer, ROW_BLOCKS)
+    rows_per = (outer + blocks - 1) // blocks
+    blocks = (outer + rows_per - 1) // rows_per
+    sub = max(1, min(rows_per, SUB_BLOCK // C))
+    part = np.zeros((2, blocks, C))
+    m = coef[MEAN].astype(dy.dtype)
+    for k in prange(blocks):
+        s1 = np.empty(C, dy.dtype)
+        s2 = np.empty(C, dy.dtype)
+        end = min(outer, (k + 1) * rows_per)
+        for o0 in range(k * rows_per, end, sub):
+            s1[:] = 0
+            s2[:] = 0
+            for o in range(o0, min(end, o0 + sub)):
+                for c in range(C):
+                    g = dy[o, c]
+                    s1[c] += g
+                    s2[c] += g * (x[o, c] - m[c])
+            for c in range(C):
+                part[0, k, c] += s1[c]
+                part[1, k, c] += s2[c]
+    for c in prange(C):
+        t1, t2 = 0.0, 0.0
+        for k in range(blocks):
+            t1 += part[0, k, c]
+            t2 += part[1, k, c]
+        out[0, c] = t1
+        out[1, c] = t2
+
+
 def backward_sums_cpu(dy, x, coef, out):
     """out (2, C) float64 <- sum(dy) and sum(dy * (x - mean)) per channel.
 
     dy, x: (outer, C, inner), same float dtype; coef: (5, C) forward constants.
     Partial sums in the input's dtype over bounded pieces, combined in float64.
     """
-    outer, C, inner = x.shape
-    if inner > 1:
-        rows = outer * C
-        part = np.empty((2, rows))
-        for r in prange(rows):
-            o = r // C
-            c = r - o * C
-            m = dy.dtype.type(coef[MEAN, c])
-            t1, t2 = 0.0, 0.0
-            for start in range(0, inner, CHUNK):
-                stop = min(start + CHUNK, inner)
-                s1, s2 = _chunk_sums(dy[o, c, start:stop], x[o, c, start:stop], m)
-                t1 += s1
-                t2 += s2
-            part[0, r] = t1
-            part[1, r] = t2
-        for c in prange(C):
-            t1, t2 = 0.0, 0.0
-            for o in range(outer):
-                t1 += part[0, o * C + c]
-                t2 += part[1, o * C + c]
-            out[0, c] = t1
-            out[1, c] = t2
-    else:
-        rows_per = max(1, min(outer, 16384 // C))
-        blocks = (outer + rows_per - 1) // rows_per
-        part = np.empty((2, blocks, C))
-        m = coef[MEAN].astype(dy.dtype)
-        for k in prange(blocks):
-            s1 = np.zeros(C, dy.dtype)
-            s2 = np.zeros(C, dy.dtype)
-            for o in range(k * rows_per, min(outer, (k + 1) * rows_per)):
-                for c in range(C):
-                    g = dy[o, c, 0]
-                    s1[c] += g
-                    s2[c] += g * (x[o, c, 0] - m[c])
-            for c in range(C):
-                part[0, k, c] = s1[c]
-                part[1, k, c] = s2[c]
-        for c in prange(C):
-            t1, t2 = 0.0, 0.0
-            for k in range(blocks):
-                t1 += part[0, k, c]
-                t2 += part[1, k, c]
-            out[0, c] = t1
-            out[1, c] = t2
+    if x.shape[2] > 1:
+        backward_sums_inner_cpu(dy, x, coef, out)
+    else:  # a 2-D view: the compiler then knows the channels are contiguous
+        backward_sums_channels_cpu(dy[:, :, 0], x[:, :, 0], coef, out)
 
 
 @numba.njit(**JIT)
@@ -129,27 +150,39 @@ def finish_backward_cpu(sums, n, coef, gamma, training, bcoef, dgamma, dbeta):
 
 
 @cpu_kernel
+def input_grad_inner_cpu(dy, x, bcoef, dx):
+    """input_grad_cpu for inner > 1: dy, x, dx (outer, C, inner)."""
+    outer, C, inner = x.shape
+    for r in prange(outer * C):
+        o = r // C
+        c = r - o * C
+        m = bcoef[B_MEAN, c]
+        a = bcoef[B_DY, c]
+        b = bcoef[B_X, c]
+        k = bcoef[B_CONST, c]
+        for i in range(inner):
+            dx[o, c, i] = a * dy[o, c, i] + b * (x[o, c, i] - m) + k
+
+
+@cpu_kernel
+def input_grad_channels_cpu(dy, x, bcoef, dx):
+    """input_grad_cpu for inner == 1: dy, x, dx (outer, C), channels contiguous."""
+    outer, C = x.shape
+    m = bcoef[B_MEAN]
+    a = bcoef[B_DY]
+    b = bcoef[B_X]
+    k = bcoef[B_CONST]
+    for o in prange(outer):
+        for c in range(C):
+            dx[o, c] = a[c] * dy[o, c] + b[c] * (x[o, c] - m[c]) + k[c]
+
+
 def input_grad_cpu(dy, x, bcoef, dx):
     """dx = A * dy + B * (x - mean) + K on (outer, C, inner) views."""
-    outer, C, inner = x.shape
-    if inner > 1:
-        for r in prange(outer * C):
-            o = r // C
-            c = r - o * C
-            m = bcoef[B_MEAN, c]
-            a = bcoef[B_DY, c]
-            b = bcoef[B_X, c]
-            k = bcoef[B_CONST, c]
-            for i in range(inner):
-                dx[o, c, i] = a * dy[o, c, i] + b * (x[o, c, i] - m) + k
-    else:
-        m = bcoef[B_MEAN]
-        a = bcoef[B_DY]
-        b = bcoef[B_X]
-        k = bcoef[B_CONST]
-        for o in prange(outer):
-            for c in range(C):
-                dx[o, c, 0] = a[c] * dy[o, c, 0] + b[c] * (x[o, c, 0] - m[c]) + k[c]
+    if x.shape[2] > 1:
+        input_grad_inner_cpu(dy, x, bcoef, dx)
+    else:  # a 2-D view: the compiler then knows the channels are contiguous
+        input_grad_channels_cpu(dy[:, :, 0], x[:, :, 0], bcoef, dx[:, :, 0])
 
 
 def launch_backward_cpu(dy, x, coef, gamma, training, bcoef, dgamma, dbeta, dx):
@@ -173,9 +206,8 @@ def launch_backward_cpu(dy, x, coef, gamma, training, bcoef, dgamma, dbeta, dx):
         input_grad_cpu(dy, x, bcoef, tmp)
         dx[...] = tmp
 
-
-# ----------------------------------------------------------------------------
-# CUDA kernels
+    # ----------------------------------------------------------------------------
+    # CUDA kernels
 
 
 @cuda.jit

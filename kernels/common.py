@@ -116,6 +116,38 @@ def shifted_to_moments(n, shift, s1, s2):
 
 
 @numba.njit(**JIT)
+def centered_moments(n, center, shift, d, q):
+    """(count, mean - shift, M2) from sums around ``center``: d = sum(x - center),
+    q = sum((x - center)**2).  Kept out of the fastmath kernels on purpose:
+    reassociating ``(center - shift) + d / n`` would round at the offset."""
+    nf, m, m2 = shifted_to_moments(n, 0.0, d, q)
+    return nf, (numba.float64(center) - numba.float64(shift)) + m, m2
+
+
+@numba.njit(**JIT)
+def merge_rows(mean, m2, n, cnt, center, shift, d, q):
+    """Chan-merge a block of ``cnt`` rows into running float64 moments of ``n``
+    rows, every channel at once (an elementwise loop over C that vectorises).
+
+    mean, m2: (C,) running (mean - shift, M2); center, shift, d, q: (C,) the
+    block's center, the channel shifts, sum(x - center), sum((x - center)**2).
+    Compiled without fastmath: reassociating ``(center - shift) + d / cnt``
+    would round at the data's offset.
+    """
+    total = n + cnt
+    w = cnt / total
+    inv = 1.0 / cnt
+    for c in range(mean.shape[0]):
+        dc = numba.float64(d[c]) * inv
+        qb = numba.float64(q[c]) - numba.float64(d[c]) * dc
+        if qb < 0.0:
+            qb = 0.0
+        delta = (numba.float64(center[c]) - numba.float64(shift[c])) + dc - mean[c]
+        mean[c] += delta * w
+        m2[c] += qb + delta * delta * n * w
+
+
+@numba.njit(**JIT)
 def finalize_channel(n, mean, m2, eps, gamma, momentum):
     """Per-channel constants of the forward pass from merged moments.
 

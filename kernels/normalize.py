@@ -63,31 +63,42 @@ def affine_coefficients_cuda(
     if c < coef.shape[1]:
         affine_channel_cuda(c, mean, var, gamma, beta, eps, coef)
 
-
-# ----------------------------------------------------------------------------
-# the elementwise pass
+    # ----------------------------------------------------------------------------
+    # the elementwise pass
 
 
 @cpu_kernel
+def scale_shift_inner_cpu(x, coef, y):
+    """scale_shift_cpu for inner > 1: x, y (outer, C, inner)."""
+    outer, C, inner = x.shape
+    for r in prange(outer * C):
+        o = r // C
+        c = r - o * C
+        m = coef[MEAN, c]
+        s = coef[SCALE, c]
+        b = coef[BIAS, c]
+        for i in range(inner):
+            y[o, c, i] = (x[o, c, i] - m) * s + b
+
+
+@cpu_kernel
+def scale_shift_channels_cpu(x, coef, y):
+    """scale_shift_cpu for inner == 1: x, y (outer, C), channels contiguous."""
+    outer, C = x.shape
+    m = coef[MEAN]
+    s = coef[SCALE]
+    b = coef[BIAS]
+    for o in prange(outer):
+        for c in range(C):
+            y[o, c] = (x[o, c] - m[c]) * s[c] + b[c]
+
+
 def scale_shift_cpu(x, coef, y):
     """y = (x - mean) * scale + bias on (outer, C, inner) views x and y (float32/64)."""
-    outer, C, inner = x.shape
-    if inner > 1:
-        for r in prange(outer * C):
-            o = r // C
-            c = r - o * C
-            m = coef[MEAN, c]
-            s = coef[SCALE, c]
-            b = coef[BIAS, c]
-            for i in range(inner):
-                y[o, c, i] = (x[o, c, i] - m) * s + b
-    else:
-        m = coef[MEAN]
-        s = coef[SCALE]
-        b = coef[BIAS]
-        for o in prange(outer):
-            for c in range(C):
-                y[o, c, 0] = (x[o, c, 0] - m[c]) * s[c] + b[c]
+    if x.shape[2] > 1:
+        scale_shift_inner_cpu(x, coef, y)
+    else:  # a 2-D view: the compiler then knows the channels are contiguous
+        scale_shift_channels_cpu(x[:, :, 0], coef, y[:, :, 0])
 
 
 @cuda.jit
