@@ -26,7 +26,7 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
-from .common import JIT, JIT_STREAM, MAX_THREADS, centered, cpu_kernel, tree_sum2, twin
+from .common import JIT, JIT_STREAM, MAX_THREADS, cpu_kernel, tree_sum2, twin
 from .normalize import elementwise_launch_config
 from .stats import CHUNK, INVSTD, MEAN, ROW_BLOCKS, SUB_BLOCK, block_slice, coherent, last_block, stats_launch_config
 from .workspace import workspace
@@ -63,7 +63,7 @@ def _chunk_sums(dy, x, m):
     s2 = dy.dtype.type(0)
     for i in range(dy.shape[0]):
         s1 += dy[i]
-        s2 += dy[i] * centered(x[i], m)
+        s2 += dy[i] * (x[i] - m)
     return s1, s2
 
 
@@ -118,7 +118,7 @@ def backward_sums_channels_cpu(dy, x, coef, out):
                 for c in range(C):
                     g = dy[o, c]
                     s1[c] += g
-                    s2[c] += g * centered(x[o, c], m[c])
+                    s2[c] += g * (x[o, c] - m[c])
             for c in range(C):
                 part[0, k, c] += s1[c]
                 part[1, k, c] += s2[c]
@@ -161,7 +161,7 @@ def input_grad_inner_cpu(dy, x, bcoef, dx):
         b = bcoef[B_X, c]
         k = bcoef[B_CONST, c]
         for i in range(inner):
-            dx[o, c, i] = a * dy[o, c, i] + b * centered(x[o, c, i], m) + k
+            dx[o, c, i] = a * dy[o, c, i] + b * (x[o, c, i] - m) + k
 
 
 @cpu_kernel
@@ -174,7 +174,7 @@ def input_grad_channels_cpu(dy, x, bcoef, dx):
     k = bcoef[B_CONST]
     for o in prange(outer):
         for c in range(C):
-            dx[o, c] = a[c] * dy[o, c] + b[c] * centered(x[o, c], m[c]) + k[c]
+            dx[o, c] = a[c] * dy[o, c] + b[c] * (x[o, c] - m[c]) + k[c]
 
 
 def input_grad_cpu(dy, x, bcoef, dx):

@@ -22,8 +22,11 @@ from numba import cuda
 #: True when numba's CUDA simulator runs the CUDA kernels (CI without a GPU).
 CUDASIM = bool(cuda.config.ENABLE_CUDASIM)
 
-#: LLVM flags for the CPU kernels: reassociation lets the compiler vectorise the
-#: reductions; "nnan"/"ninf" are left out on purpose so NaN and Inf propagate.
+#: LLVM flags for the streaming CPU kernels: reassociation lets the compiler
+#: vectorise their reductions; "nnan"/"ninf" are left out on purpose so NaN and
+#: Inf propagate.  The kernels keep every deviation explicit (``x - center``
+#: with the center computed once), and everything that merges or finalizes
+#: statistics is compiled without fastmath (see JIT).
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 #: numba.njit options of every CPU function: cached on disk, and IEEE division
@@ -72,18 +75,6 @@ MAX_THREADS = 32 if CUDASIM else 256
 #: simulator's tiny test tensors still split every channel over several blocks,
 #: so the cross-block merge runs in CI.
 MIN_PER_THREAD = 2 if CUDASIM else 16
-
-
-@numba.njit(**JIT)
-def centered(x, center):
-    """``x - center``, exactly as written, inside fastmath kernels.
-
-    Compiled without fastmath, so the subtraction keeps no "reassoc" flag and
-    the optimiser cannot fold it into a surrounding sum: ``d += x - c`` stays a
-    sum of small deviations instead of becoming ``(d + x) - c``, which would
-    round at the data's offset (1e8 + 1e-4 noise lost 1e-5 of its variance).
-    """
-    return x - center
 
 
 @numba.njit(**JIT)

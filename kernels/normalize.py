@@ -22,7 +22,7 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
-from .common import JIT, block_shape, centered, cpu_kernel, sm_count, twin
+from .common import JIT, block_shape, cpu_kernel, sm_count, twin
 from .stats import BIAS, INVSTD, MEAN, SCALE, VAR
 
 # ----------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def scale_shift_inner_cpu(x, coef, y):
         s = coef[SCALE, c]
         b = coef[BIAS, c]
         for i in range(inner):
-            y[o, c, i] = centered(x[o, c, i], m) * s + b
+            y[o, c, i] = (x[o, c, i] - m) * s + b
 
 
 @cpu_kernel
@@ -90,7 +90,7 @@ def scale_shift_channels_cpu(x, coef, y):
     b = coef[BIAS]
     for o in prange(outer):
         for c in range(C):
-            y[o, c] = centered(x[o, c], m[c]) * s[c] + b[c]
+            y[o, c] = (x[o, c] - m[c]) * s[c] + b[c]
 
 
 def scale_shift_cpu(x, coef, y):

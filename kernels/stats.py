@@ -38,7 +38,6 @@ from .common import (
     JIT_STREAM,
     MAX_THREADS,
     block_shape,
-    centered,
     centered_moments,
     chan_merge,
     cpu_kernel,
@@ -101,12 +100,12 @@ def _chunk_moments(v, shift):
     n = v.shape[0]
     s = v.dtype.type(0)
     for i in range(n):
-        s += centered(v[i], shift)
+        s += v[i] - shift
     c = shift + s / n
     d = v.dtype.type(0)
     q = v.dtype.type(0)
     for i in range(n):
-        t = centered(v[i], c)
+        t = v[i] - c
         d += t
         q += t * t
     return centered_moments(n, c, shift, d, q)
@@ -172,14 +171,14 @@ def channel_moments_channels_cpu(x, out):
             mu[:] = 0
             for o in range(o0, o1):
                 for c in range(C):
-                    mu[c] += centered(x[o, c], shift[c])
+                    mu[c] += x[o, c] - shift[c]
             for c in range(C):
                 center[c] = shift[c] + mu[c] / cnt
             d[:] = 0
             q[:] = 0
             for o in range(o0, o1):
                 for c in range(C):
-                    t = centered(x[o, c], center[c])
+                    t = x[o, c] - center[c]
                     d[c] += t
                     q[c] += t * t
             merge_rows(mean, m2, n, cnt, center, shift, d, q)
