@@ -32,6 +32,7 @@ from ._backend import resolve_backend
 from .kernels import backward as _bw
 from .kernels import normalize as _nz
 from .kernels import stats as _st
+from .kernels.half import to_float32
 
 _ENGINES = {
     "cpu": SimpleNamespace(
@@ -104,7 +105,7 @@ def _materialize(inp: _Input) -> _Input:
     if inp.backend == "cuda" and not inp.on_device:
         view = cuda.to_device(np.ascontiguousarray(view))
     elif inp.backend == "cpu" and view.dtype == np.float16:
-        view = view.astype(np.float32)  # numba has no float16 on the CPU
+        view = to_float32(view)  # numba has no float16 on the CPU
     inp.view = view
     return inp
 
@@ -290,7 +291,7 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None):
     if inp.backend == "cuda" and not on_device:
         dyv = cuda.to_device(np.ascontiguousarray(dyv, dtype=inp.dtype))
     elif inp.backend == "cpu":
-        dyv = dyv.astype(inp.view.dtype, copy=False)
+        dyv = to_float32(dyv) if dyv.dtype == np.float16 else dyv.astype(inp.view.dtype, copy=False)
     dx = inp.empty()
     grads = _grads if _buffer_fits(_grads, inp, 2) else inp.empty(rows=2)  # dgamma, dbeta
     bcoef = inp.empty(rows=4)

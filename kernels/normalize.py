@@ -23,6 +23,7 @@ import numpy as np
 from numba import cuda, prange
 
 from .common import JIT, block_shape, cpu_kernel, sm_count, twin
+from .half import store_float16
 from .stats import BIAS, INVSTD, MEAN, SCALE, VAR
 
 # ----------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def launch_scale_shift_cpu(x, coef, y):
     else:
         tmp = np.empty(x.shape, x.dtype)
         scale_shift_cpu(x, coef, tmp)
-        y[...] = tmp
+        store_float16(tmp, y)
 
 
 def launch_scale_shift_cuda(x, coef, y, stream=0):
