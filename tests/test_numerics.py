@@ -102,3 +102,16 @@ def test_single_huge_outlier(backend, rng):
     # any float32 sum that meets the outlier rounds at its ulp
     np.testing.assert_allclose(mean, rmean, rtol=1e-6, atol=np.finfo(np.float32).eps * 1e6)
     np.testing.assert_allclose(var, rvar, rtol=1e-4)
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_offset_variance_no_worse_than_torch(backend, rng, offset):
+    """Where PyTorch is installed: our variance error <= torch's on the same data."""
+    torch = pytest.importorskip("torch")
+    x = (offset + rng.standard_normal((N, 3, 8))).astype(np.float32)
+    _, ref = stats(x, 1)
+    _, var = gpubn.batch_stats(x, backend=backend)
+    t_var = torch.var_mean(torch.from_numpy(x), dim=(0, 2), unbiased=False)[0].numpy()
+    ours = np.abs(var - ref).max() / ref.max()
+    theirs = np.abs(t_var - ref).max() / ref.max()
+    assert ours <= max(theirs, 1e-6), (ours, theirs)
