@@ -262,6 +262,40 @@ def _no_grad(torch, fn):
     return run
 
 
+# -- start-up ---------------------------------------------------------------------
+
+_FIRST_CALL = """
+import sys, time
+t0 = time.perf_counter()
+import numpy as np, gpubn
+t1 = time.perf_counter()
+x = np.random.default_rng(0).standard_normal(tuple(map(int, sys.argv[1].split(",")))).astype(np.float32)
+y, cache = gpubn.batch_norm_forward(x, backend=sys.argv[2])
+gpubn.batch_norm_backward(np.ones_like(y), cache)
+print(t1 - t0, time.perf_counter() - t1)
+"""
+
+
+def startup(backend, shapes=((8, 16, 12, 12), (64, 64, 56, 56), (4096, 512))):
+    """First forward+backward in a fresh process: cold, then warm compile cache."""
+    import tempfile
+
+    print(f"{'input':22s} {'import s':>9s} {'cold s':>8s} {'warm s':>8s}   (first forward + backward)")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+        for shape in shapes:
+            arg = ",".join(map(str, shape))
+            runs = []
+            for _ in range(2):
+                out = subprocess.run(
+                    [sys.executable, "-c", _FIRST_CALL, arg, backend], env=env, capture_output=True, text=True
+                )
+                if out.returncode != 0:
+                    raise RuntimeError(out.stderr)
+                runs.append([float(v) for v in out.stdout.split()])
+            print(f"{str(shape):22s} {runs[1][0]:9.2f} {runs[0][1]:8.2f} {runs[1][1]:8.2f}")
+
+
 # -- report ---------------------------------------------------------------------
 
 
@@ -310,12 +344,16 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the numbers to this file")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument("--list", action="store_true", help="list the shapes and exit")
+    ap.add_argument("--startup", action="store_true", help="time the first call in fresh processes (cold/warm cache)")
     args = ap.parse_args(argv)
     if args.list:
         for s in SHAPES.values():
             print(f"{s.name:24s} {str(s.shape):22s} axis={s.axis:2d} {s.dtype}")
         return 0
     backend = gpubn._backend.resolve_backend(args.backend)
+    if args.startup:
+        startup(backend)
+        return 0
     if backend == "cuda" and gpubn._backend.simulated():
         print("the CUDA backend is simulated here (NUMBA_ENABLE_CUDASIM=1): nothing to time", file=sys.stderr)
         return 2
