@@ -33,6 +33,7 @@ from .kernels import backward as _bw
 from .kernels import normalize as _nz
 from .kernels import stats as _st
 from .kernels.half import to_float32
+from .kernels.workspace import host_empty
 
 _ENGINES = {
     "cpu": SimpleNamespace(
@@ -79,7 +80,7 @@ class _Input:
             shape, dtype = (rows, self.C), self.acc
         else:
             shape, dtype = self.shape, self.dtype
-        return cuda.device_array(shape, dtype) if self.backend == "cuda" else np.empty(shape, dtype)
+        return cuda.device_array(shape, dtype) if self.backend == "cuda" else host_empty(shape, dtype)
 
     def deliver(self, arr):
         """Results go back where the input came from."""

@@ -30,7 +30,7 @@ from .common import JIT, JIT_STREAM, MAX_THREADS, cpu_kernel, tree_sum2, twin
 from .half import store_float16
 from .normalize import elementwise_launch_config
 from .stats import CHUNK, INVSTD, MEAN, ROW_BLOCKS, SUB_BLOCK, block_slice, coherent, last_block, stats_launch_config
-from .workspace import workspace
+from .workspace import host_empty, workspace
 
 B_MEAN, B_DY, B_X, B_CONST = range(4)
 
@@ -203,7 +203,7 @@ def launch_backward_cpu(dy, x, coef, gamma, training, bcoef, dgamma, dbeta, dx):
     if dx.dtype == x.dtype:
         input_grad_cpu(dy, x, bcoef, dx)
     else:  # float16 dx: computed in float32, rounded once
-        tmp = np.empty(x.shape, x.dtype)
+        tmp = host_empty(x.shape, x.dtype)
         input_grad_cpu(dy, x, bcoef, tmp)
         store_float16(tmp, dx)
 

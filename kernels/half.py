@@ -18,6 +18,7 @@ from numba import prange, types
 from numba.extending import intrinsic
 
 from .common import JIT, JIT_PARALLEL, PARALLEL_MIN_ELEMENTS
+from .workspace import host_empty
 
 
 @intrinsic
@@ -98,7 +99,7 @@ _TO16 = (numba.njit(**JIT)(_to_float16), numba.njit(**JIT_PARALLEL)(_to_float16)
 def to_float32(a):
     """A float32 copy of the float16 array ``a`` (any shape and strides)."""
     src = np.ascontiguousarray(a).view(np.uint16).reshape(-1)
-    out = np.empty(a.shape, np.float32)
+    out = host_empty(a.shape, np.float32)
     _TO32[src.size >= PARALLEL_MIN_ELEMENTS](src, out.reshape(-1))
     return out
 
@@ -109,6 +110,6 @@ def store_float16(src, dst):
     if dst.flags.c_contiguous:
         _TO16[src.size >= PARALLEL_MIN_ELEMENTS](src, dst.reshape(-1).view(np.uint16))
     else:
-        tmp = np.empty(dst.shape, np.float16)
+        tmp = host_empty(dst.shape, np.float16)
         _TO16[src.size >= PARALLEL_MIN_ELEMENTS](src, tmp.reshape(-1).view(np.uint16))
         dst[...] = tmp

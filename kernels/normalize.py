@@ -19,12 +19,12 @@ digits to cancellation, and a constant channel maps to exactly ``beta``.
 import math
 
 import numba
-import numpy as np
 from numba import cuda, prange
 
 from .common import JIT, block_shape, cpu_kernel, sm_count, twin
 from .half import store_float16
 from .stats import BIAS, INVSTD, MEAN, SCALE, VAR
+from .workspace import host_empty
 
 # ----------------------------------------------------------------------------
 # per-channel constants from given statistics
@@ -167,7 +167,7 @@ def launch_scale_shift_cpu(x, coef, y):
     if y.dtype == x.dtype:
         scale_shift_cpu(x, coef, y)
     else:
-        tmp = np.empty(x.shape, x.dtype)
+        tmp = host_empty(x.shape, x.dtype)
         scale_shift_cpu(x, coef, tmp)
         store_float16(tmp, y)
 

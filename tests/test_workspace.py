@@ -1,0 +1,44 @@
+"""The host output cache reuses memory only once nothing views it."""
+
+import numpy as np
+
+import gpubn
+from gpubn.kernels import workspace
+
+
+def test_reused_only_after_every_view_is_gone():
+    shape = (512, 1024)  # 2 MiB of float32: cached
+    a = workspace.host_empty(shape, np.float32)
+    a[...] = 1.0
+    view = a[::3]
+    addr = a.ctypes.data
+    del a
+    b = workspace.host_empty(shape, np.float32)  # the view still holds the first buffer
+    assert b.ctypes.data != addr
+    b[...] = 2.0
+    np.testing.assert_array_equal(view, 1.0)
+    del view
+    c = workspace.host_empty(shape, np.float32)
+    assert c.ctypes.data == addr  # now reused
+    assert c.flags.writeable and c.flags.c_contiguous and c.shape == shape
+    assert not np.shares_memory(b, c)
+
+
+def test_outputs_of_successive_calls_do_not_alias():
+    rng = np.random.default_rng(0)
+    x1 = rng.standard_normal((64, 8, 1024)).astype(np.float32)
+    x2 = 5 + 2 * x1
+    y1, _ = gpubn.batch_norm_forward(x1, backend="cpu")
+    y2, _ = gpubn.batch_norm_forward(x2, backend="cpu")
+    assert not np.shares_memory(y1, y2)
+    np.testing.assert_allclose(y1, y2, atol=1e-4)  # the same data, standardized
+    del y1
+    y3, _ = gpubn.batch_norm_forward(x1 * 0, backend="cpu")
+    assert not np.shares_memory(y2, y3)
+    np.testing.assert_array_equal(y3, 0)
+    assert np.isfinite(y2).all()
+
+
+def test_small_arrays_are_plain():
+    a = workspace.host_empty((3, 4), np.float64)
+    assert a.base is None
