@@ -131,6 +131,20 @@ def centered_moments(n, center, shift, d, q):
 
 
 @numba.njit(**JIT)
+def merge_moments(mean, m2, n, nb, mean_b, m2_b):
+    """Chan-merge per-channel moments of ``nb`` values (mean_b, m2_b: (C,))
+    into running (mean, m2) of ``n`` values, every channel at once: one call
+    per block of partials, an elementwise loop over C that vectorises."""
+    if nb == 0:
+        return
+    w = nb / (n + nb)
+    for c in range(mean.shape[0]):
+        delta = mean_b[c] - mean[c]
+        mean[c] += delta * w
+        m2[c] += m2_b[c] + delta * delta * n * w
+
+
+@numba.njit(**JIT)
 def merge_rows(mean, m2, n, cnt, center, shift, d, q):
     """Chan-merge a block of ``cnt`` rows into running float64 moments of ``n``
     rows, every channel at once (an elementwise loop over C that vectorises).

@@ -42,6 +42,7 @@ from .common import (
     chan_merge,
     cpu_kernel,
     finalize_channel,
+    merge_moments,
     merge_rows,
     reduction_splits,
     tree_merge,
@@ -132,14 +133,14 @@ def channel_moments_inner_cpu(x, out):
         part[0, r] = n
         part[1, r] = m
         part[2, r] = q
-    for c in prange(C):
-        n, m, q = 0.0, 0.0, 0.0
-        for o in range(outer):
-            r = o * C + c
-            n, m, q = chan_merge(n, m, q, part[0, r], part[1, r], part[2, r])
-        out[0, c] = n
-        out[1, c] = shift[c] + m
-        out[2, c] = q
+    # every row holds `inner` values: merge row by row, all channels at once
+    mean = np.zeros(C)
+    m2 = np.zeros(C)
+    for o in range(outer):
+        merge_moments(mean, m2, o * inner, inner, part[1, o * C : (o + 1) * C], part[2, o * C : (o + 1) * C])
+    out[0, :] = outer * inner
+    out[1, :] = shift + mean
+    out[2, :] = m2
 
 
 @cpu_kernel
@@ -159,38 +160,40 @@ def channel_moments_channels_cpu(x, out):
     for k in prange(blocks):
         mean = part[1, k]
         m2 = part[2, k]
-        mu = np.empty(C, x.dtype)
-        center = np.empty(C, x.dtype)
-        d = np.empty(C, x.dtype)
-        q = np.empty(C, x.dtype)
+        # scratch rows: 0 sum of x - shift, 1 center, 2 sum of x - center, 3 its squares
+        # (one array, not four: fewer possible aliases for the vectoriser)
+        acc = np.empty((4, C), x.dtype)
         n = 0.0
         end = min(outer, (k + 1) * rows_per)
         for o0 in range(k * rows_per, end, sub):
             o1 = min(end, o0 + sub)
             cnt = o1 - o0
-            mu[:] = 0
+            acc[0, :] = 0
             for o in range(o0, o1):
                 for c in range(C):
-                    mu[c] += x[o, c] - shift[c]
+                    acc[0, c] += x[o, c] - shift[c]
             for c in range(C):
-                center[c] = shift[c] + mu[c] / cnt
-            d[:] = 0
-            q[:] = 0
+                acc[1, c] = shift[c] + acc[0, c] / cnt
+            acc[2, :] = 0
+            acc[3, :] = 0
             for o in range(o0, o1):
                 for c in range(C):
-                    t = x[o, c] - center[c]
-                    d[c] += t
-                    q[c] += t * t
-            merge_rows(mean, m2, n, cnt, center, shift, d, q)
+                    t = x[o, c] - acc[1, c]
+                    acc[2, c] += t
+                    acc[3, c] += t * t
+            merge_rows(mean, m2, n, cnt, acc[1], shift, acc[2], acc[3])
             n += cnt
         part[0, k, :] = n
-    for c in prange(C):
-        n, m, q2 = 0.0, 0.0, 0.0
-        for k in range(blocks):
-            n, m, q2 = chan_merge(n, m, q2, part[0, k, c], part[1, k, c], part[2, k, c])
-        out[0, c] = n
-        out[1, c] = shift[c] + m
-        out[2, c] = q2
+    mean = np.zeros(C)
+    m2 = np.zeros(C)
+    n = 0.0
+    for k in range(blocks):
+        nb = part[0, k, 0]
+        merge_moments(mean, m2, n, nb, part[1, k], part[2, k])
+        n += nb
+    out[0, :] = n
+    out[1, :] = shift + mean
+    out[2, :] = m2
 
 
 def channel_moments_cpu(x, out):
