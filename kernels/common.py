@@ -15,6 +15,7 @@ float32 loses nothing (unlike ``E[x^2] - E[x]^2``).
 
 import math
 import os
+import types
 
 import numba
 from numba import cuda
@@ -45,15 +46,31 @@ JIT_PARALLEL = {**JIT_STREAM, "parallel": True}
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
+def renamed(fn, suffix):
+    """A copy of ``fn`` whose qualified name ends in ``suffix``.
+
+    numba's disk cache names compiled code by the function's qualified name and
+    argument types, not by its compile options: two variants of one function
+    (parallel and serial) compiled under one name would share cache entries, and
+    whichever was compiled first would be loaded for both.
+    """
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + suffix
+    copy.__module__ = fn.__module__
+    copy.__doc__ = fn.__doc__
+    return copy
+
+
 class CPUKernel:
     """A streaming CPU kernel compiled twice from one Python function:
-    ``parallel`` (prange spread over the cores) and ``serial`` (prange is range).
-    Calling it picks by the size of the first argument."""
+    ``parallel`` (prange spread over the cores) and ``serial`` (prange is range),
+    cached on disk under distinct names.  Calling it picks by the size of the
+    first argument."""
 
     def __init__(self, fn):
         self.py_func = fn
         self.parallel = numba.njit(**JIT_PARALLEL)(fn)
-        self.serial = numba.njit(**JIT_STREAM)(fn)
+        self.serial = numba.njit(**JIT_STREAM)(renamed(fn, "_serial"))
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
 

@@ -17,7 +17,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
-from .common import JIT, JIT_PARALLEL, PARALLEL_MIN_ELEMENTS
+from .common import JIT, cpu_kernel
 from .workspace import host_empty
 
 
@@ -82,25 +82,23 @@ def float_to_half(x):
     return numba.uint16(o)
 
 
+@cpu_kernel
 def _to_float32(src, dst):
     for i in prange(src.shape[0]):
         dst[i] = half_to_float(src[i])
 
 
+@cpu_kernel
 def _to_float16(src, dst):
     for i in prange(src.shape[0]):
         dst[i] = float_to_half(src[i])
-
-
-_TO32 = (numba.njit(**JIT)(_to_float32), numba.njit(**JIT_PARALLEL)(_to_float32))
-_TO16 = (numba.njit(**JIT)(_to_float16), numba.njit(**JIT_PARALLEL)(_to_float16))
 
 
 def to_float32(a):
     """A float32 copy of the float16 array ``a`` (any shape and strides)."""
     src = np.ascontiguousarray(a).view(np.uint16).reshape(-1)
     out = host_empty(a.shape, np.float32)
-    _TO32[src.size >= PARALLEL_MIN_ELEMENTS](src, out.reshape(-1))
+    _to_float32(src, out.reshape(-1))
     return out
 
 
@@ -108,8 +106,8 @@ def store_float16(src, dst):
     """dst[...] = src for float32 ``src`` and a float16 ``dst`` of one shape."""
     src = np.ascontiguousarray(src, np.float32).reshape(-1)
     if dst.flags.c_contiguous:
-        _TO16[src.size >= PARALLEL_MIN_ELEMENTS](src, dst.reshape(-1).view(np.uint16))
+        _to_float16(src, dst.reshape(-1).view(np.uint16))
     else:
         tmp = host_empty(dst.shape, np.float16)
-        _TO16[src.size >= PARALLEL_MIN_ELEMENTS](src, tmp.reshape(-1).view(np.uint16))
+        _to_float16(src, tmp.reshape(-1).view(np.uint16))
         dst[...] = tmp
