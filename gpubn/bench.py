@@ -5,9 +5,9 @@
 
 For every shape and op: validate against a float64 NumPy reference first, then
 time (CUDA events on the GPU, a host timer on the CPU; warm-up, then the median
-of ``--repeat`` runs) and print the median ms, the GB/s this means for the
-minimum traffic of the op, and the fraction of the floor set by a memory copy
-measured in the same run.  When torch is importable, ``F.batch_norm`` (and
+of ``--repeat`` runs, gpubn and torch alternately) and print the median ms, the
+GB/s this means for the minimum traffic of the op, and the fraction of the floor
+set by a memory copy measured in the same run.  When torch is importable, ``F.batch_norm`` (and
 autograd for the backward) is timed on the same data and the speedup printed.
 
 Minimum traffic, B = x.nbytes (design.md section 4):
@@ -65,16 +65,34 @@ OPS = list(TRAFFIC)
 # -- timing -------------------------------------------------------------------
 
 
-class HostTimer:
-    def time(self, fn, repeat, warmup=3):
-        for _ in range(warmup):
-            fn()
-        samples = []
+class Timer:
+    """Median milliseconds of a function; ``sample`` times one call."""
+
+    warmup = 3
+
+    def time(self, fn, repeat):
+        return self.compare(fn, None, repeat)[0]
+
+    def compare(self, fn, ref, repeat):
+        """Medians of ``fn`` and ``ref`` timed alternately, call by call, so
+        that a noisy (shared) machine slows both alike."""
+        fns = [f for f in (fn, ref) if f is not None]
+        for _ in range(self.warmup):
+            for f in fns:
+                f()
+        samples = [[] for _ in fns]
         for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        return statistics.median(samples) * 1e3
+            for f, s in zip(fns, samples, strict=True):
+                s.append(self.sample(f))
+        medians = [statistics.median(s) for s in samples]
+        return medians[0], (medians[1] if ref is not None else None)
+
+
+class HostTimer(Timer):
+    def sample(self, fn):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
 
     def copy_bandwidth(self, nbytes=512 << 20):
         src = np.ones(nbytes // 4, np.float32)
@@ -83,26 +101,23 @@ class HostTimer:
         return 2 * nbytes / ms / 1e6  # read + write, GB/s
 
 
-class CudaTimer:
+class CudaTimer(Timer):
+    warmup = 5
+
     def __init__(self):
         from numba import cuda
 
         self.cuda = cuda
 
-    def time(self, fn, repeat, warmup=5):
+    def sample(self, fn):
         cuda = self.cuda
-        for _ in range(warmup):
-            fn()
         cuda.synchronize()
-        samples = []
-        for _ in range(repeat):
-            start, stop = cuda.event(), cuda.event()
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            samples.append(cuda.event_elapsed_time(start, stop))
-        return statistics.median(samples)
+        start, stop = cuda.event(), cuda.event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        return cuda.event_elapsed_time(start, stop)
 
     def copy_bandwidth(self, nbytes=1 << 30):
         src = self.cuda.to_device(np.ones(nbytes // 4, np.float32))
@@ -194,7 +209,7 @@ def bench_shape(spec, backend, ops, repeat, timer, floor_gbs, torch_mods, valida
     torch_fns = _torch_fns(spec, x, dy, gamma, beta, backend, torch_mods) if torch_mods[0] else {}
     rows = []
     for op in ops:
-        ms = timer.time(fns[op], repeat)
+        ms, torch_ms = timer.compare(fns[op], torch_fns.get(op), repeat)
         nbytes = TRAFFIC[op] * x.nbytes
         gbs = nbytes / ms / 1e6
         row = {
@@ -211,9 +226,9 @@ def bench_shape(spec, backend, ops, repeat, timer, floor_gbs, torch_mods, valida
             "pct_floor": 100 * gbs / floor_gbs,
             "validation": checks,
         }
-        if op in torch_fns:
-            row["torch_ms"] = timer.time(torch_fns[op], repeat)
-            row["speedup"] = row["torch_ms"] / ms
+        if torch_ms is not None:
+            row["torch_ms"] = torch_ms
+            row["speedup"] = torch_ms / ms
         rows.append(row)
     return rows
 

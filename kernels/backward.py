@@ -26,10 +26,21 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
-from .common import JIT, JIT_STREAM, MAX_THREADS, cpu_kernel, tree_sum2, twin
+from .common import JIT, JIT_STREAM, MAX_THREADS, channel_parts, cpu_kernel, task_channels, tree_sum2, twin
 from .half import store_float16
 from .normalize import elementwise_launch_config
-from .stats import CHUNK, INVSTD, MEAN, ROW_BLOCKS, SUB_BLOCK, block_slice, coherent, last_block, stats_launch_config
+from .stats import (
+    CHUNK,
+    INVSTD,
+    MEAN,
+    ROW_BLOCKS,
+    SUB_BLOCK,
+    SUB_ROWS,
+    block_slice,
+    coherent,
+    last_block,
+    stats_launch_config,
+)
 from .workspace import host_empty, workspace
 
 B_MEAN, B_DY, B_X, B_CONST = range(4)
@@ -72,20 +83,20 @@ def _chunk_sums(dy, x, m):
 def backward_sums_inner_cpu(dy, x, coef, out):
     """backward_sums_cpu for inner > 1: dy, x (outer, C, inner)."""
     outer, C, inner = x.shape
-    rows = outer * C
-    part = np.empty((2, rows))
-    for r in prange(rows):
-        o = r // C
-        c = r - o * C
-        m = dy.dtype.type(coef[MEAN, c])
-        t1, t2 = 0.0, 0.0
-        for start in range(0, inner, CHUNK):
-            stop = min(start + CHUNK, inner)
-            s1, s2 = _chunk_sums(dy[o, c, start:stop], x[o, c, start:stop], m)
-            t1 += s1
-            t2 += s2
-        part[0, r] = t1
-        part[1, r] = t2
+    part = np.empty((2, outer * C))
+    parts = channel_parts(outer, C)
+    for k in prange(outer * parts):
+        o, c0, c1 = task_channels(k, parts, C)
+        for c in range(c0, c1):
+            m = dy.dtype.type(coef[MEAN, c])
+            t1, t2 = 0.0, 0.0
+            for start in range(0, inner, CHUNK):
+                stop = min(start + CHUNK, inner)
+                s1, s2 = _chunk_sums(dy[o, c, start:stop], x[o, c, start:stop], m)
+                t1 += s1
+                t2 += s2
+            part[0, o * C + c] = t1
+            part[1, o * C + c] = t2
     for c in prange(C):
         t1, t2 = 0.0, 0.0
         for o in range(outer):
@@ -105,7 +116,7 @@ def backward_sums_channels_cpu(dy, x, coef, out):
     blocks = min(outer, ROW_BLOCKS)
     rows_per = (outer + blocks - 1) // blocks
     blocks = (outer + rows_per - 1) // rows_per
-    sub = max(1, min(rows_per, SUB_BLOCK // C))
+    sub = max(1, min(rows_per, SUB_BLOCK // C, SUB_ROWS))
     part = np.zeros((2, blocks, C))
     m = coef[MEAN].astype(dy.dtype)
     for k in prange(blocks):
@@ -154,15 +165,16 @@ def finish_backward_cpu(sums, n, coef, gamma, training, bcoef, dgamma, dbeta):
 def input_grad_inner_cpu(dy, x, bcoef, dx):
     """input_grad_cpu for inner > 1: dy, x, dx (outer, C, inner)."""
     outer, C, inner = x.shape
-    for r in prange(outer * C):
-        o = r // C
-        c = r - o * C
-        m = bcoef[B_MEAN, c]
-        a = bcoef[B_DY, c]
-        b = bcoef[B_X, c]
-        k = bcoef[B_CONST, c]
-        for i in range(inner):
-            dx[o, c, i] = a * dy[o, c, i] + b * (x[o, c, i] - m) + k
+    parts = channel_parts(outer, C)
+    for t in prange(outer * parts):
+        o, c0, c1 = task_channels(t, parts, C)
+        for c in range(c0, c1):
+            m = bcoef[B_MEAN, c]
+            a = bcoef[B_DY, c]
+            b = bcoef[B_X, c]
+            k = bcoef[B_CONST, c]
+            for i in range(inner):
+                dx[o, c, i] = a * dy[o, c, i] + b * (x[o, c, i] - m) + k
 
 
 @cpu_kernel

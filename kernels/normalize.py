@@ -21,7 +21,7 @@ import math
 import numba
 from numba import cuda, prange
 
-from .common import JIT, block_shape, cpu_kernel, sm_count, twin
+from .common import JIT, block_shape, channel_parts, cpu_kernel, sm_count, task_channels, twin
 from .half import store_float16
 from .stats import BIAS, INVSTD, MEAN, SCALE, VAR
 from .workspace import host_empty
@@ -72,14 +72,15 @@ def affine_coefficients_cuda(
 def scale_shift_inner_cpu(x, coef, y):
     """scale_shift_cpu for inner > 1: x, y (outer, C, inner)."""
     outer, C, inner = x.shape
-    for r in prange(outer * C):
-        o = r // C
-        c = r - o * C
-        m = coef[MEAN, c]
-        s = coef[SCALE, c]
-        b = coef[BIAS, c]
-        for i in range(inner):
-            y[o, c, i] = (x[o, c, i] - m) * s + b
+    parts = channel_parts(outer, C)
+    for k in prange(outer * parts):
+        o, c0, c1 = task_channels(k, parts, C)
+        for c in range(c0, c1):
+            m = coef[MEAN, c]
+            s = coef[SCALE, c]
+            b = coef[BIAS, c]
+            for i in range(inner):
+                y[o, c, i] = (x[o, c, i] - m) * s + b
 
 
 @cpu_kernel

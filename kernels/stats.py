@@ -40,11 +40,13 @@ from .common import (
     block_shape,
     centered_moments,
     chan_merge,
+    channel_parts,
     cpu_kernel,
     finalize_channel,
     merge_moments,
     merge_rows,
     reduction_splits,
+    task_channels,
     tree_merge,
     twin,
     welford_step,
@@ -55,9 +57,16 @@ MEAN, VAR, INVSTD, SCALE, BIAS = range(5)
 
 #: Elements per cache-resident chunk of the CPU two-pass moments.
 CHUNK = 4096
-#: Elements per sub-block of rows (channels contiguous): stays in L2 between
-#: the two passes, and amortises the per-block merge over many rows.
+#: Elements per sub-block of rows (channels contiguous), and most rows in
+#: one: short enough that x.dtype sums over it stay accurate, long enough to
+#: amortise its float64 merge.
 SUB_BLOCK = 1 << 16
+SUB_ROWS = 1024
+#: Rows averaged into the center of the one-pass moments (channels contiguous).
+CENTER_ROWS = 16
+#: Largest n * (center - mean)**2 / M2 accepted from one pass around a center:
+#: the variance then keeps ~RECENTER * eps of relative error at worst.
+RECENTER = 64.0
 #: Row blocks of the CPU kernels when channels are contiguous (inner == 1):
 #: a few per core, few enough that merging their partials costs nothing.
 ROW_BLOCKS = 32
@@ -121,18 +130,18 @@ def channel_moments_inner_cpu(x, out):
     outer, C, inner = x.shape
     shift = x[0, :, 0].copy()
     # one (o, c) row at a time, split into cache-sized chunks
-    rows = outer * C
-    part = np.empty((3, rows))
-    for r in prange(rows):
-        o = r // C
-        c = r - o * C
-        n, m, q = 0.0, 0.0, 0.0
-        for start in range(0, inner, CHUNK):
-            cn, cm, cq = _chunk_moments(x[o, c, start : min(start + CHUNK, inner)], shift[c])
-            n, m, q = chan_merge(n, m, q, cn, cm, cq)
-        part[0, r] = n
-        part[1, r] = m
-        part[2, r] = q
+    part = np.empty((3, outer * C))
+    parts = channel_parts(outer, C)
+    for k in prange(outer * parts):
+        o, c0, c1 = task_channels(k, parts, C)
+        for c in range(c0, c1):
+            n, m, q = 0.0, 0.0, 0.0
+            for start in range(0, inner, CHUNK):
+                cn, cm, cq = _chunk_moments(x[o, c, start : min(start + CHUNK, inner)], shift[c])
+                n, m, q = chan_merge(n, m, q, cn, cm, cq)
+            part[0, o * C + c] = n
+            part[1, o * C + c] = m
+            part[2, o * C + c] = q
     # every row holds `inner` values: merge row by row, all channels at once
     mean = np.zeros(C)
     m2 = np.zeros(C)
@@ -144,45 +153,41 @@ def channel_moments_inner_cpu(x, out):
 
 
 @cpu_kernel
-def channel_moments_channels_cpu(x, out):
-    """channel_moments_cpu for inner == 1: x (outer, C) with contiguous channels."""
+def channel_moments_channels_cpu(x, center, out):
+    """Moments of every channel of x (outer, C) with contiguous channels, in
+    one pass around a given ``center`` (C,) of x's dtype.
+
+    Rows are split into a few blocks per thread; each block sums
+    ``d = x - center`` and ``d**2`` in x's dtype over sub-blocks of rows
+    (vectorised across C) and folds every sub-block into float64 running
+    (mean - center, M2) by Chan's formula with the correction
+    ``M2 = sum(d**2) - sum(d)**2 / n`` (``merge_rows``).  Its rounding error
+    relative to M2 is about eps * (1 + n * (center - mean)**2 / M2): the
+    caller re-runs with a better center where that ratio is large.
+    out: (3, C) float64 count, mean, M2.
+    """
     outer, C = x.shape
-    shift = x[0, :].copy()
-    # rows of C contiguous values.  A few row blocks per thread; each keeps
-    # running float64 (mean, M2) per channel and folds in sub-blocks of rows
-    # small enough to stay in cache for the two-pass moments (vectorised
-    # across C; every channel has the same count).
     blocks = min(outer, ROW_BLOCKS)
     rows_per = (outer + blocks - 1) // blocks
     blocks = (outer + rows_per - 1) // rows_per
-    sub = max(1, min(rows_per, SUB_BLOCK // C))
+    sub = max(1, min(rows_per, SUB_BLOCK // C, SUB_ROWS))
     part = np.zeros((3, blocks, C))
     for k in prange(blocks):
         mean = part[1, k]
         m2 = part[2, k]
-        # scratch rows: 0 sum of x - shift, 1 center, 2 sum of x - center, 3 its squares
-        # (one array, not four: fewer possible aliases for the vectoriser)
-        acc = np.empty((4, C), x.dtype)
+        acc = np.empty((2, C), x.dtype)  # sum of d, sum of d**2 (one array: fewer alias checks)
         n = 0.0
         end = min(outer, (k + 1) * rows_per)
         for o0 in range(k * rows_per, end, sub):
             o1 = min(end, o0 + sub)
-            cnt = o1 - o0
-            acc[0, :] = 0
+            acc[:, :] = 0
             for o in range(o0, o1):
                 for c in range(C):
-                    acc[0, c] += x[o, c] - shift[c]
-            for c in range(C):
-                acc[1, c] = shift[c] + acc[0, c] / cnt
-            acc[2, :] = 0
-            acc[3, :] = 0
-            for o in range(o0, o1):
-                for c in range(C):
-                    t = x[o, c] - acc[1, c]
-                    acc[2, c] += t
-                    acc[3, c] += t * t
-            merge_rows(mean, m2, n, cnt, acc[1], shift, acc[2], acc[3])
-            n += cnt
+                    d = x[o, c] - center[c]
+                    acc[0, c] += d
+                    acc[1, c] += d * d
+            merge_rows(mean, m2, n, o1 - o0, center, center, acc[0], acc[1])
+            n += o1 - o0
         part[0, k, :] = n
     mean = np.zeros(C)
     m2 = np.zeros(C)
@@ -192,8 +197,25 @@ def channel_moments_channels_cpu(x, out):
         merge_moments(mean, m2, n, nb, part[1, k], part[2, k])
         n += nb
     out[0, :] = n
-    out[1, :] = shift + mean
+    out[1, :] = center + mean
     out[2, :] = m2
+
+
+def channel_moments_channels(x, out):
+    """channel_moments_cpu for x (outer, C) with contiguous channels.
+
+    One pass around the mean of the first CENTER_ROWS rows; where that center
+    lies more than sqrt(RECENTER) standard deviations from the channel's mean
+    (an outlier among the first rows), a second pass around the mean just
+    measured (now within a few ulps of it) restores full accuracy.
+    """
+    center = x[:CENTER_ROWS].mean(axis=0, dtype=np.float64)
+    center = np.where(np.isfinite(center), center, 0.0).astype(x.dtype)
+    channel_moments_channels_cpu(x, center, out)
+    with np.errstate(invalid="ignore", over="ignore"):
+        far = out[0] * (out[1] - center) ** 2 > RECENTER * out[2]
+    if far.any():
+        channel_moments_channels_cpu(x, np.where(far, out[1], center).astype(x.dtype), out)
 
 
 def channel_moments_cpu(x, out):
@@ -207,7 +229,7 @@ def channel_moments_cpu(x, out):
     if x.shape[2] > 1:
         channel_moments_inner_cpu(x, out)
     else:  # a 2-D view: the compiler then knows the channels are contiguous
-        channel_moments_channels_cpu(x[:, :, 0], out)
+        channel_moments_channels(x[:, :, 0], out)
 
 
 @numba.njit(**JIT)

@@ -104,6 +104,19 @@ def test_single_huge_outlier(backend, rng):
     np.testing.assert_allclose(var, rvar, rtol=1e-4)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_outliers_leading_channels_last_rows(rng, offset):
+    """CPU, channels contiguous: the one-pass moments are centered on the first
+    rows' mean; outliers there put the center 64 standard deviations off (one
+    pass alone: 5e-4 relative variance error), and a second pass recenters."""
+    x = (offset + rng.standard_normal((1 << 16, 3))).astype(np.float32)
+    x[:16, 0] = offset + 1e6
+    mean, var = gpubn.batch_stats(x, backend="cpu")
+    rmean, rvar = stats(x, 1)
+    np.testing.assert_allclose(var, rvar, rtol=2e-5)
+    np.testing.assert_allclose(mean, rmean, rtol=1e-6, atol=1e-6 * np.abs(x).max())
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e6])
 def test_offset_variance_no_worse_than_torch(backend, rng, offset):
     """Where PyTorch is installed: our variance error <= torch's on the same data."""

@@ -1,0 +1,46 @@
+"""`python -m gpubn.bench`: its timer and one small shape end to end (CPU)."""
+
+import pytest
+
+from gpubn import bench
+
+
+class CountingTimer(bench.Timer):
+    """Each sample is the position of the call in the run: alternation shows."""
+
+    warmup = 1
+
+    def __init__(self):
+        self.calls = []
+
+    def sample(self, fn):
+        fn()
+        return float(len(self.calls))
+
+
+def test_compare_alternates_the_two_functions():
+    timer = CountingTimer()
+    a = lambda: timer.calls.append("a")  # noqa: E731
+    b = lambda: timer.calls.append("b")  # noqa: E731
+    ms_a, ms_b = timer.compare(a, b, repeat=3)
+    assert timer.calls == ["a", "b"] * 4  # one warm-up round, then 3 timed rounds
+    assert (ms_a, ms_b) == (5.0, 6.0)  # medians of (3, 5, 7) and (4, 6, 8)
+    assert timer.time(a, repeat=1) == 10.0  # warm-up call 9, timed call 10
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_bench_shape_validates_and_times(axis):
+    spec = bench.Shape("tiny", (8, 6, 5, 4), axis)
+    rows = bench.bench_shape(spec, "cpu", bench.OPS, 2, bench.HostTimer(), 10.0, (None, None))
+    assert [r["op"] for r in rows] == bench.OPS
+    for r in rows:
+        assert r["ms"] > 0 and r["GB/s"] > 0
+        assert r["bytes"] == bench.TRAFFIC[r["op"]] * 8 * 6 * 5 * 4 * 4
+        assert all(e < 1e-3 for e in r["validation"].values())
+        assert "torch_ms" not in r
+
+
+def test_unknown_shape_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--backend", "cpu", "--shapes", "no-such-shape"])
+    assert "unknown shapes" in capsys.readouterr().err
