@@ -33,12 +33,10 @@ from .stats import (
     CHUNK,
     INVSTD,
     MEAN,
-    ROW_BLOCKS,
-    SUB_BLOCK,
-    SUB_ROWS,
     block_slice,
     coherent,
     last_block,
+    row_blocks,
     stats_launch_config,
 )
 from .workspace import host_empty, workspace
@@ -83,7 +81,7 @@ def _chunk_sums(dy, x, m):
 def backward_sums_inner_cpu(dy, x, coef, out):
     """backward_sums_cpu for inner > 1: dy, x (outer, C, inner)."""
     outer, C, inner = x.shape
-    part = np.empty((2, outer * C))
+    part = np.empty((2, outer, C))
     parts = channel_parts(outer, C)
     for k in prange(outer * parts):
         o, c0, c1 = task_channels(k, parts, C)
@@ -95,13 +93,13 @@ def backward_sums_inner_cpu(dy, x, coef, out):
                 s1, s2 = _chunk_sums(dy[o, c, start:stop], x[o, c, start:stop], m)
                 t1 += s1
                 t2 += s2
-            part[0, o * C + c] = t1
-            part[1, o * C + c] = t2
+            part[0, o, c] = t1
+            part[1, o, c] = t2
     for c in prange(C):
         t1, t2 = 0.0, 0.0
         for o in range(outer):
-            t1 += part[0, o * C + c]
-            t2 += part[1, o * C + c]
+            t1 += part[0, o, c]
+            t2 += part[1, o, c]
         out[0, c] = t1
         out[1, c] = t2
 
@@ -113,10 +111,7 @@ def backward_sums_channels_cpu(dy, x, coef, out):
     # rows of C contiguous values: a few row blocks per thread, float64
     # running sums per channel fed by input-dtype sums over cache-sized
     # sub-blocks of rows (vectorised across C)
-    blocks = min(outer, ROW_BLOCKS)
-    rows_per = (outer + blocks - 1) // blocks
-    blocks = (outer + rows_per - 1) // rows_per
-    sub = max(1, min(rows_per, SUB_BLOCK // C, SUB_ROWS))
+    blocks, rows_per, sub = row_blocks(outer, C)
     part = np.zeros((2, blocks, C))
     m = coef[MEAN].astype(dy.dtype)
     for k in prange(blocks):

@@ -29,6 +29,8 @@ Two kernels, one per access regime of the view:
 and ``batch_stats_cuda_channels`` (inner == 1: threads walk channels).
 """
 
+import math
+
 import numba
 import numpy as np
 from numba import cuda, prange
@@ -70,6 +72,22 @@ RECENTER = 64.0
 #: Row blocks of the CPU kernels when channels are contiguous (inner == 1):
 #: a few per core, few enough that merging their partials costs nothing.
 ROW_BLOCKS = 32
+
+
+#: Fewest elements per row block (channels contiguous): small inputs get few
+#: blocks, so their float64 partials cost less than their work.
+BLOCK_MIN = 1 << 14
+
+
+@numba.njit(**JIT)
+def row_blocks(outer, C):
+    """(blocks, rows per block, rows per sub-block) of a channels-contiguous
+    CPU kernel over x (outer, C): at most ROW_BLOCKS blocks of at least
+    BLOCK_MIN elements, sub-blocks of SUB_BLOCK elements or SUB_ROWS rows."""
+    blocks = max(1, min(outer, ROW_BLOCKS, outer * C // BLOCK_MIN))
+    rows_per = (outer + blocks - 1) // blocks
+    blocks = (outer + rows_per - 1) // rows_per
+    return blocks, rows_per, max(1, min(rows_per, SUB_BLOCK // C, SUB_ROWS))
 
 
 # ----------------------------------------------------------------------------
@@ -130,7 +148,7 @@ def channel_moments_inner_cpu(x, out):
     outer, C, inner = x.shape
     shift = x[0, :, 0].copy()
     # one (o, c) row at a time, split into cache-sized chunks
-    part = np.empty((3, outer * C))
+    part = np.empty((2, outer, C))  # (mean - shift, M2) of every row
     parts = channel_parts(outer, C)
     for k in prange(outer * parts):
         o, c0, c1 = task_channels(k, parts, C)
@@ -139,14 +157,13 @@ def channel_moments_inner_cpu(x, out):
             for start in range(0, inner, CHUNK):
                 cn, cm, cq = _chunk_moments(x[o, c, start : min(start + CHUNK, inner)], shift[c])
                 n, m, q = chan_merge(n, m, q, cn, cm, cq)
-            part[0, o * C + c] = n
-            part[1, o * C + c] = m
-            part[2, o * C + c] = q
+            part[0, o, c] = m
+            part[1, o, c] = q
     # every row holds `inner` values: merge row by row, all channels at once
     mean = np.zeros(C)
     m2 = np.zeros(C)
     for o in range(outer):
-        merge_moments(mean, m2, o * inner, inner, part[1, o * C : (o + 1) * C], part[2, o * C : (o + 1) * C])
+        merge_moments(mean, m2, o * inner, inner, part[0, o], part[1, o])
     out[0, :] = outer * inner
     out[1, :] = shift + mean
     out[2, :] = m2
@@ -167,10 +184,7 @@ def channel_moments_channels_cpu(x, center, out):
     out: (3, C) float64 count, mean, M2.
     """
     outer, C = x.shape
-    blocks = min(outer, ROW_BLOCKS)
-    rows_per = (outer + blocks - 1) // blocks
-    blocks = (outer + rows_per - 1) // rows_per
-    sub = max(1, min(rows_per, SUB_BLOCK // C, SUB_ROWS))
+    blocks, rows_per, sub = row_blocks(outer, C)
     part = np.zeros((3, blocks, C))
     for k in prange(blocks):
         mean = part[1, k]
@@ -201,6 +215,37 @@ def channel_moments_channels_cpu(x, center, out):
     out[2, :] = m2
 
 
+@numba.njit(**JIT)
+def leading_center(x):
+    """Per-channel mean of the first CENTER_ROWS rows of x (outer, C), in x's
+    dtype; 0 where it is not finite (an Inf there must not become the center)."""
+    outer, C = x.shape
+    rows = min(outer, CENTER_ROWS)
+    total = np.zeros(C)
+    for o in range(rows):
+        for c in range(C):
+            total[c] += x[o, c]
+    center = np.zeros(C, x.dtype)
+    for c in range(C):
+        m = total[c] / rows
+        if math.isfinite(m):
+            center[c] = m
+    return center
+
+
+@numba.njit(**JIT)
+def recenter(moments, center):
+    """Move center[c] to the measured mean where n * (center - mean)**2 > RECENTER * M2;
+    True if any moved."""
+    moved = False
+    for c in range(center.shape[0]):
+        d = moments[1, c] - center[c]
+        if moments[0, c] * d * d > RECENTER * moments[2, c] and math.isfinite(moments[1, c]):
+            center[c] = moments[1, c]
+            moved = True
+    return moved
+
+
 def channel_moments_channels(x, out):
     """channel_moments_cpu for x (outer, C) with contiguous channels.
 
@@ -209,13 +254,10 @@ def channel_moments_channels(x, out):
     (an outlier among the first rows), a second pass around the mean just
     measured (now within a few ulps of it) restores full accuracy.
     """
-    center = x[:CENTER_ROWS].mean(axis=0, dtype=np.float64)
-    center = np.where(np.isfinite(center), center, 0.0).astype(x.dtype)
+    center = leading_center(x)
     channel_moments_channels_cpu(x, center, out)
-    with np.errstate(invalid="ignore", over="ignore"):
-        far = out[0] * (out[1] - center) ** 2 > RECENTER * out[2]
-    if far.any():
-        channel_moments_channels_cpu(x, np.where(far, out[1], center).astype(x.dtype), out)
+    if recenter(out, center):
+        channel_moments_channels_cpu(x, center, out)
 
 
 def channel_moments_cpu(x, out):

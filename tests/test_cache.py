@@ -49,3 +49,26 @@ def test_serial_cache_entry_is_not_loaded_as_parallel(tmp_path):
     assert not second.parallel.stats.cache_hits  # compiled, not the serial code
     assert second.parallel.stats.cache_misses
     assert second.serial.stats.cache_hits  # the serial entry is still found
+
+
+def test_kernels_are_stamped_with_the_whole_package(tmp_path):
+    """A kernel's cache entry is invalidated by an edit of any kernels/*.py
+    (its compiled code contains helpers from other files of the package)."""
+    from numba.core.caching import CompileResultCacheImpl as CacheImpl
+
+    from gpubn.kernels import cache, normalize
+
+    assert cache.INSTALLED
+    locator = CacheImpl(normalize.scale_shift_inner_cpu.py_func)._locator
+    assert isinstance(locator, cache.PackageLocator)
+    assert locator.get_source_stamp() == cache.package_stamp()
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    before = cache.package_stamp(tmp_path)
+    (tmp_path / "b.py").write_text("y = 3\n")
+    assert cache.package_stamp(tmp_path) != before
+
+    path = tmp_path / "cached_kernel.py"  # outside the package: numba's own stamp
+    path.write_text(SOURCE)
+    assert not isinstance(CacheImpl(load(path).double)._locator, cache.PackageLocator)
