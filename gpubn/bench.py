@@ -5,7 +5,7 @@
 
 For every shape and op: validate against a float64 NumPy reference first, then
 time (CUDA events on the GPU, a host timer on the CPU; warm-up, then the median
-of ``--repeat`` runs, gpubn and torch alternately) and print the median ms, the
+of ``--repeat`` runs, gpubn's series then torch's) and print the median ms, the
 GB/s this means for the minimum traffic of the op, and the fraction of the floor
 set by a memory copy measured in the same run.  When torch is importable, ``F.batch_norm`` (and
 autograd for the backward) is timed on the same data and the speedup printed.
@@ -69,23 +69,24 @@ class Timer:
     """Median milliseconds of a function; ``sample`` times one call."""
 
     warmup = 3
+    #: Seconds of idle before each series: the other library's thread pool
+    #: (torch and numba each bring an OpenMP runtime) stops spinning.
+    settle = 0.02
 
     def time(self, fn, repeat):
-        return self.compare(fn, None, repeat)[0]
+        """Median of ``repeat`` timed calls after ``warmup`` untimed ones."""
+        time.sleep(self.settle)
+        for _ in range(self.warmup):
+            fn()
+        return statistics.median(self.sample(fn) for _ in range(repeat))
 
     def compare(self, fn, ref, repeat):
-        """Medians of ``fn`` and ``ref`` timed alternately, call by call, so
-        that a noisy (shared) machine slows both alike."""
-        fns = [f for f in (fn, ref) if f is not None]
-        for _ in range(self.warmup):
-            for f in fns:
-                f()
-        samples = [[] for _ in fns]
-        for _ in range(repeat):
-            for f, s in zip(fns, samples, strict=True):
-                s.append(self.sample(f))
-        medians = [statistics.median(s) for s in samples]
-        return medians[0], (medians[1] if ref is not None else None)
+        """(fn's median, ref's median or None), one series after the other.
+
+        Not interleaved call by call: on a 2-core machine the OpenMP threads
+        that one library leaves spinning after its call slow the other's next
+        call, which measured neither."""
+        return self.time(fn, repeat), (None if ref is None else self.time(ref, repeat))
 
 
 class HostTimer(Timer):

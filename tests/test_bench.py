@@ -6,9 +6,10 @@ from gpubn import bench
 
 
 class CountingTimer(bench.Timer):
-    """Each sample is the position of the call in the run: alternation shows."""
+    """Each sample is the position of the call in the run."""
 
     warmup = 1
+    settle = 0.0
 
     def __init__(self):
         self.calls = []
@@ -18,14 +19,14 @@ class CountingTimer(bench.Timer):
         return float(len(self.calls))
 
 
-def test_compare_alternates_the_two_functions():
+def test_compare_times_each_function_after_its_warmup():
     timer = CountingTimer()
     a = lambda: timer.calls.append("a")  # noqa: E731
     b = lambda: timer.calls.append("b")  # noqa: E731
     ms_a, ms_b = timer.compare(a, b, repeat=3)
-    assert timer.calls == ["a", "b"] * 4  # one warm-up round, then 3 timed rounds
-    assert (ms_a, ms_b) == (5.0, 6.0)  # medians of (3, 5, 7) and (4, 6, 8)
-    assert timer.time(a, repeat=1) == 10.0  # warm-up call 9, timed call 10
+    assert timer.calls == ["a"] * 4 + ["b"] * 4  # warm-up, then 3 timed calls each
+    assert (ms_a, ms_b) == (3.0, 7.0)  # medians of (2, 3, 4) and (6, 7, 8)
+    assert timer.compare(a, None, repeat=1) == (10.0, None)
 
 
 @pytest.mark.parametrize("axis", [1, -1])
