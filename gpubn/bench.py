@@ -5,7 +5,7 @@
 
 For every shape and op: validate against a float64 NumPy reference first, then
 time (CUDA events on the GPU, a host timer on the CPU; warm-up, then the median
-of ``--repeat`` runs, gpubn's series then torch's) and print the median ms, the
+of ``--repeat`` runs, in series alternating with torch's) and print the median ms, the
 GB/s this means for the minimum traffic of the op, and the fraction of the floor
 set by a memory copy measured in the same run.  When torch is importable, ``F.batch_norm`` (and
 autograd for the backward) is timed on the same data and the speedup printed.
@@ -72,21 +72,35 @@ class Timer:
     #: Seconds of idle before each series: the other library's thread pool
     #: (torch and numba each bring an OpenMP runtime) stops spinning.
     settle = 0.02
+    #: Series per function in ``compare``, alternating between the two.
+    rounds = 3
 
-    def time(self, fn, repeat):
-        """Median of ``repeat`` timed calls after ``warmup`` untimed ones."""
+    def series(self, fn, repeat):
+        """``repeat`` timed calls after ``warmup`` untimed ones."""
         time.sleep(self.settle)
         for _ in range(self.warmup):
             fn()
-        return statistics.median(self.sample(fn) for _ in range(repeat))
+        return [self.sample(fn) for _ in range(repeat)]
+
+    def time(self, fn, repeat):
+        return statistics.median(self.series(fn, repeat))
 
     def compare(self, fn, ref, repeat):
-        """(fn's median, ref's median or None), one series after the other.
+        """(fn's median, ref's median or None) over ``rounds`` alternating
+        series of about repeat / rounds calls each.
 
-        Not interleaved call by call: on a 2-core machine the OpenMP threads
-        that one library leaves spinning after its call slow the other's next
-        call, which measured neither."""
-        return self.time(fn, repeat), (None if ref is None else self.time(ref, repeat))
+        Series, not single calls, alternate: on a 2-core machine the OpenMP
+        threads that one library leaves spinning after its call slow the
+        other's next call.  Alternating series still spread slow phases of a
+        shared machine over both."""
+        if ref is None:
+            return self.time(fn, repeat), None
+        per = max(1, -(-repeat // self.rounds))
+        a, b = [], []
+        for _ in range(self.rounds):
+            a += self.series(fn, per)
+            b += self.series(ref, per)
+        return statistics.median(a), statistics.median(b)
 
 
 class HostTimer(Timer):

@@ -19,14 +19,16 @@ class CountingTimer(bench.Timer):
         return float(len(self.calls))
 
 
-def test_compare_times_each_function_after_its_warmup():
+def test_compare_alternates_series_after_warmup():
     timer = CountingTimer()
+    timer.rounds = 2
     a = lambda: timer.calls.append("a")  # noqa: E731
     b = lambda: timer.calls.append("b")  # noqa: E731
-    ms_a, ms_b = timer.compare(a, b, repeat=3)
-    assert timer.calls == ["a"] * 4 + ["b"] * 4  # warm-up, then 3 timed calls each
-    assert (ms_a, ms_b) == (3.0, 7.0)  # medians of (2, 3, 4) and (6, 7, 8)
-    assert timer.compare(a, None, repeat=1) == (10.0, None)
+    ms_a, ms_b = timer.compare(a, b, repeat=4)
+    # each series: one warm-up call, then 2 timed ones
+    assert timer.calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert (ms_a, ms_b) == (5.5, 8.5)  # medians of (2, 3, 8, 9) and (5, 6, 11, 12)
+    assert timer.compare(a, None, repeat=1) == (14.0, None)
 
 
 @pytest.mark.parametrize("axis", [1, -1])
