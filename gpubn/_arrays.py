@@ -1,5 +1,6 @@
 """Validation, the canonical (outer, C, inner) view, and host/device movement."""
 
+import math
 import numbers
 
 import numpy as np
@@ -59,8 +60,8 @@ def canonical_shape(shape, axis: int) -> tuple:
     (160, 3, 1)
     """
     axis = check_axis(axis, len(shape))
-    outer = int(np.prod(shape[:axis], dtype=np.int64))
-    inner = int(np.prod(shape[axis + 1 :], dtype=np.int64))
+    outer = math.prod(shape[:axis])
+    inner = math.prod(shape[axis + 1 :])
     return outer, int(shape[axis]), inner
 
 

@@ -8,6 +8,7 @@ recently used is dropped beyond ``MAX_ENTRIES``.  Counters are created zeroed
 and every kernel that uses one leaves it zeroed.
 """
 
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -84,7 +85,7 @@ def host_empty(shape, dtype):
     nothing.  Memory is reused only once every array viewing it is gone.
     """
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HOST_CACHE_MIN_BYTES or HOST_CACHE_BYTES == 0:
         return np.empty(shape, dtype)
     with _host_lock:
