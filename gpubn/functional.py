@@ -32,7 +32,6 @@ from ._backend import resolve_backend
 from .kernels import backward as _bw
 from .kernels import normalize as _nz
 from .kernels import stats as _st
-from .kernels.half import to_float32
 from .kernels.workspace import host_empty
 
 _ENGINES = {
@@ -105,8 +104,6 @@ def _materialize(inp: _Input) -> _Input:
     view = to_canonical(inp.arr, inp.shape3, inp.on_device)
     if inp.backend == "cuda" and not inp.on_device:
         view = cuda.to_device(np.ascontiguousarray(view))
-    elif inp.backend == "cpu" and view.dtype == np.float16:
-        view = to_float32(view)  # numba has no float16 on the CPU
     inp.view = view
     return inp
 
@@ -291,8 +288,8 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None):
     dyv = to_canonical(arr, inp.shape3, on_device)
     if inp.backend == "cuda" and not on_device:
         dyv = cuda.to_device(np.ascontiguousarray(dyv, dtype=inp.dtype))
-    elif inp.backend == "cpu":
-        dyv = to_float32(dyv) if dyv.dtype == np.float16 else dyv.astype(inp.view.dtype, copy=False)
+    elif inp.backend == "cpu" and dyv.dtype != np.float16:  # the CPU kernels read float16 as it is
+        dyv = dyv.astype(inp.acc, copy=False)
     dx = inp.empty()
     grads = _grads if _buffer_fits(_grads, inp, 2) else inp.empty(rows=2)  # dgamma, dbeta
     bcoef = inp.empty(rows=4)

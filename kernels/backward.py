@@ -27,7 +27,7 @@ import numpy as np
 from numba import cuda, prange
 
 from .common import JIT, JIT_STREAM, MAX_THREADS, channel_parts, cpu_kernel, task_channels, tree_sum2, twin
-from .half import store_float16
+from .half import bits, compute_dtype, narrow, widen
 from .normalize import elementwise_launch_config
 from .stats import (
     CHUNK,
@@ -39,7 +39,7 @@ from .stats import (
     row_blocks,
     stats_launch_config,
 )
-from .workspace import host_empty, workspace
+from .workspace import workspace
 
 B_MEAN, B_DY, B_X, B_CONST = range(4)
 
@@ -69,11 +69,12 @@ finish_backward_channel_cpu, finish_backward_channel_cuda = twin(finish_backward
 
 @numba.njit(**JIT_STREAM)
 def _chunk_sums(dy, x, m):
-    s1 = dy.dtype.type(0)
-    s2 = dy.dtype.type(0)
+    s1 = compute_dtype(dy)(0)
+    s2 = compute_dtype(dy)(0)
     for i in range(dy.shape[0]):
-        s1 += dy[i]
-        s2 += dy[i] * (x[i] - m)
+        g = widen(dy[i])
+        s1 += g
+        s2 += g * (widen(x[i]) - m)
     return s1, s2
 
 
@@ -86,7 +87,7 @@ def backward_sums_inner_cpu(dy, x, coef, out):
     for k in prange(outer * parts):
         o, c0, c1 = task_channels(k, parts, C)
         for c in range(c0, c1):
-            m = dy.dtype.type(coef[MEAN, c])
+            m = compute_dtype(x)(coef[MEAN, c])
             t1, t2 = 0.0, 0.0
             for start in range(0, inner, CHUNK):
                 stop = min(start + CHUNK, inner)
@@ -113,19 +114,19 @@ def backward_sums_channels_cpu(dy, x, coef, out):
     # sub-blocks of rows (vectorised across C)
     blocks, rows_per, sub = row_blocks(outer, C)
     part = np.zeros((2, blocks, C))
-    m = coef[MEAN].astype(dy.dtype)
+    m = coef[MEAN].astype(compute_dtype(x))
     for k in prange(blocks):
-        s1 = np.empty(C, dy.dtype)
-        s2 = np.empty(C, dy.dtype)
+        s1 = np.empty(C, compute_dtype(dy))
+        s2 = np.empty(C, compute_dtype(dy))
         end = min(outer, (k + 1) * rows_per)
         for o0 in range(k * rows_per, end, sub):
             s1[:] = 0
             s2[:] = 0
             for o in range(o0, min(end, o0 + sub)):
                 for c in range(C):
-                    g = dy[o, c]
+                    g = widen(dy[o, c])
                     s1[c] += g
-                    s2[c] += g * (x[o, c] - m[c])
+                    s2[c] += g * (widen(x[o, c]) - m[c])
             for c in range(C):
                 part[0, k, c] += s1[c]
                 part[1, k, c] += s2[c]
@@ -169,7 +170,7 @@ def input_grad_inner_cpu(dy, x, bcoef, dx):
             b = bcoef[B_X, c]
             k = bcoef[B_CONST, c]
             for i in range(inner):
-                dx[o, c, i] = a * dy[o, c, i] + b * (x[o, c, i] - m) + k
+                dx[o, c, i] = narrow(a * widen(dy[o, c, i]) + b * (widen(x[o, c, i]) - m) + k, dx)
 
 
 @cpu_kernel
@@ -180,8 +181,8 @@ def input_grad_channels_cpu(dy, x, bcoef, dx):
     # alias dx, so the compiler's runtime alias checks still allow vectorising
     for o in prange(outer):
         for c in range(C):
-            g = bcoef[B_DY, c] * dy[o, c] + bcoef[B_X, c] * (x[o, c] - bcoef[B_MEAN, c])
-            dx[o, c] = g + bcoef[B_CONST, c]
+            g = bcoef[B_DY, c] * widen(dy[o, c]) + bcoef[B_X, c] * (widen(x[o, c]) - bcoef[B_MEAN, c])
+            dx[o, c] = narrow(g + bcoef[B_CONST, c], dx)
 
 
 def input_grad_cpu(dy, x, bcoef, dx):
@@ -196,22 +197,18 @@ def launch_backward_cpu(dy, x, coef, gamma, training, bcoef, dgamma, dbeta, dx):
     """Both backward passes on the CPU.
 
     Args:
-        dy, x: (outer, C, inner) float32/float64 arrays of one dtype.
+        dy, x: (outer, C, inner) float16/32/64 arrays (float16 computed in float32).
         coef: (5, C) forward constants (MEAN, VAR, INVSTD, SCALE, BIAS).
         gamma: (C,).  training: whether the forward used batch statistics.
         bcoef: (4, C) out (MEAN, A, B, K); dgamma, dbeta: (C,) out; dx: like x, out
-            (float16 allowed).
+            (a float16 dx is rounded once).
     """
     outer, C, inner = x.shape
+    dy, x, dx = bits(dy), bits(x), bits(dx)
     sums = np.empty((2, C))
     backward_sums_cpu(dy, x, coef, sums)
     finish_backward_cpu(sums, float(outer * inner), coef, gamma, training, bcoef, dgamma, dbeta)
-    if dx.dtype == x.dtype:
-        input_grad_cpu(dy, x, bcoef, dx)
-    else:  # float16 dx: computed in float32, rounded once
-        tmp = host_empty(x.shape, x.dtype)
-        input_grad_cpu(dy, x, bcoef, tmp)
-        store_float16(tmp, dx)
+    input_grad_cpu(dy, x, bcoef, dx)
 
     # ----------------------------------------------------------------------------
     # CUDA kernels

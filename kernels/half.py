@@ -1,9 +1,13 @@
-"""float16 <-> float32 on the CPU, where numba has no float16 type.
+"""float16 on the CPU, where numba has no float16 type.
 
-The CPU kernels compute in float32; float16 arrays are converted by these two
-elementwise kernels, which work on the raw bits (``x.view(np.uint16)``) and
-vectorise (NumPy's own ``astype`` runs at ~1.6 ns per element here, ten times
-slower).  The CUDA kernels read and write float16 directly.
+The CPU kernels take float16 arrays as their raw bits (``bits(x)``: a uint16
+view) and compute in float32: every load goes through ``widen`` and every
+store through ``narrow``, which convert inline and vectorise, so a float16
+tensor moves half the bytes of a float32 one (no converted copies).
+``compute_dtype(x)`` is the dtype they compute in.  (NumPy's own ``astype``
+to or from float16 runs at ~1.6 ns per element here, twenty times slower than
+the whole conversion-fused forward pass.)  The CUDA kernels read and write
+float16 directly.
 
 Bit recipes: F. Giesen, "half_to_float_fast2" and "float_to_half_fast3_rtne"
 (round to nearest even; NaN stays NaN, overflow becomes Inf, subnormals exact).
@@ -11,14 +15,16 @@ Both rely on exact IEEE float additions of magic constants: compiled without
 fastmath.
 """
 
+import platform
+
 import numba
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
-from numba import prange, types
-from numba.extending import intrinsic
+from numba import types
+from numba.extending import intrinsic, overload
 
-from .common import JIT, cpu_kernel
-from .workspace import host_empty
+from .common import JIT
 
 
 @intrinsic
@@ -54,12 +60,11 @@ def half_to_float(h):
 
     The exponent/mantissa bits, placed as a float32 and multiplied by 2**112,
     give the value exactly (subnormals included); Inf/NaN keep an all-ones
-    exponent.  No branch but a select: it vectorises."""
+    exponent.  No branch: it vectorises."""
     o = numba.uint32(h & 0x7FFF) << numba.uint32(13)
     f = _as_float(o) * _as_float(numba.uint32((254 - 15) << 23))
-    bits = _as_bits(f)
-    if f >= _as_float(numba.uint32((127 + 16) << 23)):  # was Inf / NaN
-        bits |= numba.uint32(255 << 23)
+    was_inf_nan = numba.uint32(f >= _as_float(numba.uint32((127 + 16) << 23)))
+    bits = _as_bits(f) | was_inf_nan * numba.uint32(255 << 23)
     return _as_float(bits | (numba.uint32(h & 0x8000) << numba.uint32(16)))
 
 
@@ -82,32 +87,90 @@ def float_to_half(x):
     return numba.uint16(o)
 
 
-@cpu_kernel
-def _to_float32(src, dst):
-    for i in prange(src.shape[0]):
-        dst[i] = half_to_float(src[i])
+def bits(a):
+    """``a`` as the CPU kernels take it: float16 arrays as their uint16 bits."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
-@cpu_kernel
-def _to_float16(src, dst):
-    for i in prange(src.shape[0]):
-        dst[i] = float_to_half(src[i])
+def widen(v):
+    """(in kernels) A value loaded from a kernel array, as computed with:
+    float16 bits (uint16) become float32; floats are unchanged."""
 
 
-def to_float32(a):
-    """A float32 copy of the float16 array ``a`` (any shape and strides)."""
-    src = np.ascontiguousarray(a).view(np.uint16).reshape(-1)
-    out = host_empty(a.shape, np.float32)
-    _to_float32(src, out.reshape(-1))
-    return out
+def narrow(v, out):
+    """(in kernels) ``v`` as stored into array ``out``: float16 bits (uint16,
+    rounded to nearest even) when ``out`` holds them, else ``v``."""
 
 
-def store_float16(src, dst):
-    """dst[...] = src for float32 ``src`` and a float16 ``dst`` of one shape."""
-    src = np.ascontiguousarray(src, np.float32).reshape(-1)
-    if dst.flags.c_contiguous:
-        _to_float16(src, dst.reshape(-1).view(np.uint16))
-    else:
-        tmp = host_empty(dst.shape, np.float16)
-        _to_float16(src, tmp.reshape(-1).view(np.uint16))
-        dst[...] = tmp
+def compute_dtype(a):
+    """(in kernels) The dtype the kernels compute in for array ``a``:
+    float32 for float16 bits and float32, float64 for float64."""
+
+
+@intrinsic
+def _fpext_half(typingctx, h):
+    """float32 of the float16 bits ``h`` by LLVM's ``fpext half``: one
+    vcvtph2ps per 16 values with F16C / AVX-512."""
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _fptrunc_half(typingctx, f):
+    """float16 bits of the float32 ``f`` by LLVM's ``fptrunc`` (IEEE round to
+    nearest even): one vcvtps2ph per 16 values with F16C / AVX-512."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+def hardware_half() -> bool:
+    """Whether LLVM turns half <-> float into instructions here: numba compiles
+    for this host (no NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) and the host is
+    x86-64 with F16C or 64-bit ARM.  Elsewhere LLVM would call runtime
+    functions the JIT may not have, so the bit recipes above are used."""
+    from numba.core import config
+
+    if config.CPU_NAME or config.CPU_FEATURES:
+        return False
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return bool(llvm.get_host_cpu_features().get("f16c", False))
+    return machine in ("aarch64", "arm64")
+
+
+HARDWARE_HALF = hardware_half()
+
+
+@overload(widen, inline="always")
+def _widen(v):
+    if v == types.uint16:
+        return (lambda v: _fpext_half(v)) if HARDWARE_HALF else (lambda v: half_to_float(v))
+    if isinstance(v, types.Float):
+        return lambda v: v
+    return None
+
+
+@overload(narrow, inline="always")
+def _narrow(v, out):
+    if isinstance(out, types.Array) and out.dtype == types.uint16:
+        if HARDWARE_HALF:
+            return lambda v, out: _fptrunc_half(numba.float32(v))
+        return lambda v, out: float_to_half(v)
+    return lambda v, out: v
+
+
+@overload(compute_dtype, inline="always")
+def _compute_dtype(a):
+    if a.dtype == types.float64:
+        return lambda a: np.float64
+    return lambda a: np.float32

@@ -22,9 +22,8 @@ import numba
 from numba import cuda, prange
 
 from .common import JIT, block_shape, channel_parts, cpu_kernel, sm_count, task_channels, twin
-from .half import store_float16
+from .half import bits, narrow, widen
 from .stats import BIAS, INVSTD, MEAN, SCALE, VAR
-from .workspace import host_empty
 
 # ----------------------------------------------------------------------------
 # per-channel constants from given statistics
@@ -80,7 +79,7 @@ def scale_shift_inner_cpu(x, coef, y):
             s = coef[SCALE, c]
             b = coef[BIAS, c]
             for i in range(inner):
-                y[o, c, i] = (x[o, c, i] - m) * s + b
+                y[o, c, i] = narrow((widen(x[o, c, i]) - m) * s + b, y)
 
 
 @cpu_kernel
@@ -91,11 +90,12 @@ def scale_shift_channels_cpu(x, coef, y):
     # y, so the compiler's runtime alias checks still allow vectorising
     for o in prange(outer):
         for c in range(C):
-            y[o, c] = (x[o, c] - coef[MEAN, c]) * coef[SCALE, c] + coef[BIAS, c]
+            y[o, c] = narrow((widen(x[o, c]) - coef[MEAN, c]) * coef[SCALE, c] + coef[BIAS, c], y)
 
 
 def scale_shift_cpu(x, coef, y):
-    """y = (x - mean) * scale + bias on (outer, C, inner) views x and y (float32/64)."""
+    """y = (x - mean) * scale + bias on (outer, C, inner) views x and y
+    (float32/64, or float16 as its bits: ``half.bits``)."""
     if x.shape[2] > 1:
         scale_shift_inner_cpu(x, coef, y)
     else:  # a 2-D view: the compiler then knows the channels are contiguous
@@ -161,15 +161,10 @@ def elementwise_launch_config(shape):
 def launch_scale_shift_cpu(x, coef, y):
     """y = (x - mean) * scale + bias.
 
-    x: (outer, C, inner) float32/64; coef (5, C) of x's dtype; y: like x, out,
-    any float dtype (a float16 y is computed in float32 and rounded once).
+    x, y: (outer, C, inner) float16/32/64 (float16 is computed in float32 and
+    rounded once); coef (5, C) of x's compute dtype.
     """
-    if y.dtype == x.dtype:
-        scale_shift_cpu(x, coef, y)
-    else:
-        tmp = host_empty(x.shape, x.dtype)
-        scale_shift_cpu(x, coef, tmp)
-        store_float16(tmp, y)
+    scale_shift_cpu(bits(x), coef, bits(y))
 
 
 def launch_scale_shift_cuda(x, coef, y, stream=0):

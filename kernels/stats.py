@@ -53,6 +53,7 @@ from .common import (
     twin,
     welford_step,
 )
+from .half import bits, compute_dtype, widen
 from .workspace import workspace
 
 MEAN, VAR, INVSTD, SCALE, BIAS = range(5)
@@ -126,14 +127,14 @@ def _chunk_moments(v, shift):
     run is cache-resident: the second pass costs no memory traffic.
     """
     n = v.shape[0]
-    s = v.dtype.type(0)
+    s = compute_dtype(v)(0)
     for i in range(n):
-        s += v[i] - shift
+        s += widen(v[i]) - shift
     c = shift + s / n
-    d = v.dtype.type(0)
-    q = v.dtype.type(0)
+    d = compute_dtype(v)(0)
+    q = compute_dtype(v)(0)
     for i in range(n):
-        t = v[i] - c
+        t = widen(v[i]) - c
         d += t
         q += t * t
     return centered_moments(n, c, shift, d, q)
@@ -146,7 +147,9 @@ def channel_moments_inner_cpu(x, out):
     Chunks of the row feed the corrected two-pass moments; rows merge by Chan.
     """
     outer, C, inner = x.shape
-    shift = x[0, :, 0].copy()
+    shift = np.empty(C, compute_dtype(x))
+    for c in range(C):
+        shift[c] = widen(x[0, c, 0])
     # one (o, c) row at a time, split into cache-sized chunks
     part = np.empty((2, outer, C))  # (mean - shift, M2) of every row
     parts = channel_parts(outer, C)
@@ -172,7 +175,7 @@ def channel_moments_inner_cpu(x, out):
 @cpu_kernel
 def channel_moments_channels_cpu(x, center, out):
     """Moments of every channel of x (outer, C) with contiguous channels, in
-    one pass around a given ``center`` (C,) of x's dtype.
+    one pass around a given ``center`` (C,) of x's compute dtype.
 
     Rows are split into a few blocks per thread; each block sums
     ``d = x - center`` and ``d**2`` in x's dtype over sub-blocks of rows
@@ -189,7 +192,7 @@ def channel_moments_channels_cpu(x, center, out):
     for k in prange(blocks):
         mean = part[1, k]
         m2 = part[2, k]
-        acc = np.empty((2, C), x.dtype)  # sum of d, sum of d**2 (one array: fewer alias checks)
+        acc = np.empty((2, C), compute_dtype(x))  # sum of d, sum of d**2 (one array: fewer alias checks)
         n = 0.0
         end = min(outer, (k + 1) * rows_per)
         for o0 in range(k * rows_per, end, sub):
@@ -197,7 +200,7 @@ def channel_moments_channels_cpu(x, center, out):
             acc[:, :] = 0
             for o in range(o0, o1):
                 for c in range(C):
-                    d = x[o, c] - center[c]
+                    d = widen(x[o, c]) - center[c]
                     acc[0, c] += d
                     acc[1, c] += d * d
             merge_rows(mean, m2, n, o1 - o0, center, center, acc[0], acc[1])
@@ -218,14 +221,14 @@ def channel_moments_channels_cpu(x, center, out):
 @numba.njit(**JIT)
 def leading_center(x):
     """Per-channel mean of the first CENTER_ROWS rows of x (outer, C), in x's
-    dtype; 0 where it is not finite (an Inf there must not become the center)."""
+    compute dtype; 0 where not finite (an Inf there must not become the center)."""
     outer, C = x.shape
     rows = min(outer, CENTER_ROWS)
     total = np.zeros(C)
     for o in range(rows):
         for c in range(C):
-            total[c] += x[o, c]
-    center = np.zeros(C, x.dtype)
+            total[c] += widen(x[o, c])
+    center = np.zeros(C, compute_dtype(x))
     for c in range(C):
         m = total[c] / rows
         if math.isfinite(m):
@@ -261,7 +264,8 @@ def channel_moments_channels(x, out):
 
 
 def channel_moments_cpu(x, out):
-    """Moments of every channel of x (outer, C, inner), float32 or float64.
+    """Moments of every channel of x (outer, C, inner): float32, float64, or
+    float16 as its bits (``half.bits``).
 
     out: (3, C) float64, receives count, mean and M2 (sum of squared deviations).
     Every partial is taken of ``x - shift[c]``, the channel's first value, so
@@ -288,14 +292,14 @@ def launch_stats_cpu(x, coef, gamma, beta, rmean, rvar, eps, momentum, update):
     """Batch statistics and forward constants on the CPU.
 
     Args:
-        x: (outer, C, inner) float32/float64 NumPy array (any strides).
-        coef: (5, C) out, x's dtype: rows MEAN, VAR, INVSTD, SCALE, BIAS.
-        gamma, beta: (C,) arrays of x's dtype.
+        x: (outer, C, inner) float16/32/64 NumPy array (any strides).
+        coef: (5, C) out, x's compute dtype: rows MEAN, VAR, INVSTD, SCALE, BIAS.
+        gamma, beta: (C,) arrays of coef's dtype.
         rmean, rvar: (C,) running statistics, updated in place when ``update``.
         eps, momentum: floats.  update: bool.
     """
     moments = np.empty((3, x.shape[1]))
-    channel_moments_cpu(x, moments)
+    channel_moments_cpu(bits(x), moments)
     finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, update)
 
     # ----------------------------------------------------------------------------
