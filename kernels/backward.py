@@ -35,6 +35,7 @@ from .stats import (
     MEAN,
     block_slice,
     coherent,
+    fold_rows,
     last_block,
     row_blocks,
     stats_launch_config,
@@ -106,15 +107,16 @@ def backward_sums_inner_cpu(dy, x, coef, out):
 
 
 @cpu_kernel
-def backward_sums_channels_cpu(dy, x, coef, out):
-    """backward_sums_cpu for inner == 1: dy, x (outer, C), channels contiguous."""
+def backward_sums_channels_cpu(dy, x, mean, out):
+    """backward_sums_cpu for inner == 1: dy, x (outer, C), channels contiguous;
+    mean (C,) the forward mean."""
     outer, C = x.shape
     # rows of C contiguous values: a few row blocks per thread, float64
     # running sums per channel fed by input-dtype sums over cache-sized
     # sub-blocks of rows (vectorised across C)
     blocks, rows_per, sub = row_blocks(outer, C)
     part = np.zeros((2, blocks, C))
-    m = coef[MEAN].astype(compute_dtype(x))
+    m = mean.astype(compute_dtype(x))
     for k in prange(blocks):
         s1 = np.empty(C, compute_dtype(dy))
         s2 = np.empty(C, compute_dtype(dy))
@@ -147,8 +149,16 @@ def backward_sums_cpu(dy, x, coef, out):
     """
     if x.shape[2] > 1:
         backward_sums_inner_cpu(dy, x, coef, out)
-    else:  # a 2-D view: the compiler then knows the channels are contiguous
-        backward_sums_channels_cpu(dy[:, :, 0], x[:, :, 0], coef, out)
+        return
+    # a 2-D view: the compiler then knows the channels are contiguous; narrow
+    # rows folded side by side (stats.fold_rows), the f partial sums added
+    (dy2, f), (x2, fx) = fold_rows(dy[:, :, 0]), fold_rows(x[:, :, 0])
+    if f != fx:
+        dy2, x2, f = dy[:, :, 0], x[:, :, 0], 1
+    part = out if f == 1 else np.empty((2, x2.shape[1]))
+    backward_sums_channels_cpu(dy2, x2, np.tile(coef[MEAN], f), part)
+    if f > 1:
+        out[...] = part.reshape(2, f, -1).sum(axis=1)
 
 
 @numba.njit(**JIT)

@@ -65,6 +65,8 @@ CHUNK = 4096
 #: amortise its float64 merge.
 SUB_BLOCK = 1 << 16
 SUB_ROWS = 1024
+#: Channels-contiguous rows narrower than this are folded (``fold_rows``).
+FOLD_WIDTH = 512
 #: Rows averaged into the center of the one-pass moments (channels contiguous).
 CENTER_ROWS = 16
 #: Largest n * (center - mean)**2 / M2 accepted from one pass around a center:
@@ -184,7 +186,7 @@ def channel_moments_channels_cpu(x, center, out):
     ``M2 = sum(d**2) - sum(d)**2 / n`` (``merge_rows``).  Its rounding error
     relative to M2 is about eps * (1 + n * (center - mean)**2 / M2): the
     caller re-runs with a better center where that ratio is large.
-    out: (3, C) float64 count, mean, M2.
+    out: (3, C) float64 count, mean - center, M2.
     """
     outer, C = x.shape
     blocks, rows_per, sub = row_blocks(outer, C)
@@ -214,7 +216,7 @@ def channel_moments_channels_cpu(x, center, out):
         merge_moments(mean, m2, n, nb, part[1, k], part[2, k])
         n += nb
     out[0, :] = n
-    out[1, :] = center + mean
+    out[1, :] = mean
     out[2, :] = m2
 
 
@@ -249,18 +251,59 @@ def recenter(moments, center):
     return moved
 
 
+def fold_rows(x):
+    """x (outer, C), C-contiguous, viewed as (outer / f, f * C): f consecutive
+    rows side by side, f the largest power of two with f * C <= FOLD_WIDTH that
+    divides outer (f = 1 where x is not contiguous).  Column g * C + c of the
+    view holds channel c: a kernel that treats the f * C columns as channels
+    computes f partial results per channel, and runs its vectorised loop over
+    rows long enough to amortise the loop's overhead (NHWC with C = 64: 1.5x)."""
+    outer, C = x.shape
+    if x.strides != (C * x.itemsize, x.itemsize):
+        return x, 1
+    f = 1
+    while 2 * f * C <= FOLD_WIDTH and outer % (2 * f) == 0:
+        f *= 2
+    return x.reshape(outer // f, f * C), f
+
+
+@numba.njit(**JIT)
+def merge_groups(part, center, out):
+    """out (3, C) <- count, mean, M2 of every channel from the ``groups``
+    side-by-side partials in part (3, groups * C) of (count, mean - center,
+    M2) around one center per channel (Chan, float64: exact, as no absolute
+    mean is rounded before the merge)."""
+    C = out.shape[1]
+    mean = part[1, :C].copy()
+    m2 = part[2, :C].copy()
+    n = part[0, 0]
+    for g in range(1, part.shape[1] // C):
+        nb = part[0, g * C]
+        merge_moments(mean, m2, n, nb, part[1, g * C : (g + 1) * C], part[2, g * C : (g + 1) * C])
+        n += nb
+    out[0, :] = n
+    for c in range(C):
+        out[1, c] = center[c] + mean[c]
+    out[2, :] = m2
+
+
 def channel_moments_channels(x, out):
     """channel_moments_cpu for x (outer, C) with contiguous channels.
 
     One pass around the mean of the first CENTER_ROWS rows; where that center
     lies more than sqrt(RECENTER) standard deviations from the channel's mean
     (an outlier among the first rows), a second pass around the mean just
-    measured (now within a few ulps of it) restores full accuracy.
+    measured (now within a few ulps of it) restores full accuracy.  Narrow
+    rows are folded first (``fold_rows``).
     """
     center = leading_center(x)
-    channel_moments_channels_cpu(x, center, out)
+    x, f = fold_rows(x)
+    part = np.empty((3, x.shape[1]))
+    channel_moments_channels_cpu(x, np.tile(center, f), part)
+    merge_groups(part, center, out)
     if recenter(out, center):
-        channel_moments_channels_cpu(x, center, out)
+        channel_moments_channels_cpu(x, np.tile(center, f), part)
+        merge_groups(part, center, out)
 
 
 def channel_moments_cpu(x, out):
