@@ -115,9 +115,10 @@ def backward_sums_channels_cpu(dy, x, mean, out):
     # running sums per channel fed by input-dtype sums over cache-sized
     # sub-blocks of rows (vectorised across C)
     blocks, rows_per, sub = row_blocks(outer, C)
-    part = np.zeros((2, blocks, C))
+    part = np.empty((2, blocks, C))  # zeroed block by block, in parallel
     m = mean.astype(compute_dtype(x))
     for k in prange(blocks):
+        part[:, k] = 0
         s1 = np.empty(C, compute_dtype(dy))
         s2 = np.empty(C, compute_dtype(dy))
         end = min(outer, (k + 1) * rows_per)

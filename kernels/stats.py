@@ -190,10 +190,12 @@ def channel_moments_channels_cpu(x, center, out):
     """
     outer, C = x.shape
     blocks, rows_per, sub = row_blocks(outer, C)
-    part = np.zeros((3, blocks, C))
+    part = np.empty((3, blocks, C))  # zeroed block by block, in parallel
     for k in prange(blocks):
         mean = part[1, k]
         m2 = part[2, k]
+        mean[:] = 0
+        m2[:] = 0
         acc = np.empty((2, C), compute_dtype(x))  # sum of d, sum of d**2 (one array: fewer alias checks)
         n = 0.0
         end = min(outer, (k + 1) * rows_per)
