@@ -1,14 +1,17 @@
-"""Benchmark gpubn's ops against the bytes they must move, beside PyTorch.
+"""Benchmark gpubn's ops against the bytes they must move, beside PyTorch and NumPy.
 
     python -m gpubn.bench [--backend cpu|cuda] [--shapes NAME ...] [--ops OP ...]
-                          [--repeat N] [--json PATH] [--list]
+                          [--repeat N] [--json PATH] [--no-torch] [--no-numpy]
+                          [--list] [--startup]
 
 For every shape and op: validate against a float64 NumPy reference first, then
 time (CUDA events on the GPU, a host timer on the CPU; warm-up, then the median
-of ``--repeat`` runs, in series alternating with torch's) and print the median ms, the
-GB/s this means for the minimum traffic of the op, and the fraction of the floor
-set by a memory copy measured in the same run.  When torch is importable, ``F.batch_norm`` (and
-autograd for the backward) is timed on the same data and the speedup printed.
+of ``--repeat`` runs, in series alternating with torch's) and print the median
+ms, the GB/s this means for the minimum traffic of the op, and the fraction of
+the floor set by a memory copy measured in the same run.  When torch is
+importable, ``F.batch_norm`` (and autograd for the backward) is timed on the
+same data and the speedup printed; on the CPU backend, so is the same op
+written in plain NumPy (x's dtype, one core).
 
 Minimum traffic, B = x.nbytes (design.md section 4):
     stats 1B (read x) | fwd-train 3B (stats pass + normalize pass) |
@@ -174,7 +177,7 @@ def _host(a):
     return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
 
 
-def bench_shape(spec, backend, ops, repeat, timer, floor_gbs, torch_mods, validate=True):
+def bench_shape(spec, backend, ops, repeat, timer, floor_gbs, torch_mods, validate=True, numpy=False):
     rng = np.random.default_rng(0)
     dtype = np.dtype(spec.dtype)
     x = (0.5 + rng.standard_normal(spec.shape, np.float32)).astype(dtype)
@@ -222,6 +225,7 @@ def bench_shape(spec, backend, ops, repeat, timer, floor_gbs, torch_mods, valida
         "fwd+bwd": lambda: gpubn.batch_norm_backward(dys, fwd()[1]),
     }
     torch_fns = _torch_fns(spec, x, dy, gamma, beta, backend, torch_mods) if torch_mods[0] else {}
+    numpy_fns = _numpy_fns(spec, x, dy, gamma, beta) if numpy else {}
     rows = []
     for op in ops:
         ms, torch_ms = timer.compare(fns[op], torch_fns.get(op), repeat)
@@ -244,8 +248,42 @@ def bench_shape(spec, backend, ops, repeat, timer, floor_gbs, torch_mods, valida
         if torch_ms is not None:
             row["torch_ms"] = torch_ms
             row["speedup"] = torch_ms / ms
+        if op in numpy_fns:  # a slow single-threaded baseline: fewer runs, not interleaved
+            row["numpy_ms"] = timer.time(numpy_fns[op], max(3, repeat // 3))
         rows.append(row)
     return rows
+
+
+def _numpy_fns(spec, x, dy, gamma, beta, eps=1e-5):
+    """The same ops as a NumPy user would write them (x's dtype, one core)."""
+    ax = spec.axis % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != ax)
+    shape = [1] * x.ndim
+    shape[ax] = -1
+    g = gamma.astype(x.dtype).reshape(shape)
+    b = beta.astype(x.dtype).reshape(shape)
+    rm, rv = np.zeros_like(g), np.ones_like(g)
+    n = x.size // x.shape[ax]
+
+    def fwd():
+        invstd = 1 / np.sqrt(x.var(axis=red, keepdims=True) + eps)
+        xhat = (x - x.mean(axis=red, keepdims=True)) * invstd
+        return xhat * g + b, (xhat, invstd)
+
+    def bwd(saved):
+        xhat, invstd = saved
+        dbeta = dy.sum(axis=red, keepdims=True)
+        dgamma = (dy * xhat).sum(axis=red, keepdims=True)
+        return g * invstd / n * (n * dy - dbeta - xhat * dgamma), dgamma, dbeta
+
+    saved = fwd()[1]
+    return {
+        "stats": lambda: (x.mean(axis=red), x.var(axis=red)),
+        "fwd-train": fwd,
+        "eval": lambda: (x - rm) / np.sqrt(rv + eps) * g + b,
+        "backward": lambda: bwd(saved),
+        "fwd+bwd": lambda: bwd(fwd()[1]),
+    }
 
 
 def _torch_fns(spec, x, dy, gamma, beta, backend, torch_mods):
@@ -373,6 +411,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per op (default 30 GPU, 10 CPU)")
     ap.add_argument("--json", default=None, help="write the numbers to this file")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy baseline (CPU backend)")
     ap.add_argument("--list", action="store_true", help="list the shapes and exit")
     ap.add_argument("--startup", action="store_true", help="time the first call in fresh processes (cold/warm cache)")
     args = ap.parse_args(argv)
@@ -410,14 +449,21 @@ def main(argv=None):
     header = f"{'shape':24s} {'op':9s} {'ms':>9s} {'GB/s':>8s} {'floor':>6s}"
     if torch_mods[0] is not None:
         header += f" {'torch ms':>9s} {'speedup':>8s}"
+    numpy = backend == "cpu" and not args.no_numpy
+    if numpy:
+        header += f" {'numpy ms':>9s}"
     print(header)
     rows = []
     for name in names:
-        for row in bench_shape(SHAPES[name], backend, args.ops, repeat, timer, floor, torch_mods):
+        for row in bench_shape(SHAPES[name], backend, args.ops, repeat, timer, floor, torch_mods, numpy=numpy):
             rows.append(row)
             line = f"{row['shape']:24s} {row['op']:9s} {row['ms']:9.3f} {row['GB/s']:8.1f} {row['pct_floor']:5.0f}%"
             if "torch_ms" in row:
                 line += f" {row['torch_ms']:9.3f} {row['speedup']:7.2f}x"
+            elif torch_mods[0] is not None:
+                line += " " * 18
+            if "numpy_ms" in row:
+                line += f" {row['numpy_ms']:9.3f}"
             print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -144,7 +144,10 @@ def hardware_half() -> bool:
         return False
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
-        return bool(llvm.get_host_cpu_features().get("f16c", False))
+        try:
+            return bool(llvm.get_host_cpu_features().get("f16c", False))
+        except Exception:  # features unknown: stay portable
+            return False
     return machine in ("aarch64", "arm64")
 
 

@@ -18,15 +18,21 @@ and, when ``update`` is set, the running statistics (PyTorch's semantics):
     running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
 
 CPU: ``channel_moments_cpu`` (numba.njit, parallel) then ``finish_channels_cpu``.
+inner > 1: each contiguous (o, c) row in cache-sized chunks, two passes over
+each chunk (its sum, then sums around the chunk's mean).  inner == 1: one pass
+over blocks of rows, vectorised across channels, around the mean of the first
+rows, and a second pass only where that center turned out far from the mean.
+
 CUDA: one launch.  Each channel's reduction is split over many blocks; each
 thread runs Welford's update over its elements shifted by its first element
 (plain float32 Welford loses 2% of the variance at an offset of 1e6; plain
-shifted sums lose 5e-4 when the shift is a huge outlier; together neither), the block merges its threads'
-triples in shared memory, every block writes its partial triple to a workspace, and the last block of a channel
-column to finish (threadfence + atomic ticket) merges the partials and finalizes.
-Two kernels, one per access regime of the view:
-``batch_stats_cuda_inner`` (inner > 1: threads walk the contiguous inner axis)
-and ``batch_stats_cuda_channels`` (inner == 1: threads walk channels).
+shifted sums lose 5e-4 when the shift is a huge outlier; together neither),
+the block merges its threads' triples in shared memory, every block writes its
+partial triple to a workspace, and the last block of a channel column to finish
+(threadfence + atomic ticket) merges the partials and finalizes.  Two kernels,
+one per access regime of the view: ``batch_stats_cuda_inner`` (inner > 1:
+threads walk the contiguous inner axis) and ``batch_stats_cuda_channels``
+(inner == 1: threads walk channels).
 """
 
 import math
@@ -73,12 +79,10 @@ CENTER_ROWS = 16
 #: the variance then keeps ~RECENTER * eps of relative error at worst.
 RECENTER = 64.0
 #: Row blocks of the CPU kernels when channels are contiguous (inner == 1):
-#: a few per core, few enough that merging their partials costs nothing.
+#: a few per core, few enough that merging their partials costs nothing ...
 ROW_BLOCKS = 32
-
-
-#: Fewest elements per row block (channels contiguous): small inputs get few
-#: blocks, so their float64 partials cost less than their work.
+#: ... and none of fewer elements than this: small inputs get few blocks, so
+#: their float64 partials cost less than their work.
 BLOCK_MIN = 1 << 14
 
 
@@ -313,9 +317,10 @@ def channel_moments_cpu(x, out):
     float16 as its bits (``half.bits``).
 
     out: (3, C) float64, receives count, mean and M2 (sum of squared deviations).
-    Every partial is taken of ``x - shift[c]``, the channel's first value, so
-    partial means are small and merging them loses nothing to the offset
-    (float64 data with mean 1e8 and spread 1e-4 keeps its variance to 1e-9).
+    Every partial is taken around a per-channel center (inner > 1: the channel's
+    first value; channels contiguous: the mean of its first rows), so partial
+    means are small and merging them loses nothing to the offset (float64 data
+    with mean 1e8 and spread 1e-4 keeps its variance to 1e-9).
     """
     if x.shape[2] > 1:
         channel_moments_inner_cpu(x, out)

@@ -1,5 +1,6 @@
 """`python -m gpubn.bench`: its timer and one small shape end to end (CPU)."""
 
+import numpy as np
 import pytest
 
 from gpubn import bench
@@ -47,3 +48,26 @@ def test_unknown_shape_is_an_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--backend", "cpu", "--shapes", "no-such-shape"])
     assert "unknown shapes" in capsys.readouterr().err
+
+
+def test_numpy_baseline_computes_batch_norm(rng):
+    """The NumPy column times a real batch norm: its outputs match the reference."""
+    from reference import backward, forward
+
+    spec = bench.Shape("tiny", (8, 6, 5), 1, "float64")
+    x, dy = rng.standard_normal((8, 6, 5)), rng.standard_normal((8, 6, 5))
+    gamma, beta = rng.uniform(0.5, 1.5, 6), rng.standard_normal(6)
+    fns = bench._numpy_fns(spec, x, dy, gamma, beta)
+    y, _ = fns["fwd-train"]()
+    np.testing.assert_allclose(y, forward(x, gamma, beta, 1)[0], rtol=1e-10, atol=1e-10)
+    dx, dgamma, dbeta = fns["fwd+bwd"]()
+    dx_ref, dgamma_ref, dbeta_ref = backward(dy, x, gamma, 1)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(dgamma.ravel(), dgamma_ref, rtol=1e-10)
+    np.testing.assert_allclose(dbeta.ravel(), dbeta_ref, rtol=1e-10)
+
+
+def test_bench_shape_with_numpy_column():
+    spec = bench.Shape("tiny", (8, 6, 5), 1)
+    rows = bench.bench_shape(spec, "cpu", ["stats", "eval"], 2, bench.HostTimer(), 10.0, (None, None), numpy=True)
+    assert all(r["numpy_ms"] > 0 for r in rows)
