@@ -255,32 +255,41 @@ def bench_shape(spec, backend, ops, repeat, timer, floor_gbs, torch_mods, valida
 
 
 def _numpy_fns(spec, x, dy, gamma, beta, eps=1e-5):
-    """The same ops as a NumPy user would write them (x's dtype, one core)."""
+    """The same ops as a NumPy user would write them, on one core: in x's dtype,
+    float16 converted to float32 and back (NumPy's float16 sums overflow)."""
     ax = spec.axis % x.ndim
     red = tuple(i for i in range(x.ndim) if i != ax)
     shape = [1] * x.ndim
     shape[ax] = -1
-    g = gamma.astype(x.dtype).reshape(shape)
-    b = beta.astype(x.dtype).reshape(shape)
+    dtype = np.float32 if x.dtype == np.float16 else x.dtype
+    g = gamma.astype(dtype).reshape(shape)
+    b = beta.astype(dtype).reshape(shape)
     rm, rv = np.zeros_like(g), np.ones_like(g)
     n = x.size // x.shape[ax]
 
     def fwd():
-        invstd = 1 / np.sqrt(x.var(axis=red, keepdims=True) + eps)
-        xhat = (x - x.mean(axis=red, keepdims=True)) * invstd
-        return xhat * g + b, (xhat, invstd)
+        xc = x.astype(dtype, copy=False)
+        invstd = 1 / np.sqrt(xc.var(axis=red, keepdims=True) + eps)
+        xhat = (xc - xc.mean(axis=red, keepdims=True)) * invstd
+        return (xhat * g + b).astype(x.dtype, copy=False), (xhat, invstd)
 
     def bwd(saved):
         xhat, invstd = saved
-        dbeta = dy.sum(axis=red, keepdims=True)
-        dgamma = (dy * xhat).sum(axis=red, keepdims=True)
-        return g * invstd / n * (n * dy - dbeta - xhat * dgamma), dgamma, dbeta
+        g_out = dy.astype(dtype, copy=False)
+        dbeta = g_out.sum(axis=red, keepdims=True)
+        dgamma = (g_out * xhat).sum(axis=red, keepdims=True)
+        dx = g * invstd / n * (n * g_out - dbeta - xhat * dgamma)
+        return dx.astype(x.dtype, copy=False), dgamma, dbeta
+
+    def stats():
+        xc = x.astype(dtype, copy=False)
+        return xc.mean(axis=red), xc.var(axis=red)
 
     saved = fwd()[1]
     return {
-        "stats": lambda: (x.mean(axis=red), x.var(axis=red)),
+        "stats": stats,
         "fwd-train": fwd,
-        "eval": lambda: (x - rm) / np.sqrt(rv + eps) * g + b,
+        "eval": lambda: ((x.astype(dtype, copy=False) - rm) / np.sqrt(rv + eps) * g + b).astype(x.dtype, copy=False),
         "backward": lambda: bwd(saved),
         "fwd+bwd": lambda: bwd(fwd()[1]),
     }
