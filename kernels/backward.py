@@ -37,6 +37,7 @@ from .stats import (
     coherent,
     fold_rows,
     last_block,
+    repeat_groups,
     row_blocks,
     stats_launch_config,
 )
@@ -157,7 +158,7 @@ def backward_sums_cpu(dy, x, coef, out):
     if f != fx:
         dy2, x2, f = dy[:, :, 0], x[:, :, 0], 1
     part = out if f == 1 else np.empty((2, x2.shape[1]))
-    backward_sums_channels_cpu(dy2, x2, np.tile(coef[MEAN], f), part)
+    backward_sums_channels_cpu(dy2, x2, repeat_groups(coef[MEAN], f), part)
     if f > 1:
         out[...] = part.reshape(2, f, -1).sum(axis=1)
 

@@ -273,6 +273,11 @@ def fold_rows(x):
     return x.reshape(outer // f, f * C), f
 
 
+def repeat_groups(v, f):
+    """v (C,) repeated for f side-by-side groups of folded rows: (f * C,)."""
+    return v if f == 1 else np.tile(v, f)
+
+
 @numba.njit(**JIT)
 def merge_groups(part, center, out):
     """out (3, C) <- count, mean, M2 of every channel from the ``groups``
@@ -305,10 +310,10 @@ def channel_moments_channels(x, out):
     center = leading_center(x)
     x, f = fold_rows(x)
     part = np.empty((3, x.shape[1]))
-    channel_moments_channels_cpu(x, np.tile(center, f), part)
+    channel_moments_channels_cpu(x, repeat_groups(center, f), part)
     merge_groups(part, center, out)
     if recenter(out, center):
-        channel_moments_channels_cpu(x, np.tile(center, f), part)
+        channel_moments_channels_cpu(x, repeat_groups(center, f), part)
         merge_groups(part, center, out)
 
 
