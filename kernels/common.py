@@ -141,15 +141,6 @@ def shifted_to_moments(n, shift, s1, s2):
 
 
 @numba.njit(**JIT)
-def centered_moments(n, center, shift, d, q):
-    """(count, mean - shift, M2) from sums around ``center``: d = sum(x - center),
-    q = sum((x - center)**2).  Kept out of the fastmath kernels on purpose:
-    reassociating ``(center - shift) + d / n`` would round at the offset."""
-    nf, m, m2 = shifted_to_moments(n, 0.0, d, q)
-    return nf, (numba.float64(center) - numba.float64(shift)) + m, m2
-
-
-@numba.njit(**JIT)
 def merge_moments(mean, m2, n, nb, mean_b, m2_b):
     """Chan-merge per-channel moments of ``nb`` values (mean_b, m2_b: (C,))
     into running (mean, m2) of ``n`` values, every channel at once: one call

@@ -18,10 +18,10 @@ and, when ``update`` is set, the running statistics (PyTorch's semantics):
     running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
 
 CPU: ``channel_moments_cpu`` (numba.njit, parallel) then ``finish_channels_cpu``.
-inner > 1: each contiguous (o, c) row in cache-sized chunks, two passes over
-each chunk (its sum, then sums around the chunk's mean).  inner == 1: one pass
-over blocks of rows, vectorised across channels, around the mean of the first
-rows, and a second pass only where that center turned out far from the mean.
+One pass of sums around a per-channel center (the mean of the channel's first
+values), a second only where that center turned out far from the mean:
+inner > 1 over each contiguous (o, c) row; inner == 1 over blocks of rows,
+vectorised across channels.
 
 CUDA: one launch.  Each channel's reduction is split over many blocks; each
 thread runs Welford's update over its elements shifted by its first element
@@ -46,7 +46,6 @@ from .common import (
     JIT_STREAM,
     MAX_THREADS,
     block_shape,
-    centered_moments,
     chan_merge,
     channel_parts,
     cpu_kernel,
@@ -54,6 +53,7 @@ from .common import (
     merge_moments,
     merge_rows,
     reduction_splits,
+    shifted_to_moments,
     task_channels,
     tree_merge,
     twin,
@@ -64,7 +64,8 @@ from .workspace import workspace
 
 MEAN, VAR, INVSTD, SCALE, BIAS = range(5)
 
-#: Elements per cache-resident chunk of the CPU two-pass moments.
+#: Elements per chunk of a row summed in x's compute dtype (inner > 1; also
+#: the backward sums): short enough that float32 sums over it stay accurate.
 CHUNK = 4096
 #: Elements per sub-block of rows (channels contiguous), and most rows in
 #: one: short enough that x.dtype sums over it stay accurate, long enough to
@@ -122,60 +123,52 @@ finish_channel_cpu, finish_channel_cuda = twin(finish_channel)
 
 
 @numba.njit(**JIT_STREAM)
-def _chunk_moments(v, shift):
-    """(count, mean - shift, M2) of a short 1-D run by the corrected two-pass
-    formula around a center ``c`` near its mean:
-
-        M2 = sum((v - c)**2) - sum(v - c)**2 / n,   mean = c + sum(v - c) / n
-
-    exact for any c, so the center may be rough.  It is computed once and used
-    as it is in both places (fastmath may reassociate, but not change c).  The
-    run is cache-resident: the second pass costs no memory traffic.
-    """
-    n = v.shape[0]
-    s = compute_dtype(v)(0)
-    for i in range(n):
-        s += widen(v[i]) - shift
-    c = shift + s / n
+def _centered_sums(v, center):
+    """sum(v - center) and sum((v - center)**2) of a 1-D run, in v's compute dtype."""
     d = compute_dtype(v)(0)
     q = compute_dtype(v)(0)
-    for i in range(n):
-        t = widen(v[i]) - c
+    for i in range(v.shape[0]):
+        t = widen(v[i]) - center
         d += t
         q += t * t
-    return centered_moments(n, c, shift, d, q)
+    return d, q
 
 
 @cpu_kernel
-def channel_moments_inner_cpu(x, out):
-    """channel_moments_cpu for inner > 1: x (outer, C, inner), one (o, c) row at a time.
+def channel_moments_inner_cpu(x, center, out):
+    """Moments of every channel of x (outer, C, inner), inner > 1, in one pass
+    around a given ``center`` (C,) of x's compute dtype.
 
-    Chunks of the row feed the corrected two-pass moments; rows merge by Chan.
+    Every contiguous (o, c) row yields ``D = sum(x - center)`` and
+    ``Q = sum((x - center)**2)``, in x's compute dtype over chunks of CHUNK
+    values, in float64 across chunks and rows; then
+
+        mean = center + D / n,    M2 = Q - D**2 / n
+
+    whose rounding error relative to M2 is about eps * (1 + n * (center -
+    mean)**2 / M2), however the rows' own means differ (the caller re-runs with
+    a better center where that ratio is large).  out: (3, C) count, mean, M2.
     """
     outer, C, inner = x.shape
-    shift = np.empty(C, compute_dtype(x))
-    for c in range(C):
-        shift[c] = widen(x[0, c, 0])
-    # one (o, c) row at a time, split into cache-sized chunks
-    part = np.empty((2, outer, C))  # (mean - shift, M2) of every row
+    part = np.empty((2, outer, C))  # D and Q of every row
     parts = channel_parts(outer, C)
     for k in prange(outer * parts):
         o, c0, c1 = task_channels(k, parts, C)
         for c in range(c0, c1):
-            n, m, q = 0.0, 0.0, 0.0
+            d, q = 0.0, 0.0
             for start in range(0, inner, CHUNK):
-                cn, cm, cq = _chunk_moments(x[o, c, start : min(start + CHUNK, inner)], shift[c])
-                n, m, q = chan_merge(n, m, q, cn, cm, cq)
-            part[0, o, c] = m
+                s1, s2 = _centered_sums(x[o, c, start : min(start + CHUNK, inner)], center[c])
+                d += s1
+                q += s2
+            part[0, o, c] = d
             part[1, o, c] = q
-    # every row holds `inner` values: merge row by row, all channels at once
-    mean = np.zeros(C)
-    m2 = np.zeros(C)
+    total = np.zeros((2, C))
     for o in range(outer):
-        merge_moments(mean, m2, o * inner, inner, part[0, o], part[1, o])
-    out[0, :] = outer * inner
-    out[1, :] = shift + mean
-    out[2, :] = m2
+        for c in range(C):
+            total[0, c] += part[0, o, c]
+            total[1, c] += part[1, o, c]
+    for c in range(C):
+        out[0, c], out[1, c], out[2, c] = shifted_to_moments(outer * inner, center[c], total[0, c], total[1, c])
 
 
 @cpu_kernel
@@ -322,13 +315,15 @@ def channel_moments_cpu(x, out):
     float16 as its bits (``half.bits``).
 
     out: (3, C) float64, receives count, mean and M2 (sum of squared deviations).
-    Every partial is taken around a per-channel center (inner > 1: the channel's
-    first value; channels contiguous: the mean of its first rows), so partial
-    means are small and merging them loses nothing to the offset (float64 data
-    with mean 1e8 and spread 1e-4 keeps its variance to 1e-9).
+    Every partial is taken around a per-channel center (the mean of its first
+    values), so partial sums are small and combining them loses nothing to the
+    offset (float64 data with mean 1e8 and spread 1e-4 keeps its variance to 1e-9).
     """
-    if x.shape[2] > 1:
-        channel_moments_inner_cpu(x, out)
+    if x.shape[2] > 1:  # centered on the mean of the first values of the first row
+        center = leading_center(x[0].T)
+        channel_moments_inner_cpu(x, center, out)
+        if recenter(out, center):
+            channel_moments_inner_cpu(x, center, out)
     else:  # a 2-D view: the compiler then knows the channels are contiguous
         channel_moments_channels(x[:, :, 0], out)
 
