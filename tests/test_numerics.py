@@ -105,14 +105,21 @@ def test_single_huge_outlier(backend, rng):
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])
-def test_outliers_leading_channels_last_rows(rng, offset):
-    """CPU, channels contiguous: the one-pass moments are centered on the first
-    rows' mean; outliers there put the center 64 standard deviations off (one
-    pass alone: 5e-4 relative variance error), and a second pass recenters."""
-    x = (offset + rng.standard_normal((1 << 16, 3))).astype(np.float32)
-    x[:16, 0] = offset + 1e6
-    mean, var = gpubn.batch_stats(x, backend="cpu")
-    rmean, rvar = stats(x, 1)
+@pytest.mark.parametrize("layout", ["channels-last", "nchw"])
+def test_outliers_among_the_first_values(rng, offset, layout):
+    """CPU: the one-pass moments are centered on the mean of each channel's
+    first 16 values; outliers there put the center ~64 standard deviations off
+    (one pass alone: 5e-4 relative variance error), and a second pass recenters."""
+    if layout == "channels-last":
+        x = (offset + rng.standard_normal((1 << 16, 3))).astype(np.float32)
+        x[:16, 0] = offset + 1e6
+        axis = 1
+    else:
+        x = (offset + rng.standard_normal((16, 3, 4096))).astype(np.float32)
+        x[0, 0, :16] = offset + 1e6
+        axis = 1
+    mean, var = gpubn.batch_stats(x, axis=axis, backend="cpu")
+    rmean, rvar = stats(x, axis)
     np.testing.assert_allclose(var, rvar, rtol=2e-5)
     np.testing.assert_allclose(mean, rmean, rtol=1e-6, atol=1e-6 * np.abs(x).max())
 
