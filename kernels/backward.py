@@ -107,6 +107,13 @@ def backward_sums_inner_cpu(dy, x, coef, out):
         out[1, c] = t2
 
 
+@numba.njit(inline="always", **JIT_STREAM)
+def _terms(dy, x, m, o, c):
+    """dy and dy * (x - mean) at (o, c) of 2-D dy, x; m: (C,) mean."""
+    g = widen(dy[o, c])
+    return g, g * (widen(x[o, c]) - m[c])
+
+
 @cpu_kernel
 def backward_sums_channels_cpu(dy, x, mean, out):
     """backward_sums_cpu for inner == 1: dy, x (outer, C), channels contiguous;
@@ -126,11 +133,21 @@ def backward_sums_channels_cpu(dy, x, mean, out):
         for o0 in range(k * rows_per, end, sub):
             s1[:] = 0
             s2[:] = 0
-            for o in range(o0, min(end, o0 + sub)):
+            o1 = min(end, o0 + sub)
+            quads = o0 + (o1 - o0) // 4 * 4
+            for o in range(o0, quads, 4):  # four rows a step: s1, s2, in memory, updated once
                 for c in range(C):
-                    g = widen(dy[o, c])
+                    g0, h0 = _terms(dy, x, m, o, c)
+                    g1, h1 = _terms(dy, x, m, o + 1, c)
+                    g2, h2 = _terms(dy, x, m, o + 2, c)
+                    g3, h3 = _terms(dy, x, m, o + 3, c)
+                    s1[c] += (g0 + g1) + (g2 + g3)
+                    s2[c] += (h0 + h1) + (h2 + h3)
+            for o in range(quads, o1):
+                for c in range(C):
+                    g, h = _terms(dy, x, m, o, c)
                     s1[c] += g
-                    s2[c] += g * (widen(x[o, c]) - m[c])
+                    s2[c] += h
             for c in range(C):
                 part[0, k, c] += s1[c]
                 part[1, k, c] += s2[c]
