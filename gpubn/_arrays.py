@@ -1,5 +1,6 @@
 """Validation, the canonical (outer, C, inner) view, and host/device movement."""
 
+import functools
 import math
 import numbers
 
@@ -106,8 +107,9 @@ def channel_vector(v, name: str, C: int, dtype, backend: str, fill=None):
     if v is None:
         if fill is None:
             return None
-        host = np.full(C, fill, dtype)
-        return cuda.to_device(host) if backend == "cuda" else host
+        if backend == "cuda":  # read-only constants: one copy per shape, not a transfer per call
+            return _device_full(C, np.dtype(dtype).str, float(fill))
+        return np.full(C, fill, dtype)
     on_device = is_device_array(v)
     if on_device and backend != "cuda":
         raise TypeError(f"{name}: a device array cannot be used with backend {backend!r}")
@@ -121,6 +123,13 @@ def channel_vector(v, name: str, C: int, dtype, backend: str, fill=None):
         return arr
     host = np.ascontiguousarray(arr, dtype=dtype)
     return cuda.to_device(host) if backend == "cuda" else host
+
+
+@functools.lru_cache(maxsize=64)
+def _device_full(C: int, dtype: str, fill: float):
+    """A (C,) device array of ``fill``, shared by every call that needs it
+    (the kernels only read gamma and beta)."""
+    return cuda.to_device(np.full(C, fill, dtype))
 
 
 class StateVector:

@@ -32,7 +32,7 @@ from ._backend import resolve_backend
 from .kernels import backward as _bw
 from .kernels import normalize as _nz
 from .kernels import stats as _st
-from .kernels.workspace import host_empty
+from .kernels.workspace import device_empty, host_empty
 
 _ENGINES = {
     "cpu": SimpleNamespace(
@@ -79,7 +79,7 @@ class _Input:
             shape, dtype = (rows, self.C), self.acc
         else:
             shape, dtype = self.shape, self.dtype
-        return cuda.device_array(shape, dtype) if self.backend == "cuda" else host_empty(shape, dtype)
+        return device_empty(shape, dtype) if self.backend == "cuda" else host_empty(shape, dtype)
 
     def deliver(self, arr):
         """Results go back where the input came from."""

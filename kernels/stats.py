@@ -428,7 +428,9 @@ def batch_stats_cuda_inner(
     o0, o1, i0, i1 = block_slice(outer, inner, s, inner_splits)
 
     # per-thread Welford on values shifted by the thread's first value: the
-    # shift makes large offsets exact, Welford survives a huge first value
+    # shift makes large offsets exact, Welford survives a huge first value.
+    # Partial means are then taken relative to the channel's first value
+    # (float64), so merges never round an absolute mean at the data's offset.
     n = acc(0)
     mean = acc(0)
     m2 = acc(0)
@@ -438,12 +440,13 @@ def batch_stats_cuda_inner(
     for o in range(o0 + ty, o1, TY):
         for i in range(i0 + tx, i1, TX):
             n, mean, m2 = welford_step(n, mean, m2, acc(x[o, c, i]) - shift)
+    base = numba.float64(x[0, c, 0])
 
     sn = cuda.shared.array(MAX_THREADS, numba.float64)
     sm = cuda.shared.array(MAX_THREADS, numba.float64)
     sq = cuda.shared.array(MAX_THREADS, numba.float64)
     flag = cuda.shared.array(1, numba.int32)
-    sn[t], sm[t], sq[t] = n, numba.float64(mean) + shift, m2
+    sn[t], sm[t], sq[t] = n, (numba.float64(shift) - base) + numba.float64(mean), m2
     cuda.syncthreads()
     tree_merge(sn, sm, sq, t, 0, 1, TX * TY)
     if t == 0:
@@ -462,7 +465,7 @@ def batch_stats_cuda_inner(
         cuda.syncthreads()
         tree_merge(sn, sm, sq, t, 0, 1, TX * TY)
         if t == 0:
-            finish_channel_cuda(c, sn[0], sm[0], sq[0], coef, gamma, beta, rmean, rvar, eps, momentum, update)
+            finish_channel_cuda(c, sn[0], base + sm[0], sq[0], coef, gamma, beta, rmean, rvar, eps, momentum, update)
 
 
 @cuda.jit
@@ -498,7 +501,9 @@ def batch_stats_cuda_channels(
     mean = acc(0)
     m2 = acc(0)
     shift = acc(0)
+    base = 0.0  # the channel's first value: partial means are relative to it
     if c < C:
+        base = numba.float64(x[0, c, 0])
         if o0 + ty < o1:
             shift = acc(x[o0 + ty, c, 0])
         for o in range(o0 + ty, o1, TY):
@@ -508,7 +513,7 @@ def batch_stats_cuda_channels(
     sm = cuda.shared.array(MAX_THREADS, numba.float64)
     sq = cuda.shared.array(MAX_THREADS, numba.float64)
     flag = cuda.shared.array(1, numba.int32)
-    sn[t], sm[t], sq[t] = n, numba.float64(mean) + shift, m2
+    sn[t], sm[t], sq[t] = n, (numba.float64(shift) - base) + numba.float64(mean), m2
     cuda.syncthreads()
     tree_merge(sn, sm, sq, ty, tx, TX, TY)
     if ty == 0 and c < C:
@@ -527,7 +532,7 @@ def batch_stats_cuda_channels(
         cuda.syncthreads()
         tree_merge(sn, sm, sq, ty, tx, TX, TY)
         if ty == 0 and c < C:
-            finish_channel_cuda(c, sn[tx], sm[tx], sq[tx], coef, gamma, beta, rmean, rvar, eps, momentum, update)
+            finish_channel_cuda(c, sn[tx], base + sm[tx], sq[tx], coef, gamma, beta, rmean, rvar, eps, momentum, update)
 
 
 def stats_launch_config(shape):

@@ -1,9 +1,12 @@
-"""The host output cache reuses memory only once nothing views it."""
+"""The host and device output caches reuse memory only once nothing views it."""
 
 import numpy as np
+import pytest
 
 import gpubn
 from gpubn.kernels import workspace
+
+from conftest import SIM
 
 
 def test_reused_only_after_every_view_is_gone():
@@ -42,3 +45,26 @@ def test_outputs_of_successive_calls_do_not_alias():
 def test_small_arrays_are_plain():
     a = workspace.host_empty((3, 4), np.float64)
     assert a.base is None
+
+
+@pytest.mark.skipif(SIM, reason="the device output cache is bypassed under the simulator")
+def test_device_output_reused_only_after_every_view_is_gone_cuda():
+    from numba import cuda
+
+    shape = (512, 1024)  # 2 MiB of float32: cached
+    a = workspace.device_empty(shape, np.float32)
+    a.copy_to_device(np.ones(shape, np.float32))
+    view = a[::3]
+    addr = a.device_ctypes_pointer.value
+    del a
+    b = workspace.device_empty(shape, np.float32)  # the view still holds the first buffer
+    assert b.device_ctypes_pointer.value != addr
+    b.copy_to_device(np.full(shape, 2.0, np.float32))
+    np.testing.assert_array_equal(view.copy_to_host(), 1.0)
+    del view
+    c = workspace.device_empty(shape, np.float32)
+    assert c.device_ctypes_pointer.value == addr  # now reused
+    assert c.shape == shape and c.is_c_contiguous()
+    c.copy_to_device(np.arange(np.prod(shape), dtype=np.float32).reshape(shape))
+    np.testing.assert_array_equal(c.copy_to_host().ravel(), np.arange(np.prod(shape)))
+    cuda.synchronize()
