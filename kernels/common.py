@@ -296,9 +296,9 @@ def block_shape(outer: int, C: int, inner: int) -> tuple:
 def reduction_splits(n_per_channel: int, columns: int, threads: int) -> int:
     """Blocks per channel column for a split reduction.
 
-    Enough blocks in all for ~4 per SM, but each thread still gets
-    MIN_PER_THREAD elements, and each block fewer than 2**23 (counts stay
-    exact in float32).
+    Enough blocks in all for ~4 per SM, but each of the ``threads`` threads
+    of a block that share one channel still gets MIN_PER_THREAD elements, and
+    each block fewer than 2**23 (counts stay exact in float32).
     """
     want = max(1, -(-4 * sm_count() // columns))
     most = max(1, n_per_channel // (MIN_PER_THREAD * threads))

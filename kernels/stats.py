@@ -547,8 +547,10 @@ def stats_launch_config(shape):
         outer_splits = max(1, min(-(-splits // inner_splits), -(-outer // ty)))
         splits = outer_splits * inner_splits
         return batch_stats_cuda_inner, (C, splits), (tx, ty), inner_splits, splits, C
+    # channels contiguous: a block covers tx channels, so only its ty threads
+    # share a channel's rows (passing tx * ty left (4096, 512) with 2 blocks)
     columns = -(-C // tx)
-    splits = min(reduction_splits(n, columns, tx * ty), max(1, -(-outer // ty)))
+    splits = min(reduction_splits(n, columns, ty), max(1, -(-outer // ty)))
     return batch_stats_cuda_channels, (columns, splits), (tx, ty), None, splits, columns
 
 
