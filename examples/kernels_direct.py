@@ -23,7 +23,12 @@ from gpubn import kernels as K
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", choices=["cpu", "cuda"], default=None)
+    ap.add_argument(
+        "--backend",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="cpu: the njit twins; cuda: the CUDA kernels with explicit grids (default: cuda when a GPU is usable)",
+    )
     ap.add_argument("--quick", action="store_true", help="a small tensor")
     args = ap.parse_args(argv)
     backend = args.backend or gpubn.default_backend()

@@ -46,7 +46,9 @@ def accuracy(w, X, y):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", choices=["cpu", "cuda"], default=None)
+    ap.add_argument(
+        "--backend", choices=["cpu", "cuda"], default=None, help="gpubn backend (default: cuda when a GPU is usable)"
+    )
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
     ap.add_argument("--tol", type=float, default=1e-3, help="gradient norm that counts as converged")
     args = ap.parse_args(argv)
@@ -62,7 +64,8 @@ def main(argv=None):
     scaler = gpubn.Standardizer(axis=1, backend=args.backend)  # features are columns: axis 1
     Z_train = scaler.fit_transform(X_train)  # statistics of the training set only
     Z_test = scaler.transform(X_test)  # ... applied unchanged to held-out data
-    print(f"wine: {len(X_train)} train / {len(X_test)} test samples, {X.shape[1]} features; backend {scaler.backend}")
+    backend = args.backend or gpubn.default_backend()
+    print(f"wine: {len(X_train)} train / {len(X_test)} test samples, {X.shape[1]} features; backend {backend}")
     cols = ("raw mean", "raw std", "train mean", "train std", "test mean")
     print(f"{'feature':>30s} {cols[0]:>10s} {cols[1]:>9s} -> {cols[2]:>10s} {cols[3]:>9s} {cols[4]:>9s}")
     for j in np.argsort(scaler.scale_)[[0, 1, -2, -1]]:

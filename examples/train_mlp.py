@@ -115,13 +115,19 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a run of a few seconds")
     ap.add_argument("--backend", choices=["cpu", "cuda"], default=None, help="gpubn backend (default: auto)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per network (default 10000)")
-    ap.add_argument("--lr", type=float, default=0.5)
-    ap.add_argument("--batch", type=int, default=60)
+    ap.add_argument("--lr", type=float, default=0.5, help="learning rate of plain gradient descent (default 0.5)")
+    ap.add_argument("--batch", type=int, default=60, help="examples per mini-batch (default 60)")
     ap.add_argument("--init-std", type=float, default=0.05, help="std of the Gaussian initial weights")
     ap.add_argument("--target", type=float, default=0.90, help="test accuracy to reach")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="train_mlp.png", help="where to save the learning curves")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data split, weights and batches")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="where to save the learning curves (default train_mlp.png, or train_mlp_quick.png with --quick)",
+    )
     args = ap.parse_args(argv)
+    if args.out is None:  # a quick run never overwrites the full run's figure
+        args.out = "train_mlp_quick.png" if args.quick else "train_mlp.png"
     steps = args.steps or (300 if args.quick else 10000)
     eval_every = 10
 

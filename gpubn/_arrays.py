@@ -43,6 +43,13 @@ def check_axis(axis, ndim: int, name: str = "axis") -> int:
     return int(axis) % ndim
 
 
+def check_bool(value, name: str) -> bool:
+    """A flag: bool or NumPy bool only (a string such as "no" is not False)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def check_scalar(value, name: str, low: float = 0.0, high: float = np.inf) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
@@ -122,6 +129,8 @@ def channel_vector(v, name: str, C: int, dtype, backend: str, fill=None):
             raise TypeError(f"{name}: device array of dtype {arr.dtype}; this input needs {np.dtype(dtype)}")
         return arr
     host = np.ascontiguousarray(arr, dtype=dtype)
+    if not host.flags.writeable:  # np.frombuffer, mmap: a (C,) copy keeps one kernel signature
+        host = host.copy()
     return cuda.to_device(host) if backend == "cuda" else host
 
 
@@ -137,10 +146,12 @@ class StateVector:
 
     ``work`` is what the kernel writes: the caller's array itself when its
     dtype and side fit, else a copy that ``commit()`` writes back.  Validation
-    happens at construction, so a refused call changes nothing.
+    happens at construction, so a refused call changes nothing.  With
+    ``update=False`` the vector is only read (inference): a read-only array
+    (``np.load(..., mmap_mode="r")``) is accepted then.
     """
 
-    def __init__(self, v, name: str, C: int, dtype, backend: str):
+    def __init__(self, v, name: str, C: int, dtype, backend: str, update: bool = True):
         on_device = is_device_array(v)
         if on_device and backend != "cuda":
             raise TypeError(f"{name}: a device array cannot be used with backend {backend!r}")
@@ -154,7 +165,9 @@ class StateVector:
         if tuple(arr.shape) != (C,):
             raise ValueError(f"{name}: expected shape ({C},) to match the {C} channels of x, got {tuple(arr.shape)}")
         if not on_device and not arr.flags.writeable:
-            raise ValueError(f"{name}: array is read-only; it is updated in place")
+            if update:
+                raise ValueError(f"{name}: array is read-only; it is updated in place")
+            arr = arr.copy()  # read only: a (C,) copy keeps one kernel signature
         self.target = arr
         self.copied = False
         if on_device:

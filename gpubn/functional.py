@@ -24,6 +24,7 @@ from ._arrays import (
     canonical_shape,
     channel_vector,
     check_axis,
+    check_bool,
     check_float,
     check_scalar,
     to_canonical,
@@ -158,14 +159,20 @@ def normalize(x, mean, var, gamma=None, beta=None, eps: float = 1e-5, axis: int 
 class ForwardCache:
     """What ``batch_norm_backward`` needs from a forward call.
 
-    ``x`` is the canonical (outer, C, inner) view (on the device for the CUDA
-    backend), ``coef`` the (5, C) per-channel constants (MEAN, VAR, INVSTD,
-    SCALE, BIAS), ``gamma`` the (C,) scale used.
+    ``inp.view`` is x itself, not a copy: the canonical (outer, C, inner) view
+    of the caller's array (a copy only where x had to be copied anyway: a host
+    array on the CUDA backend, a non-contiguous device array).  ``coef`` is
+    gpubn's own (5, C) array of per-channel constants (MEAN, VAR, INVSTD,
+    SCALE = gamma * invstd, BIAS), computed by the forward; gamma, beta and
+    the running statistics are not referenced, so changing them after the
+    forward does not change the backward.  **x must not be modified between
+    forward and backward**: the backward reads it again, and a changed x gives
+    a wrong dx and dgamma without an error (copying x to guard against that
+    would cost a pass over memory per forward).
     """
 
     inp: _Input
     coef: object
-    gamma: object
     training: bool
 
     @property
@@ -200,7 +207,8 @@ def batch_norm_forward(
     Args:
         x: array of any shape, float16/32/64; ``axis`` is the feature axis (C).
         gamma, beta: (C,) scale and shift, or None (1 and 0).
-        training: True normalizes with this batch's statistics and, when
+        training: True or False (a bool; anything else raises TypeError).
+            True normalizes with this batch's statistics and, when
             running_mean/running_var are given, updates them in place:
             ``running = (1 - momentum) * running + momentum * batch`` (unbiased
             variance).  False normalizes with running_mean/running_var (required).
@@ -209,13 +217,16 @@ def batch_norm_forward(
             so that a layer reuses one buffer instead of allocating per call.
     Returns:
         (y, cache): y has x's shape and dtype; cache feeds batch_norm_backward.
+        The cache refers to x without copying it: x must not change before
+        the backward (gamma, beta and the running statistics may: the cache
+        holds the per-channel constants the forward computed from them).
     Raises:
         TypeError / ValueError naming the argument; nothing is modified then.
     """
     inp = _prepare(x, axis, backend)
     C = inp.C
     eps = check_scalar(eps, "eps")
-    training = bool(training)
+    training = check_bool(training, "training")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean, running_var: give both or neither")
     if training and inp.count < 2:
@@ -233,8 +244,8 @@ def batch_norm_forward(
     b = channel_vector(beta, "beta", C, inp.acc, inp.backend, fill=0.0)
     rm = rv = None
     if running_mean is not None:
-        rm = StateVector(running_mean, "running_mean", C, inp.acc, inp.backend)
-        rv = StateVector(running_var, "running_var", C, inp.acc, inp.backend)
+        rm = StateVector(running_mean, "running_mean", C, inp.acc, inp.backend, update)
+        rv = StateVector(running_var, "running_var", C, inp.acc, inp.backend, update)
     # -- validated: from here on nothing raises by design --
     inp = _materialize(inp)
     eng = _ENGINES[inp.backend]
@@ -253,7 +264,7 @@ def batch_norm_forward(
         eng.affine(rm.work, rv.work, g, b, eps, coef)
     y = inp.empty()
     eng.scale_shift(inp.view, coef, y.reshape(*inp.shape3))
-    return inp.deliver(y), ForwardCache(inp, coef, g, training)
+    return inp.deliver(y), ForwardCache(inp, coef, training)
 
 
 def _buffer_fits(buf, inp: _Input, rows: int) -> bool:
@@ -294,7 +305,7 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None):
     grads = _grads if _buffer_fits(_grads, inp, 2) else inp.empty(rows=2)  # dgamma, dbeta
     bcoef = inp.empty(rows=4)
     _ENGINES[inp.backend].backward(
-        dyv, inp.view, cache.coef, cache.gamma, cache.training, bcoef, grads[0], grads[1], dx.reshape(*inp.shape3)
+        dyv, inp.view, cache.coef, cache.training, bcoef, grads[0], grads[1], dx.reshape(*inp.shape3)
     )
     return inp.deliver(dx), inp.deliver(grads[0]), inp.deliver(grads[1])
 

@@ -2,15 +2,74 @@
 ``gpubn.functional`` and the kernels."""
 
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 from numba import cuda
 
-from ._arrays import check_axis, check_scalar, is_device_array
+from ._arrays import check_axis, check_bool, check_float, check_scalar, device_view, is_device_array
 from ._backend import resolve_backend
 from .functional import _buffer_fits, batch_norm_backward, batch_norm_forward
 
-_KEYS = ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked")
+
+class _Rows(Mapping):
+    """``params`` / ``grads``: named (C,) rows of one of the layer's packed
+    (2, C) buffers.
+
+    Reading gives the row itself (a view an optimizer updates in place).
+    Assigning copies the new values into that row, after checking shape and
+    dtype, so the layer, its state_dict and every view see them; assigning to
+    a name the layer does not have raises KeyError.  Keys cannot be removed.
+    """
+
+    def __init__(self, layer, attr: str, what: str):
+        self._layer, self._attr, self._what = layer, attr, what
+
+    def _names(self):
+        return ("gamma", "beta") if self._layer.affine else ()
+
+    def __getitem__(self, name):
+        if name not in self._names():
+            raise KeyError(name)
+        packed = getattr(self._layer, self._attr)
+        if getattr(self, "_views_of", None) is not packed:  # the same view objects until to_device()
+            self._views, self._views_of = (packed[0], packed[1]), packed
+        return self._views[self._names().index(name)]
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self):
+        return len(self._names())
+
+    def __setitem__(self, name, value):
+        if name not in self._names():
+            why = "affine=False: no gamma or beta" if self._layer.affine is False else f"keys are {self._names()}"
+            raise KeyError(f"{self._what}[{name!r}]: this layer has no such entry ({why})")
+        C, dtype = self._layer.num_features, self._layer.dtype
+        label = f"{self._what}[{name!r}]"
+        on_device = is_device_array(value)
+        arr = device_view(value) if on_device else np.asarray(value)
+        check_float(arr.dtype, label)
+        if tuple(arr.shape) != (C,):
+            raise ValueError(f"{label}: expected shape ({C},) for num_features={C}, got {tuple(arr.shape)}")
+        target = self[name]
+        if on_device and not hasattr(target, "copy_to_device"):
+            raise TypeError(f"{label}: a device array cannot be assigned to a layer whose state is on the host")
+        if hasattr(target, "copy_to_device"):  # the layer lives on the device
+            if on_device and arr.dtype == dtype:
+                target.copy_to_device(arr)
+            else:
+                host = arr.copy_to_host() if on_device else arr
+                target.copy_to_device(np.ascontiguousarray(host, dtype))
+        else:
+            target[...] = arr  # NumPy casts float32 <-> float64 here
+
+    def __delitem__(self, name):
+        raise TypeError(f"{self._what}: entries cannot be removed")
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
 
 
 class BatchNorm:
@@ -33,9 +92,10 @@ class BatchNorm:
         dtype: "float32" or "float64", the dtype of parameters and statistics
             (float16 inputs use float32).
 
-    State: ``params`` and ``grads`` (dicts of (C,) arrays that an optimizer
-    updates in place), ``running_mean``, ``running_var``, ``num_batches_tracked``,
-    ``training``.  They are NumPy arrays; on the CUDA backend they move to the
+    State: ``params`` and ``grads`` (mappings of (C,) arrays that an optimizer
+    updates in place; assigning an entry copies the new values in),
+    ``running_mean``, ``running_var``, ``num_batches_tracked``, ``training``
+    (a bool).  They are NumPy arrays; on the CUDA backend they move to the
     device (numba device arrays) at the first device input, or at ``to_device()``,
     and stay there: a training loop on device arrays makes no host round trip.
     """
@@ -66,8 +126,8 @@ class BatchNorm:
         self.axis = int(axis)
         self.eps = check_scalar(eps, "eps")
         self.momentum = None if momentum is None else check_scalar(momentum, "momentum", 0.0, 1.0)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = check_bool(affine, "affine")
+        self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
         self.backend = resolve_backend(backend)
         self.dtype = dt
         self.training = True
@@ -79,14 +139,29 @@ class BatchNorm:
         self.running_mean = np.zeros(C, dt) if self.track_running_stats else None
         self.running_var = np.ones(C, dt) if self.track_running_stats else None
         self.num_batches_tracked = 0
-        self._bind()
+        self._params = _Rows(self, "_packed", "params")
+        self._grads = _Rows(self, "_packed_grads", "grads")
         self._coef = None
         self._cache = None
 
-    def _bind(self):
-        p, g = self._packed, self._packed_grads
-        self.params = {"gamma": p[0], "beta": p[1]} if self.affine else {}
-        self.grads = {"gamma": g[0], "beta": g[1]} if self.affine else {}
+    @property
+    def params(self) -> _Rows:
+        """{"gamma": (C,), "beta": (C,)} (empty when affine=False): update the
+        arrays in place, or assign ``bn.params["gamma"] = new`` (copied in)."""
+        return self._params
+
+    @params.setter
+    def params(self, value):
+        raise AttributeError('params: assign entries (bn.params["gamma"] = ...), not the whole mapping')
+
+    @property
+    def grads(self) -> _Rows:
+        """{"gamma": (C,), "beta": (C,)}: filled in place by backward()."""
+        return self._grads
+
+    @grads.setter
+    def grads(self, value):
+        raise AttributeError('grads: assign entries (bn.grads["gamma"] = ...), not the whole mapping')
 
     @property
     def on_device(self) -> bool:
@@ -104,13 +179,20 @@ class BatchNorm:
                 self.running_mean = cuda.to_device(self.running_mean)
                 self.running_var = cuda.to_device(self.running_var)
             self._coef = None
-            self._bind()
         return self
 
     # -- modes ----------------------------------------------------------------
 
+    @property
+    def training(self) -> bool:
+        return self._training
+
+    @training.setter
+    def training(self, mode):
+        self._training = check_bool(mode, "training")
+
     def train(self, mode: bool = True) -> "BatchNorm":
-        self.training = bool(mode)
+        self._training = check_bool(mode, "mode")
         return self
 
     def eval(self) -> "BatchNorm":
@@ -161,7 +243,12 @@ class BatchNorm:
     __call__ = forward
 
     def backward(self, dy):
-        """dx for the last forward; fills ``grads`` (when affine) in place."""
+        """dx for the last forward; fills ``grads`` (when affine) in place.
+
+        The last forward's x is read again here, not a copy of it: x must not
+        change between forward and backward (params may: the gradient is that
+        of the function the forward computed).
+        """
         if self._cache is None:
             raise ValueError("dy: backward() called before any forward()")
         in_place = _buffer_fits(self._packed_grads, self._cache.inp, 2)

@@ -1,103 +1,197 @@
 """Standardizer: input normalization fitted on training data (the course's
 "normalizing inputs to speed up learning"), on the batch-norm kernels.
 
-    fit:        mean_ = mean(X), var_ = var(X)            per feature
-    transform:  Z = (X - mean_) / scale_,  scale_ = sqrt(var_ + eps)  (1 where var_ == 0)
+    fit:        mean_ = mean(X), var_ = var(X)      per feature (biased variance)
+    transform:  Z = (X - mean_) / scale_,  scale_ = sqrt(var_)
 
-(The course slide's ``X /= sigma**2`` is a known erratum: divide by the standard
-deviation.)  ``partial_fit`` merges chunk statistics exactly by Chan's formula,
-so fitting chunk by chunk gives the statistics of the whole.
+No epsilon: every feature with a spread comes out at unit variance, however
+small the spread.  A feature whose variance is zero, or is no larger than the
+rounding error of computing it (scikit-learn's test, from Chan, Golub and
+LeVeque's error bound: ``var_ <= n eps var_ + (n eps mean_)**2`` with float64
+eps), is constant: ``scale_ = 1`` and it is only centered.  (The course slide's
+``X /= sigma**2`` is a known erratum: divide by the standard deviation.)
+``partial_fit`` merges chunk statistics exactly by Chan's formula, so fitting
+chunk by chunk gives the statistics of the whole.
+
+The interface is scikit-learn's ``StandardScaler`` (``fit(X, y=None)``,
+``get_params`` / ``set_params``, ``n_features_in_``), so that ``sklearn.base.clone``,
+``Pipeline`` and ``cross_val_score`` take it; scikit-learn is not needed.
 """
+
+import numbers
 
 import numpy as np
 
-from ._arrays import check_axis, check_scalar, is_device_array
+from ._arrays import check_axis, check_bool, is_device_array
 from ._backend import resolve_backend
 from .functional import batch_stats, normalize
+
+_PARAMS = ("axis", "with_mean", "with_std", "backend")
 
 
 class Standardizer:
     """Zero mean, unit variance per feature, fitted on training data only.
 
     Args:
-        axis: the feature axis of the data (statistics run over all others).
-        eps: added to the variance before the square root.
-        backend: "cpu", "cuda" or None (default backend).
+        axis: the feature axis of the data (statistics run over all others);
+            1 for scikit-learn's (n_samples, n_features).
+        with_mean: subtract ``mean_`` in transform (False: only scale).
+        with_std: divide by ``scale_`` in transform (False: only center).
+        backend: "cpu", "cuda" or None (the default backend, chosen per call).
+
+    Input: float16/32/64 arrays of any shape (NumPy, or device arrays on the
+    CUDA backend); integer and bool input is converted to float64, as
+    scikit-learn does.  Results have the (converted) input's shape and dtype.
 
     Attributes after fitting: ``mean_``, ``var_`` ((C,) float64 NumPy arrays,
-    biased variance), ``scale_`` ((C,), 1 for zero-variance features),
-    ``n_samples_seen_`` (values per feature seen so far).
+    biased variance; computed whatever with_mean/with_std say), ``scale_``
+    ((C,) float64, 1 for constant features; None when with_std=False),
+    ``n_samples_seen_`` (values per feature seen so far), ``n_features_in_`` (C).
     """
 
-    def __init__(self, *, axis: int = 1, eps: float = 1e-8, backend: str | None = None):
-        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-            raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
-        self.axis = int(axis)
-        self.eps = check_scalar(eps, "eps")
-        self.backend = resolve_backend(backend)
-        self.mean_ = None
-        self.var_ = None
-        self.n_samples_seen_ = 0
+    def __init__(self, *, axis: int = 1, with_mean: bool = True, with_std: bool = True, backend: str | None = None):
+        # stored exactly as given: scikit-learn's clone() checks identity
+        self.axis = axis
+        self.with_mean = with_mean
+        self.with_std = with_std
+        self.backend = backend
+        _check_params(axis, with_mean, with_std, backend)
 
-    @property
-    def scale_(self):
-        if self.var_ is None:
-            return None
-        return np.where(self.var_ > 0, np.sqrt(self.var_ + self.eps), 1.0)
+    # -- scikit-learn's estimator protocol ---------------------------------------
 
-    def _chunk_stats(self, X):
-        mean, var = batch_stats(X, axis=self.axis, backend=self.backend)
-        mean, var = _host(mean).astype(np.float64), _host(var).astype(np.float64)
-        shape = X.shape if hasattr(X, "shape") else np.shape(X)
-        n = int(np.prod(shape)) // shape[check_axis(self.axis, len(shape))]
-        return n, mean, var
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor arguments, as given."""
+        return {name: getattr(self, name) for name in _PARAMS}
 
-    def fit(self, X) -> "Standardizer":
-        """Statistics of X alone (forgets earlier fits)."""
-        n, mean, var = self._chunk_stats(X)
-        self.n_samples_seen_, self.mean_, self.var_ = n, mean, var
+    def set_params(self, **params) -> "Standardizer":
+        """Change constructor arguments (validated together; nothing changes on error)."""
+        unknown = sorted(set(params) - set(_PARAMS))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a parameter of Standardizer; valid parameters are {list(_PARAMS)}")
+        merged = {**self.get_params(), **params}
+        _check_params(**merged)
+        for name, value in params.items():
+            setattr(self, name, value)
         return self
 
-    def partial_fit(self, X) -> "Standardizer":
-        """Merge X's statistics into those seen so far (exact, Chan's formula)."""
+    # -- fitting ------------------------------------------------------------------
+
+    def fit(self, X, y=None) -> "Standardizer":
+        """Statistics of X alone (forgets earlier fits).  y is ignored."""
+        X = _as_data(X)
+        n, mean, var = self._chunk_stats(X)
+        self._set_stats(n, mean, var)
+        return self
+
+    def partial_fit(self, X, y=None) -> "Standardizer":
+        """Merge X's statistics into those seen so far (exact, Chan's formula).  y is ignored."""
+        X = _as_data(X)
+        if getattr(self, "mean_", None) is None:
+            return self.fit(X)
+        self._check_features(X)
         n_b, mean_b, var_b = self._chunk_stats(X)
-        if self.mean_ is None:
-            self.n_samples_seen_, self.mean_, self.var_ = n_b, mean_b, var_b
-            return self
-        if mean_b.shape != self.mean_.shape:
-            raise ValueError(f"X: {mean_b.shape[0]} features, the standardizer was fitted on {self.mean_.shape[0]}")
         n_a = self.n_samples_seen_
         n = n_a + n_b
         delta = mean_b - self.mean_
         mean = self.mean_ + delta * (n_b / n)
         m2 = self.var_ * n_a + var_b * n_b + delta * delta * (n_a * n_b / n)
-        self.n_samples_seen_, self.mean_, self.var_ = n, mean, m2 / n
+        self._set_stats(n, mean, m2 / n)
         return self
 
-    def _check_fitted(self, X):
-        if self.mean_ is None:
-            raise ValueError("X: this Standardizer is not fitted yet; call fit() or partial_fit() first")
+    def _chunk_stats(self, X):
+        backend = resolve_backend(self.backend)
+        _check_params(self.axis, self.with_mean, self.with_std, self.backend)
+        mean, var = batch_stats(X, axis=self.axis, backend=backend)
+        shape = tuple(X.shape)
+        n = int(np.prod(shape, dtype=np.int64)) // shape[check_axis(self.axis, len(shape))]
+        return n, _host(mean).astype(np.float64), _host(var).astype(np.float64)
+
+    def _set_stats(self, n, mean, var):
+        self.n_samples_seen_, self.mean_, self.var_ = n, mean, var
+        self.n_features_in_ = mean.shape[0]
+        self.scale_ = _scale(var, mean, n) if self.with_std else None
+
+    # -- applying -----------------------------------------------------------------
 
     def transform(self, X):
-        """Z = (X - mean_) / scale_; X's shape and dtype."""
-        self._check_fitted(X)
-        s = self.scale_
-        return normalize(X, self.mean_, s * s, eps=0.0, axis=self.axis, backend=self.backend)
+        """Z = (X - mean_) / scale_ (each step as with_mean / with_std say)."""
+        X = self._check_features(_as_data(X))
+        C = self.n_features_in_
+        mean = self.mean_ if self.with_mean else np.zeros(C)
+        gamma = 1.0 / self.scale_ if self.with_std else np.ones(C)
+        # normalize's (x - mean) / sqrt(var + eps) * gamma with var = 1, eps = 0:
+        # 1 / scale_ as gamma, not scale_**2 as var, which would underflow in
+        # float32 for features with std below 1e-19
+        return normalize(X, mean, np.ones(C), gamma, None, eps=0.0, axis=self.axis, backend=self._backend())
 
     def inverse_transform(self, Z):
-        """X = Z * scale_ + mean_; Z's shape and dtype."""
-        self._check_fitted(Z)
-        C = self.mean_.shape[0]
-        zeros, ones = np.zeros(C), np.ones(C)
-        return normalize(Z, zeros, ones, self.scale_, self.mean_, eps=0.0, axis=self.axis, backend=self.backend)
+        """X = Z * scale_ + mean_ (each step as with_mean / with_std say)."""
+        Z = self._check_features(_as_data(Z, "Z"), "Z")
+        C = self.n_features_in_
+        scale = self.scale_ if self.with_std else np.ones(C)
+        mean = self.mean_ if self.with_mean else np.zeros(C)
+        return normalize(Z, np.zeros(C), np.ones(C), scale, mean, eps=0.0, axis=self.axis, backend=self._backend())
 
-    def fit_transform(self, X):
+    def fit_transform(self, X, y=None):
+        """fit(X), then transform(X).  y is ignored."""
+        X = _as_data(X)
         return self.fit(X).transform(X)
 
+    # -- helpers --------------------------------------------------------------------
+
+    def _backend(self) -> str:
+        _check_params(self.axis, self.with_mean, self.with_std, self.backend)
+        return resolve_backend(self.backend)
+
+    def _check_features(self, X, name: str = "X"):
+        if getattr(self, "mean_", None) is None:
+            raise ValueError(f"{name}: this Standardizer is not fitted yet; call fit() or partial_fit() first")
+        shape = tuple(X.shape)
+        C = shape[check_axis(self.axis, len(shape))]
+        if C != self.n_features_in_:
+            raise ValueError(
+                f"{name}: {C} features (axis {self.axis} of shape {shape}), "
+                f"the standardizer was fitted on {self.n_features_in_}"
+            )
+        return X
+
     def __repr__(self) -> str:
-        fitted = f", fitted on {self.n_samples_seen_} samples" if self.mean_ is not None else ""
-        return f"Standardizer(axis={self.axis}, eps={self.eps:g}, backend={self.backend!r}{fitted})"
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in _PARAMS)
+        fitted = f"; fitted on {self.n_samples_seen_} samples" if getattr(self, "mean_", None) is not None else ""
+        return f"Standardizer({args}){fitted}"
+
+
+def _check_params(axis, with_mean, with_std, backend):
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
+    check_bool(with_mean, "with_mean")
+    check_bool(with_std, "with_std")
+    resolve_backend(backend)
+
+
+def _scale(var, mean, n):
+    """sqrt(var), 1 for features indistinguishable from constant (scikit-learn's test)."""
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    return np.where(constant, 1.0, np.sqrt(var))
+
+
+def _as_data(X, name: str = "X"):
+    """Device arrays as they are; anything else as a NumPy array, integer and
+    bool data converted to float64 (as scikit-learn does)."""
+    if is_device_array(X):
+        return X
+    try:
+        arr = np.asarray(X)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
+    if arr.dtype.kind in "biu":
+        arr = arr.astype(np.float64)
+    return arr
 
 
 def _host(a):
-    return a.copy_to_host() if is_device_array(a) and hasattr(a, "copy_to_host") else np.asarray(a)
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+__all__ = ["Standardizer"]

@@ -33,6 +33,7 @@ from .stats import (
     CHUNK,
     INVSTD,
     MEAN,
+    SCALE,
     block_slice,
     coherent,
     fold_rows,
@@ -46,10 +47,14 @@ from .workspace import workspace
 B_MEAN, B_DY, B_X, B_CONST = range(4)
 
 
-def finish_backward_channel(c, n, sum_dy, sum_dyx, coef, gamma, training, bcoef, dgamma, dbeta):
-    """dgamma[c], dbeta[c] and bcoef[:, c] from the two sums of channel c."""
+def finish_backward_channel(c, n, sum_dy, sum_dyx, coef, training, bcoef, dgamma, dbeta):
+    """dgamma[c], dbeta[c] and bcoef[:, c] from the two sums of channel c.
+
+    A = gamma * invstd is the forward's own ``coef[SCALE]``: the backward reads
+    gamma only through the forward's constants, so a gamma changed after the
+    forward (an optimizer step) cannot leak into the gradient."""
     invstd = coef[INVSTD, c]
-    a = gamma[c] * invstd
+    a = coef[SCALE, c]
     dbeta[c] = sum_dy
     dgamma[c] = sum_dyx * invstd
     bcoef[B_MEAN, c] = coef[MEAN, c]
@@ -181,9 +186,9 @@ def backward_sums_cpu(dy, x, coef, out):
 
 
 @numba.njit(**JIT)
-def finish_backward_cpu(sums, n, coef, gamma, training, bcoef, dgamma, dbeta):
+def finish_backward_cpu(sums, n, coef, training, bcoef, dgamma, dbeta):
     for c in range(coef.shape[1]):
-        finish_backward_channel_cpu(c, n, sums[0, c], sums[1, c], coef, gamma, training, bcoef, dgamma, dbeta)
+        finish_backward_channel_cpu(c, n, sums[0, c], sums[1, c], coef, training, bcoef, dgamma, dbeta)
 
 
 @cpu_kernel
@@ -222,13 +227,13 @@ def input_grad_cpu(dy, x, bcoef, dx):
         input_grad_channels_cpu(dy[:, :, 0], x[:, :, 0], bcoef, dx[:, :, 0])
 
 
-def launch_backward_cpu(dy, x, coef, gamma, training, bcoef, dgamma, dbeta, dx):
+def launch_backward_cpu(dy, x, coef, training, bcoef, dgamma, dbeta, dx):
     """Both backward passes on the CPU.
 
     Args:
         dy, x: (outer, C, inner) float16/32/64 arrays (float16 computed in float32).
         coef: (5, C) forward constants (MEAN, VAR, INVSTD, SCALE, BIAS).
-        gamma: (C,).  training: whether the forward used batch statistics.
+        training: whether the forward used batch statistics.
         bcoef: (4, C) out (MEAN, A, B, K); dgamma, dbeta: (C,) out; dx: like x, out
             (a float16 dx is rounded once).
     """
@@ -236,7 +241,7 @@ def launch_backward_cpu(dy, x, coef, gamma, training, bcoef, dgamma, dbeta, dx):
     dy, x, dx = bits(dy), bits(x), bits(dx)
     sums = np.empty((2, C))
     backward_sums_cpu(dy, x, coef, sums)
-    finish_backward_cpu(sums, float(outer * inner), coef, gamma, training, bcoef, dgamma, dbeta)
+    finish_backward_cpu(sums, float(outer * inner), coef, training, bcoef, dgamma, dbeta)
     input_grad_cpu(dy, x, bcoef, dx)
 
     # ----------------------------------------------------------------------------
@@ -248,7 +253,6 @@ def backward_sums_cuda_inner(
     dy,  # (outer, C, inner) upstream gradient
     x,  # (outer, C, inner) forward input
     coef,  # (5, C) forward constants (MEAN, VAR, INVSTD, SCALE, BIAS)
-    gamma,  # (C,)
     work,  # (2, splits, C) float64 partial sums
     counter,  # (C,) int32 blocks finished per channel; zero between launches
     bcoef,  # (4, C) out: MEAN, A, B, K
@@ -298,7 +302,7 @@ def backward_sums_cuda_inner(
         tree_sum2(a1, a2, t, 0, 1, TX * TY)
         if t == 0:
             n = numba.float64(outer) * inner
-            finish_backward_channel_cuda(c, n, a1[0], a2[0], coef, gamma, training, bcoef, dgamma, dbeta)
+            finish_backward_channel_cuda(c, n, a1[0], a2[0], coef, training, bcoef, dgamma, dbeta)
 
 
 @cuda.jit
@@ -306,7 +310,6 @@ def backward_sums_cuda_channels(
     dy,  # (outer, C, 1) upstream gradient, channels contiguous
     x,  # (outer, C, 1) forward input
     coef,  # (5, C) forward constants
-    gamma,  # (C,)
     work,  # (2, splits, C) float64 partial sums
     counter,  # (ceil(C / TX),) int32 blocks finished per channel tile
     bcoef,  # (4, C) out: MEAN, A, B, K
@@ -359,7 +362,7 @@ def backward_sums_cuda_channels(
         tree_sum2(a1, a2, ty, tx, TX, TY)
         if ty == 0 and c < C:
             n = numba.float64(outer)
-            finish_backward_channel_cuda(c, n, a1[tx], a2[tx], coef, gamma, training, bcoef, dgamma, dbeta)
+            finish_backward_channel_cuda(c, n, a1[tx], a2[tx], coef, training, bcoef, dgamma, dbeta)
 
 
 @cuda.jit
@@ -404,11 +407,11 @@ def input_grad_cuda_channels(
             dx[o, c, 0] = a * dy[o, c, 0] + b * (x[o, c, 0] - m) + k
 
 
-def launch_backward_cuda(dy, x, coef, gamma, training, bcoef, dgamma, dbeta, dx, stream=0):
+def launch_backward_cuda(dy, x, coef, training, bcoef, dgamma, dbeta, dx, stream=0):
     """Both backward passes on the GPU: two launches.
 
     Args as launch_backward_cpu, as device arrays; dy, x, dx float16/32/64 and
-    coef, gamma, bcoef, dgamma, dbeta of the accumulation dtype.
+    coef, bcoef, dgamma, dbeta of the accumulation dtype.
     """
     outer, C, inner = x.shape
     _, grid, block, inner_splits, splits, columns = stats_launch_config(x.shape)
@@ -416,11 +419,11 @@ def launch_backward_cuda(dy, x, coef, gamma, training, bcoef, dgamma, dbeta, dx,
     counter = workspace("backward.counter", (columns,), np.int32, zero=True)
     if inner_splits is not None:
         backward_sums_cuda_inner[grid, block, stream](
-            dy, x, coef, gamma, work, counter, bcoef, dgamma, dbeta, bool(training), inner_splits
+            dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), inner_splits
         )
     else:
         backward_sums_cuda_channels[grid, block, stream](
-            dy, x, coef, gamma, work, counter, bcoef, dgamma, dbeta, bool(training)
+            dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training)
         )
     regime, grid, block = elementwise_launch_config(x.shape)
     kernel = input_grad_cuda_inner if regime == "inner" else input_grad_cuda_channels

@@ -44,8 +44,8 @@ def main():
             K.affine_coefficients_cuda: (v, v, v, v, acc, m2),
             K.scale_shift_cuda_inner: (x3, m2, x3),
             K.scale_shift_cuda_channels: (strided, m2, x3),
-            K.backward_sums_cuda_inner: (x3, x3, m2, v, w3, i32, m2, v, v, flag, i64),
-            K.backward_sums_cuda_channels: (strided, x3, m2, v, w3, i32, m2, v, v, flag),
+            K.backward_sums_cuda_inner: (x3, x3, m2, w3, i32, m2, v, v, flag, i64),
+            K.backward_sums_cuda_channels: (strided, x3, m2, w3, i32, m2, v, v, flag),
             K.input_grad_cuda_inner: (x3, x3, m2, x3),
             K.input_grad_cuda_channels: (x3, strided, m2, x3),
         }

@@ -1,6 +1,8 @@
 """Each example runs with --quick and says what it promises."""
 
+import argparse
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +12,17 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def run(name, *args, sim=None):
+def run(name, *args, sim=None, cwd=None):
     env = dict(os.environ)
     if sim is not None:
         env["NUMBA_ENABLE_CUDASIM"] = "1" if sim else "0"
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), "--quick", *args], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, str(EXAMPLES / name), "--quick", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=cwd,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
@@ -40,13 +47,33 @@ def test_normalize_inputs():
 
 
 def test_train_mlp(tmp_path):
-    png = tmp_path / "curves.png"
-    out = run("train_mlp.py", "--backend", "cpu", "--out", str(png))
+    """--quick names its figure by mode: the full run's train_mlp.png is never overwritten."""
+    (tmp_path / "train_mlp.png").write_bytes(b"the full run's figure")
+    out = run("train_mlp.py", "--backend", "cpu", cwd=tmp_path)
     assert "batch norm: reaches 90%" in out
-    assert png.stat().st_size > 10_000
+    assert "learning curves saved to train_mlp_quick.png" in out
+    assert (tmp_path / "train_mlp_quick.png").stat().st_size > 10_000
+    assert (tmp_path / "train_mlp.png").read_bytes() == b"the full run's figure"
 
 
 @pytest.mark.parametrize("name", ["kernels_direct.py", "normalize_inputs.py", "train_mlp.py"])
 def test_examples_have_help(name):
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "--quick" in proc.stdout and "--backend" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["kernels_direct.py", "normalize_inputs.py", "train_mlp.py"])
+def test_every_option_has_help_text(name, monkeypatch):
+    parsers = []
+
+    def capture(self, args=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    main = runpy.run_path(str(EXAMPLES / name))["main"]  # not run as __main__: defines main only
+    with pytest.raises(SystemExit):
+        main([])
+    (parser,) = parsers
+    silent = [a.option_strings for a in parser._actions if not a.help]
+    assert silent == [], f"{name}: options without help text: {silent}"

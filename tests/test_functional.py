@@ -202,3 +202,69 @@ def test_running_stats_in_other_dtype(backend, rng):
     erm, erv = running_update(np.zeros(3), np.ones(3), x, 1, 0.1)
     np.testing.assert_allclose(rm, erm, **tol(np.float32))
     np.testing.assert_allclose(rv, erv, **tol(np.float32))
+
+
+def test_forward_cache_holds_x_but_not_the_parameters(backend, rng):
+    """The documented contract (ForwardCache, README, RELIABILITY.md): gamma,
+    beta and the running statistics may change between forward and backward;
+    x is referenced, not copied, so it must not."""
+    x = make(rng, (6, 3, 4), np.float64)
+    gamma, beta = np.array([2.0, -1.0, 0.5]), np.array([0.3, 0.0, -0.2])
+    rm, rv = np.zeros(3), np.ones(3)
+    gamma0 = gamma.copy()
+    _, cache = gpubn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv, backend=backend)
+    gamma *= 10
+    beta += 1
+    rm += 5
+    rv *= 3
+    dy = rng.standard_normal(x.shape)
+    dx, dgamma, dbeta = gpubn.batch_norm_backward(dy, cache)
+    edx, edg, edb = backward(dy, x, gamma0, 1)
+    np.testing.assert_allclose(dx, edx, atol=1e-10)
+    np.testing.assert_allclose(dgamma, edg, atol=1e-10)
+    np.testing.assert_allclose(dbeta, edb, atol=1e-10)
+    if backend == "cpu":  # x itself is the cache's view: no copy (on the CUDA backend a host x is copied)
+        assert np.shares_memory(cache.inp.view, x)
+    held = [v for v in vars(cache).values()] + [v for v in vars(cache.inp).values()]
+    assert not any(v is gamma or v is beta or v is rm or v is rv for v in held)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_read_only_inputs(backend, rng, training):
+    """np.frombuffer / memory-mapped arrays: x, dy, gamma, beta are only read;
+    running statistics only in inference (training=False)."""
+
+    def frozen(a):
+        a = np.array(a)
+        a.flags.writeable = False
+        return a
+
+    x = make(rng, (5, 3, 2), np.float32)
+    gamma, beta = frozen(np.array([1.5, 0.5, 1.0], np.float32)), frozen(np.array([0.1, 0.2, 0.3], np.float32))
+    rm, rv = frozen(np.array([0.1, -0.2, 0.0], np.float32)), frozen(np.array([1.0, 2.0, 0.5], np.float32))
+    stats_kw = {} if training else dict(running_mean=rm, running_var=rv)
+    y, cache = gpubn.batch_norm_forward(frozen(x), gamma, beta, training=training, backend=backend, **stats_kw)
+    mean, var = (None, None) if training else (rm, rv)
+    np.testing.assert_allclose(y, forward(x, gamma, beta, 1, mean=mean, var=var)[0], **tol(np.float32))
+    dy = make(rng, x.shape, np.float32)
+    dx, dgamma, _ = gpubn.batch_norm_backward(frozen(dy), cache)
+    edx, edg, _ = backward(dy, x, gamma, 1, training=training, mean=mean, var=var)
+    np.testing.assert_allclose(dx, edx, **tol(np.float32))
+    np.testing.assert_allclose(dgamma, edg, atol=1e-4)
+    z = gpubn.normalize(frozen(x), rm, rv, gamma, beta, backend=backend)
+    np.testing.assert_allclose(z, forward(x, gamma, beta, 1, mean=rm, var=rv)[0], **tol(np.float32))
+    if training:  # running statistics that would be updated must be writable
+        with pytest.raises(ValueError, match="running_mean: array is read-only"):
+            gpubn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv.copy(), backend=backend)
+
+
+@pytest.mark.parametrize("bad", ["no", "False", 0, 1, None, np.float64(1.0)])
+def test_training_flag_must_be_a_bool(backend, bad):
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(TypeError, match="training: expected True or False"):
+        gpubn.batch_norm_forward(x, training=bad, running_mean=rm, running_var=rv, backend=backend)
+    np.testing.assert_array_equal(rm, 0)  # nothing updated
+    np.testing.assert_array_equal(rv, 1)
+    y, _ = gpubn.batch_norm_forward(x, training=np.bool_(False), running_mean=rm, running_var=rv, backend=backend)
+    np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)

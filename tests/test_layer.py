@@ -185,43 +185,90 @@ def test_layer_keeps_state_on_device(rng):
     assert bn.num_batches_tracked == 2
 
 
-# -- Standardizer ---------------------------------------------------------------
+# -- params and grads: assigning takes effect or raises, never ignored ------------
 
 
-@pytest.mark.parametrize("axis", [1, 0, -1])
-def test_standardizer_fit_transform(backend, rng, axis):
-    X = rng.standard_normal((20, 4, 3)) * np.array([1, 100, 1e-3])[None, None, :] + 7
-    X = np.moveaxis(X, 2, axis % 3).astype(np.float32) if axis != -1 else X.astype(np.float32)
-    sc = gpubn.Standardizer(axis=axis, backend=backend)
-    Z = sc.fit_transform(X)
-    mean, var = stats(X, axis)
-    np.testing.assert_allclose(sc.mean_, mean, rtol=1e-5)
-    np.testing.assert_allclose(sc.var_, var, rtol=1e-4)
-    ref, _ = forward(X, None, None, axis, eps=sc.eps)  # (X - mean) / sqrt(var + eps)
-    np.testing.assert_allclose(Z, ref, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(sc.inverse_transform(Z), X, rtol=1e-4, atol=1e-4)
+def test_assigning_params_and_grads_takes_effect(backend, rng):
+    for on_device in [False, True] if backend == "cuda" else [False]:  # a layer on the host, then on the device
+        assign_and_check(gpubn.BatchNorm(3, backend=backend, dtype="float64"), rng, on_device)
 
 
-def test_standardizer_partial_fit_equals_fit(backend, rng):
-    X = rng.standard_normal((53, 5)) * 3 + 1e3
-    full = gpubn.Standardizer(backend=backend).fit(X)
-    part = gpubn.Standardizer(backend=backend)
-    for chunk in np.array_split(X, [7, 8, 30]):
-        part.partial_fit(chunk)
-    assert part.n_samples_seen_ == full.n_samples_seen_ == 53
-    np.testing.assert_allclose(part.mean_, full.mean_, rtol=1e-12)
-    np.testing.assert_allclose(part.var_, full.var_, rtol=1e-9)
-    np.testing.assert_allclose(part.var_, X.var(axis=0), rtol=1e-9)
+def assign_and_check(bn, rng, on_device):
+    if on_device:
+        bn.to_device()
+    gamma_view = bn.params["gamma"]
+    new_gamma, new_beta = np.array([2.0, -1.0, 0.5]), np.array([0.1, 0.2, 0.3], np.float32)
+    bn.params["gamma"] = new_gamma  # a new array, not an in-place update
+    bn.params["beta"] = new_beta  # float32 into a float64 layer: converted
+    assert bn.params["gamma"] is gamma_view  # copied into the layer's storage
+    np.testing.assert_array_equal(host(bn.params["gamma"]), new_gamma)
+    np.testing.assert_array_equal(bn.state_dict()["gamma"], new_gamma)
+    np.testing.assert_array_equal(bn.state_dict()["beta"], new_beta.astype(np.float64))
+    x = rng.standard_normal((6, 3))
+    np.testing.assert_allclose(bn(x), forward(x, new_gamma, new_beta.astype(np.float64), 1)[0], atol=1e-12)
+    bn.grads["gamma"] = np.full(3, 7.0)
+    np.testing.assert_array_equal(host(bn.grads["gamma"]), 7.0)
 
 
-def test_standardizer_zero_variance_and_unfitted(backend, rng):
-    X = rng.standard_normal((10, 3))
-    X[:, 1] = 4.0
-    sc = gpubn.Standardizer(backend=backend).fit(X)
-    assert sc.scale_[1] == 1.0
-    Z = sc.transform(X)
-    np.testing.assert_array_equal(Z[:, 1], 0.0)
-    with pytest.raises(ValueError, match="not fitted"):
-        gpubn.Standardizer(backend=backend).transform(X)
-    with pytest.raises(ValueError, match="X: 2 features"):
-        sc.partial_fit(X[:, :2])
+def test_bad_assignments_raise_and_change_nothing(backend):
+    bn = gpubn.BatchNorm(3, backend=backend)
+    before = bn.state_dict()
+    with pytest.raises(ValueError, match=r"params\['gamma'\]: expected shape \(3,\) for num_features=3, got \(4,\)"):
+        bn.params["gamma"] = np.ones(4)
+    with pytest.raises(TypeError, match=r"params\['beta'\]: dtype int64"):
+        bn.params["beta"] = np.arange(3)
+    with pytest.raises(KeyError, match="running_mean"):
+        bn.params["running_mean"] = np.zeros(3)
+    with pytest.raises(ValueError, match=r"grads\['gamma'\]: expected shape"):
+        bn.grads["gamma"] = np.ones((3, 1))
+    with pytest.raises(AttributeError, match="params: assign entries"):
+        bn.params = {"gamma": np.ones(3), "beta": np.zeros(3)}
+    with pytest.raises(TypeError, match="cannot be removed"):
+        del bn.params["gamma"]
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    plain = gpubn.BatchNorm(3, affine=False, backend=backend)
+    with pytest.raises(KeyError, match="affine=False"):
+        plain.params["gamma"] = np.ones(3)
+    assert dict(plain.params) == {} and len(bn.params) == 2 and sorted(bn.grads) == ["beta", "gamma"]
+
+
+# -- boolean options: bools only -----------------------------------------------------
+
+
+def test_flags_must_be_bools(backend):
+    bn = gpubn.BatchNorm(3, backend=backend)
+    for bad in ("no", "False", 0, 1, None, 0.0):
+        with pytest.raises(TypeError, match="mode: expected True or False"):
+            bn.train(bad)
+        with pytest.raises(TypeError, match="training: expected True or False"):
+            bn.training = bad
+        with pytest.raises(TypeError, match="affine: expected True or False"):
+            gpubn.BatchNorm(3, affine=bad, backend=backend)
+        with pytest.raises(TypeError, match="track_running_stats: expected True or False"):
+            gpubn.BatchNorm(3, track_running_stats=bad, backend=backend)
+    assert bn.training is True  # the refusals left the mode alone
+    assert bn.train(np.bool_(False)).training is False  # NumPy bools are bools
+    bn.training = True
+    assert bn.eval().training is False
+
+
+# -- what the forward cache holds ---------------------------------------------------
+
+
+def test_optimizer_step_between_forward_and_backward(backend, rng):
+    """The gradient is that of the function the forward computed: an update of
+    gamma (in place, as optimizers do) before backward() does not leak into it
+    (the cache holds the forward's constants, not gamma)."""
+    bn = gpubn.BatchNorm(3, backend=backend, dtype="float64")
+    gamma0 = np.array([1.5, -0.5, 2.0])
+    bn.params["gamma"][...] = gamma0
+    x, dy = rng.standard_normal((7, 3)), rng.standard_normal((7, 3))
+    bn(x)
+    bn.params["gamma"][...] = 100.0  # an optimizer step taken early
+    bn.params["beta"][...] = 100.0
+    dx = bn.backward(dy)
+    rdx, rdg, rdb = backward(dy, x, gamma0, 1)
+    np.testing.assert_allclose(dx, rdx, atol=1e-10)
+    np.testing.assert_allclose(host(bn.grads["gamma"]), rdg, atol=1e-10)
+    np.testing.assert_allclose(host(bn.grads["beta"]), rdb, atol=1e-10)

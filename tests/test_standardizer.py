@@ -1,0 +1,143 @@
+"""Standardizer against the float64 reference and scikit-learn's StandardScaler, both backends."""
+
+import numpy as np
+import pytest
+from sklearn.base import clone  # scikit-learn is in the test extra
+from sklearn.preprocessing import StandardScaler
+
+import gpubn
+
+from reference import forward, stats
+
+
+@pytest.mark.parametrize("axis", [1, 0, -1])
+def test_fit_transform(backend, rng, axis):
+    X = rng.standard_normal((20, 4, 3)) * np.array([1, 100, 1e-3])[None, None, :] + 7
+    X = np.moveaxis(X, 2, axis % 3).astype(np.float32) if axis != -1 else X.astype(np.float32)
+    sc = gpubn.Standardizer(axis=axis, backend=backend)
+    Z = sc.fit_transform(X)
+    mean, var = stats(X, axis)
+    np.testing.assert_allclose(sc.mean_, mean, rtol=1e-5)
+    np.testing.assert_allclose(sc.var_, var, rtol=1e-4)
+    ref, _ = forward(X, None, None, axis, eps=0.0)  # (X - mean) / sqrt(var)
+    np.testing.assert_allclose(Z, ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(sc.inverse_transform(Z), X, rtol=1e-4, atol=1e-4)
+    assert sc.n_features_in_ == X.shape[axis]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_spreads_come_out_at_unit_variance(backend, rng, dtype):
+    """No epsilon: std 1e-3 .. 1e-7 features are scaled to std 1, as scikit-learn does
+    (with eps=1e-8 added to the variance, std 1e-5 came out as 0.1)."""
+    spreads = np.array([1.0, 1e-3, 1e-4, 1e-5, 1e-7])
+    X = (rng.standard_normal((64, 5)) * spreads + np.array([0, 0, 3, 0, 1e-3])).astype(dtype)
+    sc = gpubn.Standardizer(backend=backend).fit(X)
+    _, var = stats(X, 1)
+    np.testing.assert_allclose(sc.scale_, np.sqrt(var), rtol=1e-5)
+    np.testing.assert_allclose(sc.scale_, StandardScaler().fit(X).scale_, rtol=1e-5)
+    Z = sc.transform(X)
+    np.testing.assert_allclose(Z.astype(np.float64).std(axis=0), 1.0, rtol=1e-3 if dtype == np.float32 else 1e-9)
+    np.testing.assert_allclose(Z.astype(np.float64).mean(axis=0), 0.0, atol=1e-3 if dtype == np.float32 else 1e-9)
+
+
+def test_constant_and_near_constant_features(backend, rng):
+    """Zero variance, and variance at the level of rounding error (values one
+    ulp apart at 1e10), are 'constant': scale_ = 1, only centered; a small but
+    real spread at a large offset is not."""
+    n = 40
+    X = rng.standard_normal((n, 4))
+    X[:, 1] = 4.0
+    X[:, 2] = np.where(np.arange(n) % 2 == 0, 1e10, np.nextafter(1e10, np.inf))
+    X[:, 3] = 1e3 + 1e-6 * rng.standard_normal(n)  # std 1e-9 of the mean: real
+    sc = gpubn.Standardizer(backend=backend).fit(X)
+    expected = StandardScaler().fit(X).scale_
+    assert sc.scale_[1] == 1.0 and sc.scale_[2] == 1.0 and expected[1] == 1.0 and expected[2] == 1.0
+    np.testing.assert_allclose(sc.scale_[3], expected[3], rtol=1e-6)
+    Z = sc.transform(X)
+    np.testing.assert_array_equal(Z[:, 1], 0.0)
+    assert np.abs(Z[:, 2]).max() < 1e-5  # centered, not blown up to +-1
+    np.testing.assert_allclose(Z[:, 3].std(), 1.0, rtol=1e-6)
+
+
+def test_partial_fit_equals_fit(backend, rng):
+    X = rng.standard_normal((53, 5)) * 3 + 1e3
+    full = gpubn.Standardizer(backend=backend).fit(X)
+    part = gpubn.Standardizer(backend=backend)
+    for chunk in np.array_split(X, [7, 8, 30]):
+        part.partial_fit(chunk)
+    assert part.n_samples_seen_ == full.n_samples_seen_ == 53
+    np.testing.assert_allclose(part.mean_, full.mean_, rtol=1e-12)
+    np.testing.assert_allclose(part.var_, full.var_, rtol=1e-9)
+    np.testing.assert_allclose(part.var_, X.var(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(part.scale_, StandardScaler().fit(X).scale_, rtol=1e-9)
+
+
+@pytest.mark.parametrize("with_mean,with_std", [(True, False), (False, True), (False, False)])
+def test_with_mean_with_std_like_sklearn(backend, rng, with_mean, with_std):
+    X = rng.standard_normal((30, 3)) * [1, 5, 0.1] + [2, -3, 10]
+    sc = gpubn.Standardizer(with_mean=with_mean, with_std=with_std, backend=backend).fit(X)
+    ref = StandardScaler(with_mean=with_mean, with_std=with_std).fit(X)
+    Z = sc.transform(X)
+    np.testing.assert_allclose(Z, ref.transform(X), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(sc.inverse_transform(Z), X, rtol=1e-9, atol=1e-9)
+    assert (sc.scale_ is None) == (not with_std)
+
+
+def test_integer_input_becomes_float64(backend):
+    X = np.arange(24, dtype=np.int32).reshape(8, 3) ** 2
+    sc = gpubn.Standardizer(backend=backend)
+    Z = sc.fit_transform(X)
+    assert Z.dtype == np.float64
+    np.testing.assert_allclose(Z, StandardScaler().fit_transform(X), rtol=1e-9, atol=1e-12)
+    Zl = gpubn.Standardizer(backend=backend).fit_transform([[1, 2], [3, 5], [4, 4]])  # lists too
+    np.testing.assert_allclose(Zl, StandardScaler().fit_transform([[1, 2], [3, 5], [4, 4]]), atol=1e-12)
+
+
+def test_errors_name_the_argument(backend, rng):
+    X = rng.standard_normal((10, 3))
+    with pytest.raises(ValueError, match="not fitted"):
+        gpubn.Standardizer(backend=backend).transform(X)
+    sc = gpubn.Standardizer(backend=backend).fit(X)
+    wrong = r"^X: 6 features \(axis 1 of shape \(10, 6\)\), the standardizer was fitted on 3$"
+    with pytest.raises(ValueError, match=wrong):
+        sc.transform(rng.standard_normal((10, 6)))
+    with pytest.raises(ValueError, match="Z: 2 features"):
+        sc.inverse_transform(X[:, :2])
+    with pytest.raises(ValueError, match="X: 2 features"):
+        sc.partial_fit(X[:, :2])
+    with pytest.raises(TypeError, match="with_mean: expected True or False"):
+        gpubn.Standardizer(with_mean="no")
+    with pytest.raises(TypeError, match="with_std: expected True or False"):
+        gpubn.Standardizer(with_std=1)
+    with pytest.raises(TypeError, match="axis: expected an int"):
+        gpubn.Standardizer(axis=1.0)
+    with pytest.raises(TypeError, match="X: cannot be read as an array"):
+        sc.transform([[1.0, 2.0], [3.0]])
+
+
+def test_get_set_params_and_clone(backend):
+    sc = gpubn.Standardizer(axis=0, with_std=False, backend=backend)
+    assert sc.get_params() == {"axis": 0, "with_mean": True, "with_std": False, "backend": backend}
+    twin = clone(sc)  # scikit-learn checks that the constructor stores what it is given
+    assert twin.get_params() == sc.get_params() and twin is not sc
+    assert sc.set_params(with_std=True, axis=1) is sc and sc.get_params()["with_std"] is True
+    with pytest.raises(ValueError, match="scale: not a parameter of Standardizer"):
+        sc.set_params(scale=2)
+    with pytest.raises(TypeError, match="with_mean"):
+        sc.set_params(axis=0, with_mean="yes")
+    assert sc.get_params()["axis"] == 1  # a refused set_params changes nothing
+
+
+def test_inside_a_pipeline_with_cross_val_score(backend):
+    """Where StandardScaler works, Standardizer works: the same scores."""
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+
+    X, y = load_wine(return_X_y=True)
+    X, y = X[::3, :6], y[::3]  # small: the CUDA backend may be simulated
+    ours = cross_val_score(make_pipeline(gpubn.Standardizer(backend=backend), LogisticRegression()), X, y, cv=3)
+    theirs = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression()), X, y, cv=3)
+    np.testing.assert_allclose(ours, theirs, atol=1e-12)
+    assert ours.mean() > 0.8
