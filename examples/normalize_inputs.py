@@ -17,10 +17,16 @@ more iterations on the raw features: the loss surface is a long narrow valley.
 """
 
 import argparse
+import sys
 
-import numpy as np
+try:  # the optional extras it needs, checked before any work
+    import sklearn  # noqa: F401
+except ImportError as exc:
+    sys.exit(f'normalize_inputs.py needs {exc.name}: pip install "gpubn[examples]"')
 
-import gpubn
+import numpy as np  # noqa: E402
+
+import gpubn  # noqa: E402
 
 
 def gradient_descent(X, y, tol, max_iter):

@@ -19,11 +19,18 @@ to reach the target test accuracy, and saves both learning curves as a PNG.
 """
 
 import argparse
+import sys
 import time
 
-import numpy as np
+try:  # the optional extras it needs, checked before any work
+    import matplotlib  # noqa: F401
+    import sklearn  # noqa: F401
+except ImportError as exc:
+    sys.exit(f'train_mlp.py needs {exc.name}: pip install "gpubn[examples]"')
 
-import gpubn
+import numpy as np  # noqa: E402
+
+import gpubn  # noqa: E402
 
 
 def load_digits(seed):

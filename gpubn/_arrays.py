@@ -8,6 +8,10 @@ import numpy as np
 from numba import cuda
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: NumPy has no bfloat16: bfloat16 data (from gpubn.torch) travels as its int16
+#: bits, which the CPU kernels widen to float32 and narrow back inline
+#: (``kernels/half.py``).  Only internal callers say that int16 means this.
+BFLOAT16_BITS = np.dtype(np.int16)
 
 
 def is_device_array(a) -> bool:

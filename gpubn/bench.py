@@ -16,7 +16,12 @@ written in plain NumPy (x's dtype, one core).
 Minimum traffic, B = x.nbytes (design.md section 4):
     stats 1B (read x) | fwd-train 3B (stats pass + normalize pass) |
     eval 2B | backward 5B (dy and x read twice, dx written) |
-    fwd+bwd: both, one Python call each, back to back (the launch-overhead case)
+    fwd+bwd: both, one Python call each, back to back (the launch-overhead case) |
+    module: the same through autograd on torch tensors, gpubn.torch's
+    BatchNorm*d module against torch's own (needs torch)
+
+``--cnn`` times a whole training step of a small CNN (torch convolutions, batch
+norm, SGD) with torch's BatchNorm2d, then after ``gpubn.torch.replace_batchnorm``.
 """
 
 import argparse
@@ -61,7 +66,7 @@ CPU_SHAPES = [
     Shape("nchw-64x64x56x56-f16", (64, 64, 56, 56), 1, "float16"),
 ]
 SHAPES = {s.name: s for s in GPU_SHAPES + CPU_SHAPES}
-TRAFFIC = {"stats": 1, "fwd-train": 3, "eval": 2, "backward": 5, "fwd+bwd": 8}
+TRAFFIC = {"stats": 1, "fwd-train": 3, "eval": 2, "backward": 5, "fwd+bwd": 8, "module": 8}
 OPS = list(TRAFFIC)
 
 
@@ -226,8 +231,12 @@ def bench_shape(spec, backend, ops, repeat, timer, floor_gbs, torch_mods, valida
     }
     torch_fns = _torch_fns(spec, x, dy, gamma, beta, backend, torch_mods) if torch_mods[0] else {}
     numpy_fns = _numpy_fns(spec, x, dy, gamma, beta) if numpy else {}
+    if "module" in ops and torch_mods[0] is not None:
+        fns["module"], torch_fns["module"] = _module_fns(spec, x, dy, gamma, beta, backend, torch_mods[0])
     rows = []
     for op in ops:
+        if op not in fns:  # module rows without torch
+            continue
         ms, torch_ms = timer.compare(fns[op], torch_fns.get(op), repeat)
         nbytes = TRAFFIC[op] * x.nbytes
         gbs = nbytes / ms / 1e6
@@ -331,6 +340,80 @@ def _torch_fns(spec, x, dy, gamma, beta, backend, torch_mods):
     return fns
 
 
+def _torch_layout(torch, a, axis, device):
+    """x as torch's batch norm takes it: (N, C, *), channels-last memory for NHWC."""
+    if axis % a.ndim == a.ndim - 1 and a.ndim == 4:
+        t = torch.from_numpy(a).to(device).permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
+        assert t.is_contiguous(memory_format=torch.channels_last)
+        return t
+    return torch.from_numpy(a).to(device) if axis % a.ndim == 1 else None
+
+
+def _module_fns(spec, x, dy, gamma, beta, backend, torch):
+    """(gpubn module fwd+bwd, torch module fwd+bwd) on the same tensors."""
+    import gpubn.torch as gt
+
+    device = "cuda" if backend == "cuda" else "cpu"
+    xt, dyt = _torch_layout(torch, x, spec.axis, device), _torch_layout(torch, dy, spec.axis, device)
+    if xt is None:
+        return None, None
+    name = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[x.ndim]
+    xg = xt.detach().requires_grad_()
+    fns = []
+    for cls in (getattr(gt, name), getattr(torch.nn, name)):
+        m = cls(len(gamma), device=device)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(gamma))
+            m.bias.copy_(torch.from_numpy(beta))
+
+        def step(m=m):
+            torch.autograd.grad(m(xg), (xg, m.weight, m.bias), dyt)
+
+        fns.append(step)
+    return fns[0], fns[1]
+
+
+def bench_cnn(timer, repeat, device="cpu", batch=64, size=32):
+    """ms per training step of a small CNN, torch's batch norm vs gpubn's."""
+    import copy
+
+    import torch
+
+    import gpubn.torch as gt
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        *(
+            layer
+            for cin, cout in ((3, 32), (32, 64), (64, 64))
+            for layer in (
+                torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                torch.nn.BatchNorm2d(cout),
+                torch.nn.ReLU(),
+                torch.nn.MaxPool2d(2),
+            )
+        ),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64 * (size // 8) ** 2, 10),
+    ).to(device)
+    ours = gt.replace_batchnorm(copy.deepcopy(model))
+    x = torch.randn(batch, 3, size, size, device=device)
+    target = torch.randint(0, 10, (batch,), device=device)
+    steps = []
+    for m in (ours, model):
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+        def step(m=m, opt=opt):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), target).backward()
+            opt.step()
+
+        steps.append(step)
+    ms, torch_ms = timer.compare(steps[0], steps[1], repeat)
+    return {"op": "cnn-step", "backend": device, "batch": batch, "input": [3, size, size], "ms": ms,
+            "torch_ms": torch_ms, "speedup": torch_ms / ms}  # fmt: skip
+
+
 def _no_grad(torch, fn):
     def run():
         with torch.no_grad():
@@ -423,6 +506,7 @@ def main(argv=None):
     ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy baseline (CPU backend)")
     ap.add_argument("--list", action="store_true", help="list the shapes and exit")
     ap.add_argument("--startup", action="store_true", help="time the first call in fresh processes (cold/warm cache)")
+    ap.add_argument("--cnn", action="store_true", help="also time a small CNN's training step (needs torch)")
     args = ap.parse_args(argv)
     if args.list:
         for s in SHAPES.values():
@@ -474,6 +558,15 @@ def main(argv=None):
             if "numpy_ms" in row:
                 line += f" {row['numpy_ms']:9.3f}"
             print(line, flush=True)
+    if args.cnn:
+        if torch_mods[0] is None:
+            ap.error("--cnn needs torch")
+        row = bench_cnn(timer, repeat, "cuda" if backend == "cuda" else "cpu")
+        rows.append(row)
+        print(
+            f"\nsmall CNN training step (batch {row['batch']} x {row['input']}, 3 conv + BN + ReLU + pool): "
+            f"gpubn BN {row['ms']:.2f} ms, torch BN {row['torch_ms']:.2f} ms ({row['speedup']:.2f}x)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -18,6 +18,7 @@ import numpy as np
 from numba import cuda
 
 from ._arrays import (
+    BFLOAT16_BITS,
     StateVector,
     acc_dtype,
     as_input,
@@ -89,10 +90,15 @@ class _Input:
         return arr
 
 
-def _prepare(x, axis, backend, name="x") -> _Input:
+def _prepare(x, axis, backend, name="x", bfloat16=False) -> _Input:
     be = resolve_backend(backend)
     arr, on_device = as_input(x, name, be)
-    dtype = check_float(arr.dtype, name)
+    if bfloat16:  # int16 bits of bfloat16 values (BFLOAT16_BITS), CPU kernels only
+        if arr.dtype != BFLOAT16_BITS or be != "cpu":
+            raise TypeError(f"{name}: bfloat16 data must be int16 bits on the CPU backend")
+        dtype = arr.dtype
+    else:
+        dtype = check_float(arr.dtype, name)
     ax = check_axis(axis, arr.ndim)
     shape3 = canonical_shape(arr.shape, ax)
     if 0 in arr.shape:
@@ -201,6 +207,7 @@ def batch_norm_forward(
     momentum: float = 0.1,
     backend=None,
     _coef=None,
+    _bfloat16=False,
 ):
     """Batch normalization forward pass.
 
@@ -215,6 +222,8 @@ def batch_norm_forward(
         eps: added to the variance.  momentum: float in [0, 1].
         _coef: (internal) a (5, C) array to hold the per-channel constants,
             so that a layer reuses one buffer instead of allocating per call.
+        _bfloat16: (internal) x is bfloat16 as int16 bits (gpubn.torch);
+            y comes back the same way.
     Returns:
         (y, cache): y has x's shape and dtype; cache feeds batch_norm_backward.
         The cache refers to x without copying it: x must not change before
@@ -223,7 +232,7 @@ def batch_norm_forward(
     Raises:
         TypeError / ValueError naming the argument; nothing is modified then.
     """
-    inp = _prepare(x, axis, backend)
+    inp = _prepare(x, axis, backend, bfloat16=_bfloat16)
     C = inp.C
     eps = check_scalar(eps, "eps")
     training = check_bool(training, "training")
@@ -267,6 +276,13 @@ def batch_norm_forward(
     return inp.deliver(y), ForwardCache(inp, coef, training)
 
 
+def _cache_for(x, coef, axis: int, training: bool, backend: str, bfloat16: bool = False) -> ForwardCache:
+    """(internal) The cache of a forward of x whose per-channel constants
+    ``coef`` are known: gpubn.torch keeps x and coef as tensors between the
+    passes (autograd saves tensors, not Python objects)."""
+    return ForwardCache(_materialize(_prepare(x, axis, backend, bfloat16=bfloat16)), coef, training)
+
+
 def _buffer_fits(buf, inp: _Input, rows: int) -> bool:
     if buf is None:
         return False
@@ -290,7 +306,11 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None):
         raise TypeError(f"cache: expected the cache returned by batch_norm_forward, got {type(cache).__name__}")
     inp = cache.inp
     arr, on_device = as_input(dy, "dy", inp.backend)
-    check_float(arr.dtype, "dy")
+    if inp.dtype == BFLOAT16_BITS:
+        if arr.dtype != BFLOAT16_BITS:
+            raise TypeError(f"dy: dtype {arr.dtype}; a bfloat16 forward takes bfloat16 gradients (int16 bits)")
+    else:
+        check_float(arr.dtype, "dy")
     if tuple(arr.shape) != inp.shape:
         raise ValueError(f"dy: shape {tuple(arr.shape)} does not match the forward input's shape {inp.shape}")
     if on_device and arr.dtype != inp.dtype:
@@ -299,7 +319,7 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None):
     dyv = to_canonical(arr, inp.shape3, on_device)
     if inp.backend == "cuda" and not on_device:
         dyv = cuda.to_device(np.ascontiguousarray(dyv, dtype=inp.dtype))
-    elif inp.backend == "cpu" and dyv.dtype != np.float16:  # the CPU kernels read float16 as it is
+    elif inp.backend == "cpu" and dyv.dtype not in (np.float16, BFLOAT16_BITS):  # read as they are, inline
         dyv = dyv.astype(inp.acc, copy=False)
     dx = inp.empty()
     grads = _grads if _buffer_fits(_grads, inp, 2) else inp.empty(rows=2)  # dgamma, dbeta

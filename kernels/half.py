@@ -1,4 +1,4 @@
-"""float16 on the CPU, where numba has no float16 type.
+"""float16 and bfloat16 on the CPU, where numba has neither type.
 
 The CPU kernels take float16 arrays as their raw bits (``bits(x)``: a uint16
 view) and compute in float32: every load goes through ``widen`` and every
@@ -8,6 +8,11 @@ tensor moves half the bytes of a float32 one (no converted copies).
 to or from float16 runs at ~1.6 ns per element here, twenty times slower than
 the whole conversion-fused forward pass.)  The CUDA kernels read and write
 float16 directly.
+
+bfloat16 (from gpubn.torch) comes the same way, as int16 bits: its value is
+the float32 whose top 16 bits they are, so ``widen`` is a shift and ``narrow``
+rounds the float32 bits to nearest even (NaN kept quiet).  The dtype of the
+bits says which format they hold: uint16 float16, int16 bfloat16.
 
 Bit recipes: F. Giesen, "half_to_float_fast2" and "float_to_half_fast3_rtne"
 (round to nearest even; NaN stays NaN, overflow becomes Inf, subnormals exact).
@@ -87,6 +92,23 @@ def float_to_half(x):
     return numba.uint16(o)
 
 
+@numba.njit(inline="always", **JIT)
+def bfloat16_to_float(h):
+    """float32 value of the bfloat16 bits ``h`` (int16): exact, a shift."""
+    return _as_float(numba.uint32(numba.uint16(h)) << numba.uint32(16))
+
+
+@numba.njit(inline="always", **JIT)
+def float_to_bfloat16(x):
+    """bfloat16 bits (int16) of the float32 ``x``, rounded to nearest even;
+    NaN stays a (quiet) NaN, overflow becomes Inf.  No branch: it vectorises."""
+    u = _as_bits(numba.float32(x))
+    rounded = (u + numba.uint32(0x7FFF) + ((u >> numba.uint32(16)) & numba.uint32(1))) >> numba.uint32(16)
+    quiet_nan = (u >> numba.uint32(16)) | numba.uint32(0x0040)
+    is_nan = (u & numba.uint32(0x7FFFFFFF)) > numba.uint32(0x7F800000)
+    return numba.int16(quiet_nan if is_nan else rounded)
+
+
 def bits(a):
     """``a`` as the CPU kernels take it: float16 arrays as their uint16 bits."""
     return a.view(np.uint16) if a.dtype == np.float16 else a
@@ -94,17 +116,19 @@ def bits(a):
 
 def widen(v):
     """(in kernels) A value loaded from a kernel array, as computed with:
-    float16 bits (uint16) become float32; floats are unchanged."""
+    float16 bits (uint16) and bfloat16 bits (int16) become float32; floats
+    are unchanged."""
 
 
 def narrow(v, out):
-    """(in kernels) ``v`` as stored into array ``out``: float16 bits (uint16,
-    rounded to nearest even) when ``out`` holds them, else ``v``."""
+    """(in kernels) ``v`` as stored into array ``out``: float16 bits (uint16)
+    or bfloat16 bits (int16), rounded to nearest even, when ``out`` holds
+    them, else ``v``."""
 
 
 def compute_dtype(a):
     """(in kernels) The dtype the kernels compute in for array ``a``:
-    float32 for float16 bits and float32, float64 for float64."""
+    float32 for float16/bfloat16 bits and float32, float64 for float64."""
 
 
 @intrinsic
@@ -158,6 +182,8 @@ HARDWARE_HALF = hardware_half()
 def _widen(v):
     if v == types.uint16:
         return (lambda v: _fpext_half(v)) if HARDWARE_HALF else (lambda v: half_to_float(v))
+    if v == types.int16:
+        return lambda v: bfloat16_to_float(v)
     if isinstance(v, types.Float):
         return lambda v: v
     return None
@@ -169,6 +195,8 @@ def _narrow(v, out):
         if HARDWARE_HALF:
             return lambda v, out: _fptrunc_half(numba.float32(v))
         return lambda v, out: float_to_half(v)
+    if isinstance(out, types.Array) and out.dtype == types.int16:
+        return lambda v, out: float_to_bfloat16(v)
     return lambda v, out: v
 
 

@@ -36,7 +36,7 @@ def test_compare_alternates_series_after_warmup():
 def test_bench_shape_validates_and_times(axis):
     spec = bench.Shape("tiny", (8, 6, 5, 4), axis)
     rows = bench.bench_shape(spec, "cpu", bench.OPS, 2, bench.HostTimer(), 10.0, (None, None))
-    assert [r["op"] for r in rows] == bench.OPS
+    assert [r["op"] for r in rows] == [op for op in bench.OPS if op != "module"]  # module rows need torch
     for r in rows:
         assert r["ms"] > 0 and r["GB/s"] > 0
         assert r["bytes"] == bench.TRAFFIC[r["op"]] * 8 * 6 * 5 * 4 * 4
@@ -71,3 +71,18 @@ def test_bench_shape_with_numpy_column():
     spec = bench.Shape("tiny", (8, 6, 5), 1)
     rows = bench.bench_shape(spec, "cpu", ["stats", "eval"], 2, bench.HostTimer(), 10.0, (None, None), numpy=True)
     assert all(r["numpy_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_module_rows_time_both_modules(axis):
+    """With torch: the module row times gpubn.torch's module beside torch's (NCHW and channels-last)."""
+    spec = bench.Shape("tiny", (8, 6, 5, 4), axis)
+    rows = bench.bench_shape(spec, "cpu", ["module"], 2, bench.HostTimer(), 10.0, bench._torch())
+    (row,) = rows
+    assert row["op"] == "module" and row["ms"] > 0 and row["torch_ms"] > 0
+    assert row["bytes"] == 8 * 8 * 6 * 5 * 4 * 4
+
+
+def test_cnn_step_row():
+    row = bench.bench_cnn(bench.HostTimer(), 2, batch=4, size=8)
+    assert row["op"] == "cnn-step" and row["ms"] > 0 and row["torch_ms"] > 0

@@ -56,13 +56,17 @@ def test_train_mlp(tmp_path):
     assert (tmp_path / "train_mlp.png").read_bytes() == b"the full run's figure"
 
 
-@pytest.mark.parametrize("name", ["kernels_direct.py", "normalize_inputs.py", "train_mlp.py"])
+ALL = ["kernels_direct.py", "normalize_inputs.py", "train_mlp.py", "torch_cnn.py"]
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_examples_have_help(name):
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--help"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "--quick" in proc.stdout and "--backend" in proc.stdout
+    assert proc.returncode == 0 and "--quick" in proc.stdout
+    assert ("--device" if name == "torch_cnn.py" else "--backend") in proc.stdout
 
 
-@pytest.mark.parametrize("name", ["kernels_direct.py", "normalize_inputs.py", "train_mlp.py"])
+@pytest.mark.parametrize("name", ALL)
 def test_every_option_has_help_text(name, monkeypatch):
     parsers = []
 
@@ -77,3 +81,34 @@ def test_every_option_has_help_text(name, monkeypatch):
     (parser,) = parsers
     silent = [a.option_strings for a in parser._actions if not a.help]
     assert silent == [], f"{name}: options without help text: {silent}"
+
+
+def test_torch_cnn(tmp_path):
+    """torch's BatchNorm and gpubn's via replace_batchnorm: the same loss curve."""
+    out = run("torch_cnn.py", "--device", "cpu", cwd=tmp_path)
+    assert "replace_batchnorm swapped 3 batch-norm modules" in out
+    assert "largest loss difference over 40 steps" in out and "time per training step" in out
+    assert (tmp_path / "torch_cnn_quick.png").stat().st_size > 10_000
+
+
+BLOCK = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == {name!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+@pytest.mark.parametrize("name,extra", [("train_mlp.py", "examples"), ("torch_cnn.py", "torch,examples")])
+def test_missing_extra_is_said_before_any_work(tmp_path, name, extra):
+    """Without matplotlib an example stops at once and names the extra to install."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCK.format(name="matplotlib"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), "--quick"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f'{name} needs matplotlib: pip install "gpubn[{extra}]"'
+    assert proc.stdout == ""  # no training started

@@ -108,3 +108,64 @@ def test_bit_recipes_in_the_kernels_where_no_hardware_half(tmp_path):
     env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# -- bfloat16 (gpubn.torch hands bfloat16 tensors over as int16 bits) ---------------
+
+
+def _bf16_value(b):
+    """float64 values of bfloat16 bits (int16 or uint16 array): the float32 of those top bits."""
+    b = b.view(np.uint16) if b.dtype == np.int16 else b
+    with np.errstate(invalid="ignore"):  # signalling NaN patterns
+        return (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def _bf16_round_reference(x):
+    """bfloat16 bits of float32 x by its definition: the nearer of the two
+    neighbouring bfloat16 values, the even one on a tie (float64 arithmetic)."""
+    u = x.view(np.uint32)
+    low = (u >> 16).astype(np.uint16)  # truncated toward zero
+    high = low + np.uint16(1)  # the next value away from zero
+    v_high = _bf16_value(high)
+    v_high = np.where(np.isinf(v_high), np.sign(v_high) * 2.0**128, v_high)  # IEEE: overflow past max + ulp/2
+    with np.errstate(invalid="ignore"):  # Inf - Inf, NaN: handled below
+        d_low = np.abs(x.astype(np.float64) - _bf16_value(low))
+        d_high = np.abs(v_high - x.astype(np.float64))
+    pick_high = (d_high < d_low) | ((d_high == d_low) & (low % 2 == 1))
+    out = np.where(pick_high, high, low)
+    nan = np.isnan(x)
+    out[nan] = low[nan] | np.uint16(0x0040)  # NaN stays a quiet NaN
+    return out.view(np.int16)
+
+
+BF16_WIDEN = CPUKernel(_widen_all)  # int16 in: the bfloat16 overload
+BF16_NARROW = CPUKernel(_narrow_all)  # int16 out: the bfloat16 overload
+
+
+@pytest.mark.parametrize("variant", ["serial", "parallel"])
+def test_every_bfloat16_widens_exactly(variant):
+    b = np.arange(-32768, 32768, dtype=np.int16)
+    ours = np.empty(b.shape, np.float32)
+    getattr(BF16_WIDEN, variant)(b, ours)
+    ref = _bf16_value(b).astype(np.float32)
+    assert same_bits(ours, ref).all()
+
+
+@pytest.mark.parametrize("variant", ["serial", "parallel"])
+def test_float32_narrows_to_bfloat16_by_the_definition(variant):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(1 << 16) * 10.0 ** rng.integers(-30, 30, 1 << 16)
+    halfway = (np.arange(1, 2000, dtype=np.uint32) << 16 | np.uint32(0x8000)).view(np.float32)  # exact ties
+    special = [np.inf, -np.inf, np.nan, 3.3895314e38, 3.4028235e38, 1e-40, -1e-45, 0.0, -0.0, 1 + 2**-8, 1 + 3 * 2**-9]
+    x = np.concatenate([x.astype(np.float32), halfway, np.array(special, np.float32)])
+    ours = np.empty(x.shape, np.int16)
+    getattr(BF16_NARROW, variant)(x, ours)
+    ref = _bf16_round_reference(x)
+    same = (ours == ref) | (np.isnan(x) & np.isnan(_bf16_value(ours)))
+    assert same.all(), x[~same][:5]
+    try:
+        import torch
+    except ImportError:
+        return
+    theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy()
+    assert ((ours == theirs) | np.isnan(x)).all()

@@ -1,0 +1,404 @@
+"""gpubn inside PyTorch models: a differentiable ``batch_norm``, drop-in
+``BatchNorm1d/2d/3d`` modules and ``replace_batchnorm`` (torch is an optional
+extra: ``pip install "gpubn[torch]"``).
+
+    import gpubn.torch as gt
+
+    y = gt.batch_norm(x, running_mean, running_var, weight, bias, training=True)
+    model = gt.replace_batchnorm(model)  # every torch BatchNorm*d becomes gpubn's, in place
+
+Semantics, arguments, parameters, buffers and ``state_dict`` keys are torch's
+(``torch.nn.functional.batch_norm``, ``torch.nn.BatchNorm*d``): a state dict
+saved from either loads into the other, and the numbers match torch's within
+the dtype's tolerance.
+
+How the tensors reach the kernels, with no copy:
+
+- CPU tensors as NumPy views of their memory (``Tensor.numpy()``);
+  ``channels_last`` tensors as their contiguous NHWC (NDHWC) view with the
+  feature axis last, so the channels-contiguous kernels read them where they are.
+- bfloat16 CPU tensors as their int16 bits, widened to float32 and rounded back
+  inline by the kernels (``kernels/half.py``); statistics in float32.
+- CUDA tensors through ``__cuda_array_interface__`` (the CUDA backend's current
+  path: launches on the default stream).  bfloat16 CUDA tensors are converted to
+  float32 and back by torch (the CUDA kernels have no bfloat16 loads yet).
+
+Autograd: in eager mode ``batch_norm`` is a ``torch.autograd.Function`` (the
+least dispatch cost per call: these layers are often small); under
+``torch.compile`` the same two passes are the custom operators
+``gpubn::batch_norm`` and ``gpubn::batch_norm_backward`` (``torch.library``,
+with fake implementations), which the compiler traces without graph breaks
+(the operator returns the new running statistics, copied into the buffers in
+place: an operator with an autograd formula may not mutate its inputs).  Between forward and
+backward autograd keeps x and the (5, C) per-channel constants (see
+RELIABILITY.md); a gradient of the gradient (double backward) raises.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import functional as _F
+from ._backend import available_backends
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1)), 5: (torch.channels_last_3d, (0, 2, 3, 4, 1))}
+
+
+# -- tensors <-> arrays ---------------------------------------------------------------
+
+
+def _layout(t: Tensor):
+    """(view, axis, perm): the tensor as the kernels should see it.  A
+    channels-last tensor is permuted to its contiguous NHWC view (feature axis
+    last, no copy); anything else stays (N, C, *) with the feature axis 1."""
+    fmt = _CHANNELS_LAST.get(t.dim())
+    if fmt is not None and not t.is_contiguous() and t.is_contiguous(memory_format=fmt[0]):
+        return t.permute(fmt[1]), -1, fmt[1]
+    return t, 1, None
+
+
+def _restore(t: Tensor, perm) -> Tensor:
+    """Undo ``_layout``'s permutation (a view: the result stays channels-last)."""
+    if perm is None:
+        return t
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return t.permute(inverse)
+
+
+def _array(t: Tensor | None):
+    """What gpubn's functions take: a NumPy view of a CPU tensor (bfloat16 as
+    int16 bits), the tensor itself on CUDA (``__cuda_array_interface__``)."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.is_cuda:
+        return t
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+def _tensor(a, device: torch.device, bfloat16: bool = False) -> Tensor:
+    """A tensor over gpubn's result ``a`` (no copy)."""
+    if device.type == "cuda":
+        return torch.as_tensor(a, device=device)
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if bfloat16 else t
+
+
+def _backend(t: Tensor) -> str:
+    if t.is_cuda:
+        if "cuda" not in available_backends():
+            raise RuntimeError("input: a CUDA tensor, but gpubn's CUDA backend is not usable here")
+        return "cuda"
+    if t.device.type != "cpu":
+        raise RuntimeError(f"input: tensors on {t.device.type!r} are not supported; expected CPU or CUDA")
+    return "cpu"
+
+
+# -- the operators -----------------------------------------------------------------------
+
+
+def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    """(y, coef): y like input; coef (5, C) float32 (float64 for float64 input),
+    the per-channel constants (MEAN, VAR, INVSTD, SCALE, BIAS) the backward
+    needs.  running_mean/var are updated in place when training."""
+    backend = _backend(input)
+    x, axis, perm = _layout(input)
+    via_float = x.is_cuda and x.dtype == torch.bfloat16  # no bfloat16 CUDA kernels yet
+    bits = x.dtype == torch.bfloat16 and not via_float
+    y, cache = _F.batch_norm_forward(
+        _array(x.float() if via_float else x),
+        _array(weight),
+        _array(bias),
+        axis=axis,
+        eps=eps,
+        training=training,
+        running_mean=_array(running_mean),
+        running_var=_array(running_var),
+        momentum=momentum,
+        backend=backend,
+        _bfloat16=bits,
+    )
+    y = _restore(_tensor(y, input.device, bits), perm)
+    if via_float:
+        y = y.to(torch.bfloat16)
+    return y, _tensor(cache.coef, input.device)
+
+
+def _backward(grad_output, input, coef, training):
+    """(grad_input, grad_weight, grad_bias); the two (C,) in coef's dtype."""
+    backend = _backend(input)
+    x, axis, perm = _layout(input)
+    dy = grad_output.to(input.dtype)
+    if perm is not None:
+        dy = dy.permute(perm)
+    via_float = x.is_cuda and x.dtype == torch.bfloat16
+    bits = x.dtype == torch.bfloat16 and not via_float
+    if via_float:
+        x, dy = x.float(), dy.float()
+    cache = _F._cache_for(_array(x), _array(coef), axis, training, backend, bfloat16=bits)
+    dx, dgamma, dbeta = _F.batch_norm_backward(_array(dy), cache)
+    dx = _restore(_tensor(dx, input.device, bits), perm)
+    if via_float:
+        dx = dx.to(torch.bfloat16)
+    return dx, _tensor(dgamma, input.device), _tensor(dbeta, input.device)
+
+
+def _no_double_backward():
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "gpubn.torch.batch_norm: double backward (a gradient of a gradient, create_graph=True) "
+            "is not implemented; use torch.nn.functional.batch_norm for it"
+        )
+
+
+def _param_grads(dgamma, dbeta, weight_dtype, bias_dtype):
+    dw = None if weight_dtype is None else dgamma.to(weight_dtype)
+    db = None if bias_dtype is None else dbeta.to(bias_dtype)
+    return dw, db
+
+
+# -- eager mode: an autograd.Function (the least dispatch cost per call) --------------------
+
+
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+        y, coef = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps)
+        ctx.save_for_backward(input, coef)
+        ctx.training = training
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        _no_double_backward()
+        input, coef = ctx.saved_tensors
+        dx, dgamma, dbeta = _backward(grad_output, input, coef, ctx.training)
+        return (dx, *_param_grads(dgamma, dbeta, *ctx.dtypes), None, None, None, None, None)
+
+
+# -- torch.compile: the same two passes as custom operators --------------------------------
+
+
+@torch.library.custom_op("gpubn::batch_norm", mutates_args=())
+def _forward_op(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, coef, new_running_mean, new_running_var): an operator with an
+    autograd formula may not mutate its inputs, so the kernels update (C,)
+    copies of the running statistics (empty when not updated), which
+    ``batch_norm`` writes back in place."""
+    update = training and running_mean is not None
+    if update:
+        running_mean, running_var = running_mean.clone(), running_var.clone()
+    y, coef = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    if not update:
+        running_mean, running_var = input.new_empty(0), input.new_empty(0)
+    return y, coef, running_mean, running_var
+
+
+@_forward_op.register_fake
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    coef_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    coef = input.new_empty((5, input.shape[1]), dtype=coef_dtype)
+    if training and running_mean is not None:
+        return torch.empty_like(input), coef, torch.empty_like(running_mean), torch.empty_like(running_var)
+    return torch.empty_like(input), coef, input.new_empty(0), input.new_empty(0)
+
+
+@torch.library.custom_op("gpubn::batch_norm_backward", mutates_args=())
+def _backward_op(grad_output: Tensor, input: Tensor, coef: Tensor, training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) of gpubn::batch_norm."""
+    return _backward(grad_output, input, coef, training)
+
+
+@_backward_op.register_fake
+def _(grad_output, input, coef, training):
+    C = input.shape[1]
+    return torch.empty_like(input), coef.new_empty(C), coef.new_empty(C)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, _, _, training, _, _ = inputs
+    _, coef, new_mean, new_var = output
+    ctx.mark_non_differentiable(coef, new_mean, new_var)
+    ctx.save_for_backward(input, coef)
+    ctx.training = training
+    ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+
+def _op_backward(ctx, grad_output, _grad_coef, _grad_mean, _grad_var):
+    _no_double_backward()
+    input, coef = ctx.saved_tensors
+    dx, dgamma, dbeta = torch.ops.gpubn.batch_norm_backward(grad_output, input, coef, ctx.training)
+    return (dx, *_param_grads(dgamma, dbeta, *ctx.dtypes), None, None, None, None, None)
+
+
+torch.library.register_autograd("gpubn::batch_norm", _op_backward, setup_context=_setup_context)
+
+
+# -- the functional API ------------------------------------------------------------------------
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``torch.nn.functional.batch_norm`` on gpubn's kernels, differentiable.
+
+    Args:
+        input: (N, C, *) tensor, float16/bfloat16/float32/float64, CPU or CUDA,
+            any memory format (channels-last is read where it is).
+        running_mean, running_var: (C,) buffers or None; updated in place when
+            training (unbiased variance, ``momentum`` = weight of the new batch);
+            required when not training.
+        weight, bias: (C,) or None (1 and 0); float32 parameters with float16 or
+            bfloat16 input are fine.
+    Returns:
+        A tensor like input (same shape, dtype, device and memory format).
+    Raises:
+        The exception types torch's raises (RuntimeError for a wrong channel
+        count, dtype or device, ValueError for one value per channel in
+        training), naming the argument; nothing is updated then.
+    """
+    _check(input, running_mean, running_var, weight, bias, training)
+    args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
+    if not torch.compiler.is_compiling():
+        return _BatchNorm.apply(*args)  # running statistics updated in place by the kernels
+    y, _, new_mean, new_var = _forward_op(*args)
+    if training and running_mean is not None:
+        with torch.no_grad():  # in place, as torch's: the buffers stay the same tensors
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return y
+
+
+def _check(input, running_mean, running_var, weight, bias, training):
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
+    if input.dtype not in _DTYPES:
+        raise RuntimeError(
+            f"input: dtype {input.dtype} is not supported; expected float16, bfloat16, float32 or float64"
+        )
+    if input.dim() < 2:
+        raise ValueError(f"input: expected at least 2 dimensions (N, C, *), got input of size {tuple(input.shape)}")
+    C = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a Tensor or None, got {type(t).__name__}")
+        if t.numel() != C or t.dim() != 1:
+            raise RuntimeError(f"{name}: should contain {C} elements (the channels of input), not {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise RuntimeError(f"{name}: dtype {t.dtype} is not supported; expected a floating-point tensor")
+        if t.device != input.device:
+            raise RuntimeError(f"{name}: on {t.device}, input on {input.device}; expected the same device")
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError("running_mean, running_var: give both or neither")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean, running_var: required when training=False")
+    if training and input.numel() // C <= 1 if C else True:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+# -- modules --------------------------------------------------------------------------------------
+
+
+class _GpubnBatchNorm:
+    """torch's ``_BatchNorm.forward`` with gpubn's batch_norm: the same
+    exponential-average factor, and ``num_batches_tracked`` counted only once
+    the call has succeeded (torch counts first)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        count = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if count and self.momentum is None:
+            factor = 1.0 / float(self.num_batches_tracked + 1)  # cumulative moving average
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        y = batch_norm(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            factor,
+            self.eps,
+        )
+        if count:
+            self.num_batches_tracked.add_(1)
+        return y
+
+
+class BatchNorm1d(_GpubnBatchNorm, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on gpubn's kernels: (N, C) or (N, C, L)."""
+
+
+class BatchNorm2d(_GpubnBatchNorm, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on gpubn's kernels: (N, C, H, W), NCHW or channels-last."""
+
+
+class BatchNorm3d(_GpubnBatchNorm, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on gpubn's kernels: (N, C, D, H, W)."""
+
+
+_REPLACEMENTS = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def replace_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Swap every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` for gpubn's, in place.
+
+    The new modules hold the very same parameter and buffer tensors (an
+    optimizer built before the swap keeps working) and the same train/eval
+    mode.  Subclasses of torch's modules (which may change forward) and
+    ``SyncBatchNorm`` are left alone.  Returns ``module`` (or its replacement,
+    when ``module`` itself is a batch-norm module).
+    """
+    cls = _REPLACEMENTS.get(type(module))
+    if cls is not None:
+        return _swap(module, cls)
+    for name, child in module.named_children():
+        new = replace_batchnorm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _swap(bn, cls):
+    new = cls(
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta", dtype=torch.float32
+    )
+    for name in ("weight", "bias"):
+        setattr(new, name, getattr(bn, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, name, getattr(bn, name))
+    return new.train(bn.training)
+
+
+__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "replace_batchnorm"]

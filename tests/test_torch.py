@@ -1,0 +1,266 @@
+"""gpubn.torch against torch's own batch norm (the oracle: torch in float64 on
+the same values), on CPU tensors; the GPU-marked tests repeat it on CUDA tensors."""
+
+import numpy as np
+import pytest
+import torch
+
+import gpubn.torch as gt
+
+from conftest import SIM
+
+# (input shape, memory format): (N, C), (N, C, L), NCHW, channels-last, NCDHW, channels-last 3-D
+LAYOUTS = [
+    ((16, 5), None),
+    ((6, 4, 7), None),
+    ((4, 3, 5, 6), None),
+    ((4, 3, 5, 6), torch.channels_last),
+    ((3, 2, 3, 4, 5), None),
+    ((3, 2, 3, 4, 5), torch.channels_last_3d),
+]
+MODULES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+# (atol, rtol) of outputs and input gradients of order 1, by input dtype
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-4, 2e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (6e-2, 3e-2),
+}
+
+
+def make_input(shape, fmt, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (2.0 + 1.5 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    x = x.to(device)
+    return x.contiguous(memory_format=fmt) if fmt is not None else x
+
+
+def pair(shape, dtype, device, **kwargs):
+    """(gpubn module, torch float64 module) with the same non-trivial parameters."""
+    C = shape[1]
+    ours = gt.__dict__[MODULES[len(shape)].__name__](C, device=device, **kwargs)
+    ref = MODULES[len(shape)](C, device=device, dtype=torch.float64, **kwargs)
+    if ours.affine:
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            ours.weight.copy_(1 + 0.3 * torch.randn(C, generator=g))
+            ours.bias.copy_(torch.randn(C, generator=g))
+            ref.weight.copy_(ours.weight)
+            ref.bias.copy_(ours.bias)
+    return ours, ref
+
+
+def close(ours, ref, dtype, scale=1.0):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(ours.double().cpu(), ref.double().cpu(), atol=atol * scale, rtol=rtol)
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,fmt", LAYOUTS)
+def test_module_matches_torch_over_steps(dtype, shape, fmt):
+    check_module_steps("cpu", dtype, shape, fmt)
+
+
+@pytest.mark.gpu
+def test_module_matches_torch_over_steps_on_cuda():
+    """Every case of the CPU test on CUDA tensors (run in a lent-GPU session)."""
+    if SIM or not torch.cuda.is_available():
+        pytest.skip("CUDA tensors need a real GPU and a CUDA build of torch")
+    for dtype in DTYPES:
+        for shape, fmt in LAYOUTS:
+            check_module_steps("cuda", dtype, shape, fmt)
+
+
+def check_module_steps(device, dtype, shape, fmt):
+    ours, ref = pair(shape, dtype, device, momentum=0.2)
+    if dtype == torch.float64:
+        ours.double()
+    for step in range(3):
+        x = make_input(shape, fmt, dtype, device, seed=step)
+        xo = x.detach().requires_grad_()
+        xr = x.detach().double().requires_grad_()
+        yo, yr = ours(xo), ref(xr)
+        assert yo.dtype == dtype and yo.shape == x.shape
+        if fmt is not None:  # channels-last in, channels-last out
+            assert yo.is_contiguous(memory_format=fmt)
+        close(yo, yr, dtype)
+        dy = torch.randn(shape, generator=torch.Generator().manual_seed(10 + step), dtype=torch.float64)
+        yo.backward(dy.to(dtype).to(device))
+        yr.backward(dy.to(dtype).double().to(device))
+        assert xo.grad.dtype == dtype
+        close(xo.grad, xr.grad, dtype)
+        n = x.numel() // x.shape[1]
+        for p, q in ((ours.weight, ref.weight), (ours.bias, ref.bias)):
+            assert p.grad.dtype == p.dtype
+            close(p.grad, q.grad, dtype, scale=np.sqrt(n))  # sums over n values
+        close(ours.running_mean, ref.running_mean, torch.float32)
+        close(ours.running_var, ref.running_var, torch.float32)
+        assert int(ours.num_batches_tracked) == step + 1
+        ours.zero_grad()
+        ref.zero_grad()
+    ours.eval()
+    ref.eval()
+    x = make_input(shape, fmt, dtype, device, seed=99)
+    close(ours(x), ref(x.double()), dtype)
+
+
+@pytest.mark.parametrize("kwargs", [dict(momentum=None), dict(affine=False), dict(track_running_stats=False)])
+def test_module_options(kwargs):
+    shape = (8, 3, 4)
+    ours, ref = pair(shape, torch.float64, "cpu", **kwargs)
+    ours.double()
+    for step in range(3):
+        x = make_input(shape, None, torch.float64, "cpu", seed=step)
+        torch.testing.assert_close(ours(x), ref(x))
+    for name, buf in ref.named_buffers():
+        torch.testing.assert_close(getattr(ours, name), buf)
+    ours.eval()
+    ref.eval()
+    x = make_input(shape, None, torch.float64, "cpu", seed=7)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_functional_matches_torch_and_updates_in_place():
+    x = make_input((10, 4, 3), None, torch.float32, "cpu")
+    rm, rv = torch.zeros(4), torch.ones(4)
+    rm_ref, rv_ref = rm.clone().double(), rv.clone().double()
+    ptr = rm.data_ptr()
+    y = gt.batch_norm(x, rm, rv, training=True, momentum=0.3)
+    y_ref = torch.nn.functional.batch_norm(x.double(), rm_ref, rv_ref, training=True, momentum=0.3)
+    close(y, y_ref, torch.float32)
+    assert rm.data_ptr() == ptr  # the buffer itself was updated, zero-copy
+    close(rm, rm_ref, torch.float32)
+    close(rv, rv_ref, torch.float32)
+    y = gt.batch_norm(x, rm, rv)  # training=False: running statistics
+    close(y, torch.nn.functional.batch_norm(x.double(), rm_ref, rv_ref), torch.float32)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_float64(training):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(3, generator=g, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=torch.float64), 1 + torch.rand(3, dtype=torch.float64)
+    fn = lambda x, w, b: gt.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_double_backward_raises():
+    """A gradient that is to be differentiated again (create_graph=True) raises
+    at once rather than giving a second derivative that treats it as constant."""
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    y = gt.batch_norm(x, None, None, training=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((y * y.detach()).sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(gt.batch_norm(x, None, None, training=True).pow(2).sum(), x)  # first order: fine
+    assert gx.shape == x.shape
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), gt.BatchNorm2d(4), torch.nn.ReLU())
+    twin = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), gt.BatchNorm2d(4), torch.nn.ReLU())
+    twin.load_state_dict(model.state_dict())
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    x = torch.randn(4, 2, 6, 6)
+    y, yc = model(x), compiled(x)
+    torch.testing.assert_close(yc, y)
+    y.sum().backward()
+    yc.sum().backward()
+    torch.testing.assert_close(twin[0].weight.grad, model[0].weight.grad)
+    torch.testing.assert_close(twin[1].weight.grad, model[1].weight.grad)
+    torch.testing.assert_close(twin[1].running_mean, model[1].running_mean)
+
+
+def test_state_dict_round_trips_both_ways():
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm2d(3)
+    theirs(torch.randn(4, 3, 2, 2))
+    ours = gt.BatchNorm2d(3)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v)
+    ours(torch.randn(4, 3, 2, 2) + 1)
+    back = torch.nn.BatchNorm2d(3)
+    back.load_state_dict(ours.state_dict())
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v)
+    assert isinstance(ours, torch.nn.BatchNorm2d)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1),
+            torch.nn.BatchNorm2d(4),
+            torch.nn.ReLU(),
+            torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3), torch.nn.BatchNorm2d(6, momentum=None), torch.nn.ReLU()),
+        )
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6 * 6 * 6, 16), torch.nn.BatchNorm1d(16))
+        self.out = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.head(self.features(x))))
+
+
+def test_replace_batchnorm_same_trajectory():
+    torch.manual_seed(0)
+    theirs = Net().double()
+    ours = Net().double()
+    ours.load_state_dict(theirs.state_dict())
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)  # made before the swap: must keep working
+    ours.eval()
+    assert gt.replace_batchnorm(ours) is ours
+    assert ours.training is False and not ours.features[1].training  # the mode is kept
+    ours.train()
+    swapped = [m for m in ours.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(swapped) == 3 and all(type(m).__module__ == "gpubn.torch" for m in swapped)
+    opt_ref = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        x = torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64)
+        target = torch.randint(0, 3, (8,), generator=g)
+        for model, o in ((ours, opt), (theirs, opt_ref)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), target).backward()
+            o.step()
+    for (k, v), (k2, v2) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+        assert k == k2
+        torch.testing.assert_close(v, v2, atol=1e-9, rtol=1e-9)
+
+
+BAD = [
+    ("wrong channel count", dict(weight=torch.ones(4)), RuntimeError, "weight: should contain 3 elements"),
+    ("running stats channels", dict(running_mean=torch.zeros(2)), RuntimeError, "running_mean: should contain 3"),
+    ("one value per channel", dict(input=torch.ones(1, 3)), ValueError, "Expected more than 1 value per channel"),
+    ("int input", dict(input=torch.ones(4, 3, dtype=torch.int64)), RuntimeError, "input: dtype torch.int64"),
+    ("1-d input", dict(input=torch.ones(3)), ValueError, "input: expected at least 2 dimensions"),
+    ("eval without stats", dict(training=False, running_mean=None, running_var=None), RuntimeError, "required when"),
+    ("one of two stats", dict(running_var=None), RuntimeError, "give both or neither"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_inputs_raise_like_torch_and_change_nothing(case):
+    _, override, exc, msg = case
+    rm, rv = torch.zeros(3), torch.ones(3)
+    kwargs = dict(input=torch.randn(4, 3), running_mean=rm, running_var=rv, weight=None, bias=None, training=True)
+    kwargs.update(override)
+    with pytest.raises(exc, match=msg):
+        gt.batch_norm(**kwargs)
+    assert (rm == 0).all() and (rv == 1).all()
+
+
+def test_module_errors_change_nothing():
+    bn = gt.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        bn(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):  # torch's own check, inherited
+        bn(torch.ones(2, 3, 4, 5))
+    assert int(bn.num_batches_tracked) == 0 and (bn.running_mean == 0).all()
