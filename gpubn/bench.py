@@ -507,6 +507,12 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="list the shapes and exit")
     ap.add_argument("--startup", action="store_true", help="time the first call in fresh processes (cold/warm cache)")
     ap.add_argument("--cnn", action="store_true", help="also time a small CNN's training step (needs torch)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="alternating series per op and library (default 3); more on a noisy host",
+    )
     args = ap.parse_args(argv)
     if args.list:
         for s in SHAPES.values():
@@ -525,6 +531,8 @@ def main(argv=None):
         ap.error(f"unknown shapes {unknown}; see --list")
     repeat = args.repeat or (30 if backend == "cuda" else 10)
     timer = CudaTimer() if backend == "cuda" else HostTimer()
+    if args.rounds:
+        timer.rounds = args.rounds
     torch_mods = (None, None) if args.no_torch else _torch()
     floor = timer.copy_bandwidth()
     meta = {
@@ -535,6 +543,7 @@ def main(argv=None):
         "versions": _versions(),
         "copy_GBs": floor,
         "repeat": repeat,
+        "rounds": timer.rounds,
     }
     print(f"gpubn bench: {meta['device']}, backend {backend}, commit {meta['commit']}, {meta['date']}")
     print(f"versions: {meta['versions']}")
