@@ -12,6 +12,7 @@ from ._arrays import canonical_shape
 from ._backend import available_backends, default_backend
 from .functional import ForwardCache, batch_norm_backward, batch_norm_forward, batch_stats, normalize
 from .layer import BatchNorm
+from .moments import Moments, moments, recalibrate
 from .standardizer import Standardizer
 
 __all__ = [
@@ -24,6 +25,9 @@ __all__ = [
     "batch_norm_backward",
     "ForwardCache",
     "BatchNorm",
+    "Moments",
+    "moments",
+    "recalibrate",
     "Standardizer",
     "canonical_shape",
 ]

@@ -34,6 +34,7 @@ from ._backend import resolve_backend
 from .kernels import backward as _bw
 from .kernels import normalize as _nz
 from .kernels import stats as _st
+from .kernels.half import bits as _bits
 from .kernels.workspace import device_empty, host_empty
 
 _ENGINES = {
@@ -90,7 +91,7 @@ class _Input:
         return arr
 
 
-def _prepare(x, axis, backend, name="x", bfloat16=False) -> _Input:
+def _prepare(x, axis, backend, name="x", bfloat16=False, allow_empty=False) -> _Input:
     be = resolve_backend(backend)
     arr, on_device = as_input(x, name, be)
     if bfloat16:  # int16 bits of bfloat16 values (BFLOAT16_BITS), CPU kernels only
@@ -101,7 +102,7 @@ def _prepare(x, axis, backend, name="x", bfloat16=False) -> _Input:
         dtype = check_float(arr.dtype, name)
     ax = check_axis(axis, arr.ndim)
     shape3 = canonical_shape(arr.shape, ax)
-    if 0 in arr.shape:
+    if 0 in arr.shape and not (allow_empty and shape3[1] > 0):
         raise ValueError(f"{name}: empty input of shape {tuple(arr.shape)}")
     return _Input(be, on_device, tuple(arr.shape), dtype, ax, arr, shape3, acc_dtype(dtype))
 
@@ -125,12 +126,36 @@ def batch_stats(x, axis: int = 1, backend=None):
         arrays, or device arrays when x is a device array.
     """
     inp = _materialize(_prepare(x, axis, backend))
+    mean, var = _stats_of(inp)
+    return inp.deliver(mean), inp.deliver(var)
+
+
+def batch_stats_moments(x, axis: int = 1, backend=None):
+    """gpubn.moments: the per-channel Moments of x (see gpubn/moments.py).
+    An input with no values per channel gives count 0."""
+    from .moments import Moments
+
+    inp = _prepare(x, axis, backend, allow_empty=True)
+    if inp.count == 0:
+        return Moments.empty(inp.C)
+    inp = _materialize(inp)
+    if inp.backend == "cpu":
+        out = np.empty((3, inp.C))
+        _st.channel_moments_cpu(_bits(inp.view), out)
+        return Moments.from_array(out)
+    mean, var = _stats_of(inp)
+    n = float(inp.count)
+    return Moments(n, mean.copy_to_host(), var.copy_to_host().astype(np.float64) * n)
+
+
+def _stats_of(inp: _Input):
+    """(mean, var) of a materialized input, on the backend's side."""
     C = inp.C
     ones = channel_vector(None, "gamma", C, inp.acc, inp.backend, fill=1.0)
     zeros = channel_vector(None, "beta", C, inp.acc, inp.backend, fill=0.0)
     coef = inp.empty(rows=5)
     _ENGINES[inp.backend].stats(inp.view, coef, ones, zeros, ones, ones, 0.0, 0.0, False)
-    return inp.deliver(coef[_st.MEAN]), inp.deliver(coef[_st.VAR])
+    return coef[_st.MEAN], coef[_st.VAR]
 
 
 def normalize(x, mean, var, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1, backend=None):
@@ -290,7 +315,7 @@ def _buffer_fits(buf, inp: _Input, rows: int) -> bool:
     return on_device == (inp.backend == "cuda") and buf.shape == (rows, inp.C) and buf.dtype == inp.acc
 
 
-def batch_norm_backward(dy, cache: ForwardCache, _grads=None):
+def batch_norm_backward(dy, cache: ForwardCache, _grads=None, _reduce=None):
     """Gradients of batch_norm_forward.
 
     Args:
@@ -301,6 +326,8 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None):
         float32 (float64 for float64 x).  With training=False in the forward,
         the statistics are constants: dx = gamma / sqrt(running_var + eps) * dy.
         _grads: (internal) a (2, C) array to receive dgamma, dbeta in place.
+        _reduce: (internal, CPU) (fn, n) of synchronized batch norm
+            (``kernels.backward.launch_backward_cpu``).
     """
     if not isinstance(cache, ForwardCache):
         raise TypeError(f"cache: expected the cache returned by batch_norm_forward, got {type(cache).__name__}")
@@ -324,8 +351,9 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None):
     dx = inp.empty()
     grads = _grads if _buffer_fits(_grads, inp, 2) else inp.empty(rows=2)  # dgamma, dbeta
     bcoef = inp.empty(rows=4)
+    sync = {} if _reduce is None else {"reduce": _reduce}
     _ENGINES[inp.backend].backward(
-        dyv, inp.view, cache.coef, cache.training, bcoef, grads[0], grads[1], dx.reshape(*inp.shape3)
+        dyv, inp.view, cache.coef, cache.training, bcoef, grads[0], grads[1], dx.reshape(*inp.shape3), **sync
     )
     return inp.deliver(dx), inp.deliver(grads[0]), inp.deliver(grads[1])
 

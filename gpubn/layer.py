@@ -9,7 +9,9 @@ from numba import cuda
 
 from ._arrays import check_axis, check_bool, check_float, check_scalar, device_view, is_device_array
 from ._backend import resolve_backend
+from .distributed import SyncCache, batch_norm_backward_sync, batch_norm_forward_sync, communicator
 from .functional import _buffer_fits, batch_norm_backward, batch_norm_forward
+from .moments import moments
 
 
 class _Rows(Mapping):
@@ -91,6 +93,10 @@ class BatchNorm:
         backend: "cpu", "cuda" or None (default backend).
         dtype: "float32" or "float64", the dtype of parameters and statistics
             (float16 inputs use float32).
+        sync: None, or an mpi4py communicator / torch.distributed process
+            group: in training mode the statistics (and the backward's sums)
+            are those of the batch shared by all its ranks (gpubn.distributed);
+            every rank must call forward and backward together.
 
     State: ``params`` and ``grads`` (mappings of (C,) arrays that an optimizer
     updates in place; assigning an entry copies the new values in),
@@ -111,6 +117,7 @@ class BatchNorm:
         track_running_stats: bool = True,
         backend: str | None = None,
         dtype="float32",
+        sync=None,
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
@@ -143,6 +150,10 @@ class BatchNorm:
         self._grads = _Rows(self, "_packed_grads", "grads")
         self._coef = None
         self._cache = None
+        self._recalibration = None  # a list while inside gpubn.recalibrate
+        self._comm = None if sync is None else communicator(sync)
+        if self._comm is not None and self.backend != "cpu":
+            raise ValueError("sync: synchronized batch norm runs on the CPU backend for now")
 
     @property
     def params(self) -> _Rows:
@@ -206,6 +217,8 @@ class BatchNorm:
         Batch statistics in training mode (or without running statistics),
         running statistics in eval mode.
         """
+        if self._comm is not None and self.training:
+            return self._forward_sync(x)
         shape = x.shape if hasattr(x, "shape") else np.shape(x)
         if len(shape) > 0 and shape[check_axis(self.axis, len(shape))] != self.num_features:
             raise ValueError(
@@ -236,11 +249,39 @@ class BatchNorm:
         )
         self._coef = cache.coef
         self._cache = cache
+        if self._recalibration is not None:
+            self._recalibration.append(moments(x, self.axis, self.backend))
         if update:
             self.num_batches_tracked += 1
         return y
 
     __call__ = forward
+
+    def _forward_sync(self, x):
+        """Training forward over the batch shared by every rank of ``sync``."""
+        update = self.track_running_stats
+        momentum = self.momentum
+        if update and momentum is None:
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        y, cache = batch_norm_forward_sync(
+            x,
+            self._packed[0] if self.affine else None,
+            self._packed[1] if self.affine else None,
+            self._comm,
+            axis=self.axis,
+            eps=self.eps,
+            running_mean=self.running_mean if update else None,
+            running_var=self.running_var if update else None,
+            momentum=momentum if update else 0.0,
+            backend=self.backend,
+            num_features=self.num_features,
+        )
+        self._cache = cache
+        if self._recalibration is not None:
+            self._recalibration.append(moments(x, self.axis, self.backend))
+        if update:
+            self.num_batches_tracked += 1
+        return y
 
     def backward(self, dy):
         """dx for the last forward; fills ``grads`` (when affine) in place.
@@ -252,7 +293,8 @@ class BatchNorm:
         if self._cache is None:
             raise ValueError("dy: backward() called before any forward()")
         in_place = _buffer_fits(self._packed_grads, self._cache.inp, 2)
-        dx, dgamma, dbeta = batch_norm_backward(dy, self._cache, _grads=self._packed_grads)
+        backward = batch_norm_backward_sync if isinstance(self._cache, SyncCache) else batch_norm_backward
+        dx, dgamma, dbeta = backward(dy, self._cache, _grads=self._packed_grads)
         if self.affine and not in_place:
             self._store_grads(dgamma, dbeta)
         return dx
@@ -265,6 +307,21 @@ class BatchNorm:
         else:
             self._packed_grads[0] = _host(dgamma)
             self._packed_grads[1] = _host(dbeta)
+
+    def _running_snapshot(self):
+        return _host(self.running_mean).copy(), _host(self.running_var).copy(), self.num_batches_tracked
+
+    def _restore_running(self, mean, var, count):
+        self._set_running_stats(mean, var)
+        self.num_batches_tracked = count
+
+    def _set_running_stats(self, mean, var):
+        """(gpubn.recalibrate) Replace the running statistics, in place."""
+        for target, value in ((self.running_mean, mean), (self.running_var, var)):
+            if hasattr(target, "copy_to_device"):
+                target.copy_to_device(np.asarray(value, self.dtype))
+            else:
+                target[...] = value
 
     # -- state ----------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from . import functional as _F
 from ._backend import available_backends
+from .moments import moments as _moments
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1)), 5: (torch.channels_last_3d, (0, 2, 3, 4, 1))}
@@ -329,6 +330,25 @@ class _GpubnBatchNorm:
     exponential-average factor, and ``num_batches_tracked`` counted only once
     the call has succeeded (torch counts first)."""
 
+    _recalibration = None  # a list while inside gpubn.recalibrate
+
+    def _running_snapshot(self):
+        count = None if self.num_batches_tracked is None else self.num_batches_tracked.clone()
+        return self.running_mean.clone(), self.running_var.clone(), count
+
+    def _restore_running(self, mean, var, count):
+        with torch.no_grad():
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+            if count is not None:
+                self.num_batches_tracked.copy_(count)
+
+    def _set_running_stats(self, mean, var):
+        """(gpubn.recalibrate) Replace the running statistics, in place."""
+        with torch.no_grad():
+            self.running_mean.copy_(torch.from_numpy(mean))
+            self.running_var.copy_(torch.from_numpy(var))
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -349,6 +369,10 @@ class _GpubnBatchNorm:
         )
         if count:
             self.num_batches_tracked.add_(1)
+        if self._recalibration is not None:
+            x, axis, _ = _layout(input.detach())
+            x = x.float() if x.dtype == torch.bfloat16 else x  # an extra read only while recalibrating
+            self._recalibration.append(_moments(_array(x), axis, _backend(input)))
         return y
 
 

@@ -227,7 +227,7 @@ def input_grad_cpu(dy, x, bcoef, dx):
         input_grad_channels_cpu(dy[:, :, 0], x[:, :, 0], bcoef, dx[:, :, 0])
 
 
-def launch_backward_cpu(dy, x, coef, training, bcoef, dgamma, dbeta, dx):
+def launch_backward_cpu(dy, x, coef, training, bcoef, dgamma, dbeta, dx, reduce=None):
     """Both backward passes on the CPU.
 
     Args:
@@ -236,13 +236,28 @@ def launch_backward_cpu(dy, x, coef, training, bcoef, dgamma, dbeta, dx):
         training: whether the forward used batch statistics.
         bcoef: (4, C) out (MEAN, A, B, K); dgamma, dbeta: (C,) out; dx: like x, out
             (a float16 dx is rounded once).
+        reduce: None, or (fn, n) for synchronized batch norm: ``fn`` maps this
+            process's (2, C) float64 sums to the sums over every process and
+            ``n`` is the global count per channel; dx then is the gradient of
+            the global batch's function, dgamma and dbeta stay this process's
+            share (their sum over processes is the global gradient).
     """
     outer, C, inner = x.shape
     dy, x, dx = bits(dy), bits(x), bits(dx)
     sums = np.empty((2, C))
-    backward_sums_cpu(dy, x, coef, sums)
-    finish_backward_cpu(sums, float(outer * inner), coef, training, bcoef, dgamma, dbeta)
-    input_grad_cpu(dy, x, bcoef, dx)
+    if outer * inner:
+        backward_sums_cpu(dy, x, coef, sums)
+    else:  # an empty share of a synchronized batch
+        sums[...] = 0.0
+    if reduce is None:
+        finish_backward_cpu(sums, float(outer * inner), coef, training, bcoef, dgamma, dbeta)
+    else:
+        fn, n = reduce
+        finish_backward_cpu(fn(sums), float(n), coef, training, bcoef, dgamma, dbeta)
+        dbeta[...] = sums[0]
+        dgamma[...] = sums[1] * coef[INVSTD]
+    if outer * inner:
+        input_grad_cpu(dy, x, bcoef, dx)
 
     # ----------------------------------------------------------------------------
     # CUDA kernels
