@@ -77,7 +77,10 @@ class Standardizer:
     # -- fitting ------------------------------------------------------------------
 
     def fit(self, X, y=None) -> "Standardizer":
-        """Statistics of X alone (forgets earlier fits).  y is ignored."""
+        """Statistics of X alone (forgets earlier fits).  y is ignored.
+
+        X may be a Dask array: each block's moments are computed in a Dask
+        task (the CPU kernels inside it) and merged exactly."""
         X = _as_data(X)
         n, mean, var = self._chunk_stats(X)
         self._set_stats(n, mean, var)
@@ -101,6 +104,11 @@ class Standardizer:
     def _chunk_stats(self, X):
         backend = resolve_backend(self.backend)
         _check_params(self.axis, self.with_mean, self.with_std, self.backend)
+        if _is_dask(X):
+            m = _dask_moments(X, check_axis(self.axis, X.ndim), backend)
+            if not np.all(m.count == m.count[0]) or m.count[0] == 0:
+                raise ValueError(f"X: empty input of shape {tuple(X.shape)}")
+            return int(m.count[0]), m.mean, m.var()
         mean, var = batch_stats(X, axis=self.axis, backend=backend)
         shape = tuple(X.shape)
         n = int(np.prod(shape, dtype=np.int64)) // shape[check_axis(self.axis, len(shape))]
@@ -114,11 +122,14 @@ class Standardizer:
     # -- applying -----------------------------------------------------------------
 
     def transform(self, X):
-        """Z = (X - mean_) / scale_ (each step as with_mean / with_std say)."""
+        """Z = (X - mean_) / scale_ (each step as with_mean / with_std say).
+        A Dask array in gives a lazy Dask array out."""
         X = self._check_features(_as_data(X))
         C = self.n_features_in_
         mean = self.mean_ if self.with_mean else np.zeros(C)
         gamma = 1.0 / self.scale_ if self.with_std else np.ones(C)
+        if _is_dask(X):
+            return _dask_affine(X, self.axis, mean, np.ones(C), gamma, np.zeros(C), self._backend())
         # normalize's (x - mean) / sqrt(var + eps) * gamma with var = 1, eps = 0:
         # 1 / scale_ as gamma, not scale_**2 as var, which would underflow in
         # float32 for features with std below 1e-19
@@ -130,10 +141,13 @@ class Standardizer:
         C = self.n_features_in_
         scale = self.scale_ if self.with_std else np.ones(C)
         mean = self.mean_ if self.with_mean else np.zeros(C)
+        if _is_dask(Z):
+            return _dask_affine(Z, self.axis, np.zeros(C), np.ones(C), scale, mean, self._backend())
         return normalize(Z, np.zeros(C), np.ones(C), scale, mean, eps=0.0, axis=self.axis, backend=self._backend())
 
     def fit_transform(self, X, y=None):
-        """fit(X), then transform(X).  y is ignored."""
+        """fit(X), then transform(X).  y is ignored.  (A Dask X is computed
+        once for the statistics; the result stays lazy.)"""
         X = _as_data(X)
         return self.fit(X).transform(X)
 
@@ -176,9 +190,49 @@ def _scale(var, mean, n):
     return np.where(constant, 1.0, np.sqrt(var))
 
 
+def _is_dask(X) -> bool:
+    return type(X).__module__.startswith("dask") and hasattr(X, "to_delayed")
+
+
+def _block_moments(block, axis, backend):
+    """(3, C_block) moments of one Dask block (runs inside a Dask task)."""
+    from .moments import moments
+
+    return moments(np.asarray(block), axis, backend).to_array()
+
+
+def _dask_moments(X, axis, backend):
+    """Moments of a Dask array: one task per block, merged exactly per channel block."""
+    import dask
+
+    from .moments import Moments
+
+    blocks = X.to_delayed()
+    task = dask.delayed(_block_moments, pure=True)
+    parts = {}
+    for idx in np.ndindex(blocks.shape):
+        parts.setdefault(idx[axis], []).append(task(blocks[idx], axis, backend))
+    (computed,) = dask.compute(parts)
+    merged = [Moments.merge_all(np.stack(computed[j])) for j in sorted(computed)]
+    return Moments(*(np.concatenate([getattr(m, f) for m in merged]) for f in ("count", "mean", "m2")))
+
+
+def _affine_block(block, axis, mean, var, gamma, beta, backend, block_info=None):
+    start, stop = block_info[0]["array-location"][axis]
+    sl = slice(start, stop)
+    return normalize(block, mean[sl], var[sl], gamma[sl], beta[sl], eps=0.0, axis=axis, backend=backend)
+
+
+def _dask_affine(X, axis, mean, var, gamma, beta, backend):
+    """normalize() block by block, lazily."""
+    return X.map_blocks(_affine_block, check_axis(axis, X.ndim), mean, var, gamma, beta, backend, dtype=X.dtype)
+
+
 def _as_data(X, name: str = "X"):
-    """Device arrays as they are; anything else as a NumPy array, integer and
-    bool data converted to float64 (as scikit-learn does)."""
+    """Device and Dask arrays as they are; anything else as a NumPy array,
+    integer and bool data converted to float64 (as scikit-learn does)."""
+    if _is_dask(X):
+        return X.astype(np.float64) if X.dtype.kind in "biu" else X
     if is_device_array(X):
         return X
     try:

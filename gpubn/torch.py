@@ -41,6 +41,7 @@ from torch import Tensor
 
 from . import functional as _F
 from ._backend import available_backends
+from .distributed import batch_norm_backward_sync, batch_norm_forward_sync, communicator
 from .moments import moments as _moments
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -182,6 +183,46 @@ class _BatchNorm(torch.autograd.Function):
         input, coef = ctx.saved_tensors
         dx, dgamma, dbeta = _backward(grad_output, input, coef, ctx.training)
         return (dx, *_param_grads(dgamma, dbeta, *ctx.dtypes), None, None, None, None, None)
+
+
+# -- synchronized: the statistics of the batch shared by a process group (gpubn.distributed) --
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm over every rank's share (CPU tensors, eager mode)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, comm):
+        if input.is_cuda:
+            raise RuntimeError("process_group: synchronized batch norm runs on CPU tensors for now")
+        x, axis, perm = _layout(input)
+        x32 = x.float() if x.dtype == torch.bfloat16 else x  # no bfloat16 in the synchronized path
+        y, cache = batch_norm_forward_sync(
+            _array(x32),
+            _array(weight),
+            _array(bias),
+            comm,
+            axis=axis,
+            eps=eps,
+            running_mean=_array(running_mean),
+            running_var=_array(running_var),
+            momentum=momentum,
+            backend="cpu",
+        )
+        ctx.cache, ctx.perm, ctx.dtype = cache, perm, input.dtype
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return _restore(torch.from_numpy(y), perm).to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        _no_double_backward()
+        dy = grad_output.to(torch.float32 if ctx.dtype == torch.bfloat16 else ctx.dtype)
+        if ctx.perm is not None:
+            dy = dy.permute(ctx.perm)
+        dx, dgamma, dbeta = batch_norm_backward_sync(_array(dy), ctx.cache)
+        dx = _restore(torch.from_numpy(dx), ctx.perm).to(ctx.dtype)
+        dw, db = _param_grads(torch.from_numpy(dgamma), torch.from_numpy(dbeta), *ctx.dtypes)
+        return dx, dw, db, None, None, None, None, None
 
 
 # -- torch.compile: the same two passes as custom operators --------------------------------
@@ -332,6 +373,11 @@ class _GpubnBatchNorm:
 
     _recalibration = None  # a list while inside gpubn.recalibrate
 
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+        self._comm = None if process_group is None else communicator(process_group)
+
     def _running_snapshot(self):
         count = None if self.num_batches_tracked is None else self.num_batches_tracked.clone()
         return self.running_mean.clone(), self.running_var.clone(), count
@@ -357,7 +403,30 @@ class _GpubnBatchNorm:
             factor = 1.0 / float(self.num_batches_tracked + 1)  # cumulative moving average
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        y = batch_norm(
+        if self.training and self._comm is not None:  # statistics of every rank's share
+            track = self.track_running_stats
+            y = _SyncBatchNorm.apply(
+                input,
+                self.weight,
+                self.bias,
+                self.running_mean if track else None,
+                self.running_var if track else None,
+                factor if track else 0.0,
+                self.eps,
+                self._comm,
+            )
+        else:
+            y = self._local(input, use_running, bn_training, factor)
+        if count:
+            self.num_batches_tracked.add_(1)
+        if self._recalibration is not None:
+            x, axis, _ = _layout(input.detach())
+            x = x.float() if x.dtype == torch.bfloat16 else x  # an extra read only while recalibrating
+            self._recalibration.append(_moments(_array(x), axis, _backend(input)))
+        return y
+
+    def _local(self, input, use_running, bn_training, factor):
+        return batch_norm(
             input,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
@@ -367,13 +436,6 @@ class _GpubnBatchNorm:
             factor,
             self.eps,
         )
-        if count:
-            self.num_batches_tracked.add_(1)
-        if self._recalibration is not None:
-            x, axis, _ = _layout(input.detach())
-            x = x.float() if x.dtype == torch.bfloat16 else x  # an extra read only while recalibrating
-            self._recalibration.append(_moments(_array(x), axis, _backend(input)))
-        return y
 
 
 class BatchNorm1d(_GpubnBatchNorm, torch.nn.BatchNorm1d):
@@ -395,28 +457,37 @@ _REPLACEMENTS = {
 }
 
 
-def replace_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+def replace_batchnorm(module: torch.nn.Module, sync=None) -> torch.nn.Module:
     """Swap every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` for gpubn's, in place.
 
     The new modules hold the very same parameter and buffer tensors (an
     optimizer built before the swap keeps working) and the same train/eval
     mode.  Subclasses of torch's modules (which may change forward) and
-    ``SyncBatchNorm`` are left alone.  Returns ``module`` (or its replacement,
-    when ``module`` itself is a batch-norm module).
+    ``SyncBatchNorm`` are left alone.  ``sync``: a torch.distributed process
+    group (or mpi4py communicator) that the new modules synchronize their
+    training statistics over (``process_group=``).  Returns ``module`` (or its
+    replacement, when ``module`` itself is a batch-norm module).
     """
     cls = _REPLACEMENTS.get(type(module))
     if cls is not None:
-        return _swap(module, cls)
+        return _swap(module, cls, sync)
     for name, child in module.named_children():
-        new = replace_batchnorm(child)
+        new = replace_batchnorm(child, sync)
         if new is not child:
             setattr(module, name, new)
     return module
 
 
-def _swap(bn, cls):
+def _swap(bn, cls, sync=None):
     new = cls(
-        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta", dtype=torch.float32
+        bn.num_features,
+        bn.eps,
+        bn.momentum,
+        bn.affine,
+        bn.track_running_stats,
+        device="meta",
+        dtype=torch.float32,
+        process_group=sync,
     )
     for name in ("weight", "bias"):
         setattr(new, name, getattr(bn, name))

@@ -32,6 +32,44 @@ def shard(a, world, rank):
     return a[bounds[rank] : bounds[rank + 1]]
 
 
+class TorchLayer:
+    """gpubn.torch.BatchNorm1d synchronized through replace_batchnorm(sync=...),
+    driven through autograd like gpubn.BatchNorm's forward/backward/params."""
+
+    def __init__(self, C, group):
+        import torch
+
+        import gpubn.torch as gt
+
+        self.torch = torch
+        model = torch.nn.Sequential(torch.nn.BatchNorm1d(C, momentum=0.3, dtype=torch.float64))
+        self.module = gt.replace_batchnorm(model, sync=group)[0]
+        self.params = {"gamma": self.module.weight.data.numpy(), "beta": self.module.bias.data.numpy()}
+
+    def __call__(self, x):
+        self.x = self.torch.from_numpy(x).requires_grad_()
+        self.y = self.module(self.x)
+        return self.y.detach().numpy()
+
+    def backward(self, dy):
+        self.module.zero_grad()
+        self.y.backward(self.torch.from_numpy(dy))
+        self.grads = {"gamma": self.module.weight.grad.numpy(), "beta": self.module.bias.grad.numpy()}
+        return self.x.grad.numpy()
+
+    @property
+    def running_mean(self):
+        return self.module.running_mean.numpy()
+
+    @property
+    def running_var(self):
+        return self.module.running_var.numpy()
+
+    @property
+    def num_batches_tracked(self):
+        return int(self.module.num_batches_tracked)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["torch", "mpi"])
@@ -40,6 +78,7 @@ def main():
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--out")
     ap.add_argument("--case", choices=["uneven", "mismatch"], default="uneven")
+    ap.add_argument("--layer", choices=["gpubn", "torch"], default="gpubn", help="gpubn.BatchNorm or gpubn.torch")
     args = ap.parse_args()
     if args.mode == "torch":
         import torch.distributed as dist
@@ -58,7 +97,10 @@ def main():
 
     allreduce = communicator(comm).allreduce
     C = SHAPE[1] + (1 if args.case == "mismatch" and rank == 1 else 0)
-    bn = gpubn.BatchNorm(C, sync=comm, backend="cpu", dtype="float64", momentum=0.3)
+    if args.layer == "torch":
+        bn = TorchLayer(C, comm)
+    else:
+        bn = gpubn.BatchNorm(C, sync=comm, backend="cpu", dtype="float64", momentum=0.3)
     saved = {}
     try:
         for step in range(STEPS):

@@ -101,30 +101,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_torch_ranks(world, out, case="uneven"):
+def run_torch_ranks(world, out, case="uneven", layer="gpubn"):
     port = free_port()
+    args = ["--mode", "torch", "--world", str(world), "--port", str(port), "--out", str(out), "--case", case]
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                "--mode",
-                "torch",
-                "--rank",
-                str(r),
-                "--world",
-                str(world),
-                "--port",
-                str(port),
-                "--out",
-                str(out),
-                "--case",
-                case,
-            ],
+            [sys.executable, str(WORKER), "--rank", str(r), *args, "--layer", layer],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for r in range(world)
     ]
     for p in procs:
@@ -165,10 +151,17 @@ def reference_run():
     return steps, rm, rv
 
 
-@pytest.mark.parametrize("transport", ["torch", "mpi"])
-@pytest.mark.parametrize("world", [2, 4])
-def test_sync_batch_norm_equals_one_process_on_the_whole_batch(tmp_path, transport, world):
-    logs = (run_torch_ranks if transport == "torch" else run_mpi_ranks)(world, tmp_path)
+@pytest.mark.parametrize(
+    "transport,world,layer",
+    [("torch", 2, "gpubn"), ("torch", 4, "gpubn"), ("mpi", 2, "gpubn"), ("mpi", 4, "gpubn"), ("torch", 4, "torch")],
+)
+def test_sync_batch_norm_equals_one_process_on_the_whole_batch(tmp_path, transport, world, layer):
+    """gpubn.BatchNorm(sync=...) over MPI and gloo, and gpubn.torch modules made by
+    replace_batchnorm(model, sync=group): uneven shards, an empty one with 4 ranks."""
+    if transport == "torch":
+        logs = run_torch_ranks(world, tmp_path, layer=layer)
+    else:
+        logs = run_mpi_ranks(world, tmp_path)
     errors = sorted(tmp_path.glob("*.err"))
     assert not errors, [e.read_text() for e in errors] + logs
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(world)]

@@ -141,3 +141,40 @@ def test_inside_a_pipeline_with_cross_val_score(backend):
     theirs = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression()), X, y, cv=3)
     np.testing.assert_allclose(ours, theirs, atol=1e-12)
     assert ours.mean() > 0.8
+
+
+# -- Dask ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            yield client
+
+
+@pytest.mark.parametrize("axis,chunks", [(1, (130, 3)), (0, (2, 90))])
+def test_dask_fit_transform_equal_in_memory(dask_client, rng, axis, chunks):
+    """Chunked along both axes, on a LocalCluster of two worker processes (CPU kernels in the tasks)."""
+    import dask.array as da
+
+    X = rng.standard_normal((1000, 7)) * np.arange(1, 8) + 1e3
+    if axis == 0:
+        X = np.ascontiguousarray(X.T)
+    D = da.from_array(X, chunks=chunks)
+    sc = gpubn.Standardizer(axis=axis, backend="cpu").fit(D)
+    ref = gpubn.Standardizer(axis=axis, backend="cpu").fit(X)
+    mean, var = stats(X, axis)
+    np.testing.assert_allclose(sc.mean_, mean, rtol=1e-15)
+    np.testing.assert_allclose(sc.var_, var, rtol=1e-11)
+    assert sc.n_samples_seen_ == ref.n_samples_seen_ == 1000
+    Z = sc.transform(D)
+    assert isinstance(Z, da.Array)  # lazy
+    np.testing.assert_allclose(Z.compute(), ref.transform(X), atol=1e-12)
+    np.testing.assert_allclose(sc.inverse_transform(Z).compute(), X, rtol=1e-12)
+    part = gpubn.Standardizer(axis=axis, backend="cpu")
+    for piece in np.array_split(X, 3, axis=1 - axis):
+        part.partial_fit(da.from_array(piece, chunks=chunks))
+    np.testing.assert_allclose(part.var_, var, rtol=1e-11)
