@@ -56,14 +56,15 @@ def test_train_mlp(tmp_path):
     assert (tmp_path / "train_mlp.png").read_bytes() == b"the full run's figure"
 
 
-ALL = ["kernels_direct.py", "normalize_inputs.py", "train_mlp.py", "torch_cnn.py"]
+ALL = ["kernels_direct.py", "normalize_inputs.py", "train_mlp.py", "torch_cnn.py", "sync_bn.py"]
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_examples_have_help(name):
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "--quick" in proc.stdout
-    assert ("--device" if name == "torch_cnn.py" else "--backend") in proc.stdout
+    if name != "sync_bn.py":  # processes, not a backend choice
+        assert ("--device" if name == "torch_cnn.py" else "--backend") in proc.stdout
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -112,3 +113,22 @@ def test_missing_extra_is_said_before_any_work(tmp_path, name, extra):
     assert proc.returncode == 1
     assert proc.stderr.strip() == f'{name} needs matplotlib: pip install "gpubn[{extra}]"'
     assert proc.stdout == ""  # no training started
+
+
+def test_sync_bn_torch_distributed(tmp_path):
+    out = run("sync_bn.py", "--torch", "-n", "2", cwd=tmp_path)
+    assert "2 processes over torch.distributed (gloo)" in out and "largest difference" in out
+
+
+def test_sync_bn_mpi(tmp_path):
+    from test_distributed import mpiexec
+
+    proc = subprocess.run(
+        [mpiexec(), "-n", "3", sys.executable, str(EXAMPLES / "sync_bn.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 processes over MPI" in proc.stdout and "largest difference" in proc.stdout
