@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from ._arrays import canonical_shape
 from ._backend import available_backends, default_backend
+from .fold import fold
 from .functional import ForwardCache, batch_norm_backward, batch_norm_forward, batch_stats, normalize
 from .layer import BatchNorm
 from .moments import Moments, moments, recalibrate
@@ -25,6 +26,7 @@ __all__ = [
     "batch_norm_backward",
     "ForwardCache",
     "BatchNorm",
+    "fold",
     "Moments",
     "moments",
     "recalibrate",
