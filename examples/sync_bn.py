@@ -128,6 +128,7 @@ def torch_rank(rank, world, port, steps):
 
     ys, dxs, bn, ms, ms_local = run(group, c.allreduce, allgather, rank, world, steps)
     report(rank, world, steps, ys, dxs, bn, ms, ms_local, "torch.distributed (gloo)")
+    dist.barrier(group)  # nobody tears the group down while rank 0 still checks
     dist.destroy_process_group()
 
 

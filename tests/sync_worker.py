@@ -124,6 +124,7 @@ def main():
     if args.mode == "torch":
         import torch.distributed as dist
 
+        dist.barrier()
         dist.destroy_process_group()
 
 
