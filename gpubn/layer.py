@@ -74,6 +74,18 @@ class _Rows(Mapping):
         return repr(dict(self.items()))
 
 
+def _rows_property(name: str, doc: str) -> property:
+    """``bn.params`` / ``bn.grads``: read-only attributes (their entries are assignable)."""
+
+    def get(self):
+        return getattr(self, "_" + name)
+
+    def refuse(self, value):
+        raise AttributeError(f'{name}: assign entries (bn.{name}["gamma"] = ...), not the whole mapping')
+
+    return property(get, refuse, doc=doc)
+
+
 class BatchNorm:
     """Batch normalization over the feature axis, with learnable gamma and beta.
 
@@ -155,24 +167,12 @@ class BatchNorm:
         if self._comm is not None and self.backend != "cpu":
             raise ValueError("sync: synchronized batch norm runs on the CPU backend for now")
 
-    @property
-    def params(self) -> _Rows:
+    params = _rows_property(
+        "params",
         """{"gamma": (C,), "beta": (C,)} (empty when affine=False): update the
-        arrays in place, or assign ``bn.params["gamma"] = new`` (copied in)."""
-        return self._params
-
-    @params.setter
-    def params(self, value):
-        raise AttributeError('params: assign entries (bn.params["gamma"] = ...), not the whole mapping')
-
-    @property
-    def grads(self) -> _Rows:
-        """{"gamma": (C,), "beta": (C,)}: filled in place by backward()."""
-        return self._grads
-
-    @grads.setter
-    def grads(self, value):
-        raise AttributeError('grads: assign entries (bn.grads["gamma"] = ...), not the whole mapping')
+        arrays in place, or assign ``bn.params["gamma"] = new`` (copied in).""",
+    )
+    grads = _rows_property("grads", """{"gamma": (C,), "beta": (C,)}: filled in place by backward().""")
 
     @property
     def on_device(self) -> bool:
@@ -248,14 +248,18 @@ class BatchNorm:
             _coef=self._coef,
         )
         self._coef = cache.coef
+        return self._done(x, y, cache, update)
+
+    __call__ = forward
+
+    def _done(self, x, y, cache, update):
+        """After a forward that succeeded: keep its cache, count it, record it for recalibrate."""
         self._cache = cache
         if self._recalibration is not None:
             self._recalibration.append(moments(x, self.axis, self.backend))
         if update:
             self.num_batches_tracked += 1
         return y
-
-    __call__ = forward
 
     def _forward_sync(self, x):
         """Training forward over the batch shared by every rank of ``sync``."""
@@ -276,12 +280,7 @@ class BatchNorm:
             backend=self.backend,
             num_features=self.num_features,
         )
-        self._cache = cache
-        if self._recalibration is not None:
-            self._recalibration.append(moments(x, self.axis, self.backend))
-        if update:
-            self.num_batches_tracked += 1
-        return y
+        return self._done(x, y, cache, update)
 
     def backward(self, dy):
         """dx for the last forward; fills ``grads`` (when affine) in place.
