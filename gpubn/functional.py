@@ -31,6 +31,7 @@ from ._arrays import (
     to_canonical,
 )
 from ._backend import resolve_backend
+from .kernels import activation as _act
 from .kernels import backward as _bw
 from .kernels import normalize as _nz
 from .kernels import stats as _st
@@ -42,12 +43,16 @@ _ENGINES = {
         stats=_st.launch_stats_cpu,
         affine=_nz.launch_affine_coefficients_cpu,
         scale_shift=_nz.launch_scale_shift_cpu,
+        scale_shift_act=_act.launch_scale_shift_act_cpu,
+        activation_grad=_act.launch_activation_grad_cpu,
         backward=_bw.launch_backward_cpu,
     ),
     "cuda": SimpleNamespace(
         stats=_st.launch_stats_cuda,
         affine=_nz.launch_affine_coefficients_cuda,
         scale_shift=_nz.launch_scale_shift_cuda,
+        scale_shift_act=_act.launch_scale_shift_act_cuda,
+        activation_grad=_act.launch_activation_grad_cuda,
         backward=_bw.launch_backward_cuda,
     ),
 }
@@ -83,6 +88,11 @@ class _Input:
         else:
             shape, dtype = self.shape, self.dtype
         return device_empty(shape, dtype) if self.backend == "cuda" else host_empty(shape, dtype)
+
+    def empty_acc(self):
+        """A new (outer, C, inner) array of the statistics dtype."""
+        shape = self.shape3
+        return device_empty(shape, self.acc) if self.backend == "cuda" else host_empty(shape, self.acc)
 
     def deliver(self, arr):
         """Results go back where the input came from."""
@@ -205,6 +215,8 @@ class ForwardCache:
     inp: _Input
     coef: object
     training: bool
+    act: int = 0  # kernels.activation code: y = g(BN(x) + z)
+    z: object = None  # the residual's canonical view (referenced like x), or None
 
     @property
     def backend(self) -> str:
@@ -231,6 +243,8 @@ def batch_norm_forward(
     running_var=None,
     momentum: float = 0.1,
     backend=None,
+    activation=None,
+    residual=None,
     _coef=None,
     _bfloat16=False,
 ):
@@ -245,6 +259,12 @@ def batch_norm_forward(
             ``running = (1 - momentum) * running + momentum * batch`` (unbiased
             variance).  False normalizes with running_mean/running_var (required).
         eps: added to the variance.  momentum: float in [0, 1].
+        activation: None, "relu", "sigmoid" or "tanh": y = g(BN(x) (+ residual)),
+            in the same elementwise pass (the backward recomputes the
+            pre-activation from x; it is never stored).
+        residual: None, or an array of x's shape added before the activation
+            (referenced by the cache like x: it must not change before the
+            backward, which then also returns its gradient).
         _coef: (internal) a (5, C) array to hold the per-channel constants,
             so that a layer reuses one buffer instead of allocating per call.
         _bfloat16: (internal) x is bfloat16 as int16 bits (gpubn.torch);
@@ -274,6 +294,10 @@ def batch_norm_forward(
         if momentum is None:
             raise ValueError("momentum: None (cumulative average) needs a counter; use gpubn.BatchNorm")
         momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
+    if not isinstance(activation, (str, type(None))) or activation not in _act.ACTIVATIONS:
+        raise ValueError(f"activation: {activation!r} is not one of None, 'relu', 'sigmoid', 'tanh'")
+    act = _act.ACTIVATIONS[activation]
+    z = None if residual is None else _residual_view(residual, inp)
     g = channel_vector(gamma, "gamma", C, inp.acc, inp.backend, fill=1.0)
     b = channel_vector(beta, "beta", C, inp.acc, inp.backend, fill=0.0)
     rm = rv = None
@@ -297,8 +321,29 @@ def batch_norm_forward(
     else:
         eng.affine(rm.work, rv.work, g, b, eps, coef)
     y = inp.empty()
-    eng.scale_shift(inp.view, coef, y.reshape(*inp.shape3))
-    return inp.deliver(y), ForwardCache(inp, coef, training)
+    if act or z is not None:
+        zv = inp.view if z is None else z  # x stands in for an absent residual: never read
+        eng.scale_shift_act(inp.view, zv, coef, act, z is not None, y.reshape(*inp.shape3))
+    else:
+        eng.scale_shift(inp.view, coef, y.reshape(*inp.shape3))
+    return inp.deliver(y), ForwardCache(inp, coef, training, act, z)
+
+
+def _residual_view(residual, inp: _Input):
+    """The residual's (outer, C, inner) view, validated against x, on x's side and in x's dtype."""
+    arr, on_device = as_input(residual, "residual", inp.backend)
+    check_float(arr.dtype, "residual")
+    if tuple(arr.shape) != inp.shape:
+        raise ValueError(f"residual: shape {tuple(arr.shape)} does not match x's shape {inp.shape}")
+    if on_device != inp.on_device or (on_device and arr.dtype != inp.dtype):
+        where = "a device array" if on_device else "a host array"
+        raise TypeError(f"residual: {where} of dtype {arr.dtype}; x is {inp.dtype}, on the same side")
+    if inp.dtype == BFLOAT16_BITS:
+        raise TypeError("residual: not supported with bfloat16 input")
+    if on_device:
+        return to_canonical(arr, inp.shape3, True)
+    view = np.asarray(arr, dtype=inp.dtype).reshape(inp.shape3)
+    return cuda.to_device(np.ascontiguousarray(view)) if inp.backend == "cuda" else view
 
 
 def _cache_for(x, coef, axis: int, training: bool, backend: str, bfloat16: bool = False) -> ForwardCache:
@@ -325,6 +370,9 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None, _reduce=None):
         (dx, dgamma, dbeta): dx has x's shape and dtype; dgamma, dbeta are (C,)
         float32 (float64 for float64 x).  With training=False in the forward,
         the statistics are constants: dx = gamma / sqrt(running_var + eps) * dy.
+        (dx, dgamma, dbeta, dresidual) when the forward had a residual;
+        dresidual has x's shape and dtype.  dy is the gradient w.r.t. the
+        forward's y, after its activation.
         _grads: (internal) a (2, C) array to receive dgamma, dbeta in place.
         _reduce: (internal, CPU) (fn, n) of synchronized batch norm
             (``kernels.backward.launch_backward_cpu``).
@@ -348,14 +396,30 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None, _reduce=None):
         dyv = cuda.to_device(np.ascontiguousarray(dyv, dtype=inp.dtype))
     elif inp.backend == "cpu" and dyv.dtype not in (np.float16, BFLOAT16_BITS):  # read as they are, inline
         dyv = dyv.astype(inp.acc, copy=False)
+    eng = _ENGINES[inp.backend]
+    if cache.act or cache.z is not None:  # dv = dy * g'(v), v recomputed from x (and z)
+        dv = inp.empty_acc()
+        zv = inp.view if cache.z is None else cache.z
+        eng.activation_grad(dyv, inp.view, zv, cache.coef, cache.act, cache.z is not None, dv)
+        dyv = dv
     dx = inp.empty()
     grads = _grads if _buffer_fits(_grads, inp, 2) else inp.empty(rows=2)  # dgamma, dbeta
     bcoef = inp.empty(rows=4)
     sync = {} if _reduce is None else {"reduce": _reduce}
-    _ENGINES[inp.backend].backward(
-        dyv, inp.view, cache.coef, cache.training, bcoef, grads[0], grads[1], dx.reshape(*inp.shape3), **sync
-    )
-    return inp.deliver(dx), inp.deliver(grads[0]), inp.deliver(grads[1])
+    eng.backward(dyv, inp.view, cache.coef, cache.training, bcoef, grads[0], grads[1], dx.reshape(*inp.shape3), **sync)
+    out = (inp.deliver(dx), inp.deliver(grads[0]), inp.deliver(grads[1]))
+    if cache.z is None:
+        return out
+    return (*out, inp.deliver(_in_dtype(dyv, inp).reshape(inp.shape)))
+
+
+def _in_dtype(a, inp: _Input):
+    """An accumulation-dtype result in x's dtype (the residual's gradient)."""
+    if a.dtype == inp.dtype:
+        return a
+    if inp.backend == "cuda":  # float16 on the device: through the host for now (rare, not fast)
+        return cuda.to_device(a.copy_to_host().astype(inp.dtype))
+    return a.astype(inp.dtype)
 
 
 __all__ = ["batch_stats", "normalize", "batch_norm_forward", "batch_norm_backward", "ForwardCache"]

@@ -11,6 +11,7 @@ from ._arrays import check_axis, check_bool, check_float, check_scalar, device_v
 from ._backend import resolve_backend
 from .distributed import SyncCache, batch_norm_backward_sync, batch_norm_forward_sync, communicator
 from .functional import _buffer_fits, batch_norm_backward, batch_norm_forward
+from .kernels.activation import ACTIVATIONS
 from .moments import moments
 
 
@@ -109,6 +110,8 @@ class BatchNorm:
             group: in training mode the statistics (and the backward's sums)
             are those of the batch shared by all its ranks (gpubn.distributed);
             every rank must call forward and backward together.
+        activation: None, "relu", "sigmoid" or "tanh": the layer computes
+            g(BN(x) + residual) in one elementwise pass (see forward).
 
     State: ``params`` and ``grads`` (mappings of (C,) arrays that an optimizer
     updates in place; assigning an entry copies the new values in),
@@ -130,6 +133,7 @@ class BatchNorm:
         backend: str | None = None,
         dtype="float32",
         sync=None,
+        activation=None,
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
@@ -163,7 +167,12 @@ class BatchNorm:
         self._coef = None
         self._cache = None
         self._recalibration = None  # a list while inside gpubn.recalibrate
+        if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
+            raise ValueError(f"activation: {activation!r} is not one of None, 'relu', 'sigmoid', 'tanh'")
+        self.activation = activation
         self._comm = None if sync is None else communicator(sync)
+        if self._comm is not None and activation is not None:
+            raise ValueError("sync, activation: a synchronized layer has no fused activation yet")
         if self._comm is not None and self.backend != "cpu":
             raise ValueError("sync: synchronized batch norm runs on the CPU backend for now")
 
@@ -211,13 +220,17 @@ class BatchNorm:
 
     # -- passes ---------------------------------------------------------------
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
         """y = gamma * (x - mean) / sqrt(var + eps) + beta; x's shape and dtype.
 
         Batch statistics in training mode (or without running statistics),
-        running statistics in eval mode.
+        running statistics in eval mode.  With ``activation`` and/or a
+        ``residual`` (x's shape): y = g(BN(x) + residual); backward() then
+        returns (dx, dresidual) when a residual was given.
         """
         if self._comm is not None and self.training:
+            if residual is not None:
+                raise ValueError("residual: a synchronized layer takes no residual yet")
             return self._forward_sync(x)
         shape = x.shape if hasattr(x, "shape") else np.shape(x)
         if len(shape) > 0 and shape[check_axis(self.axis, len(shape))] != self.num_features:
@@ -245,6 +258,8 @@ class BatchNorm:
             running_var=self.running_var if self.track_running_stats else None,
             momentum=momentum if update else 0.0,
             backend=self.backend,
+            activation=self.activation,
+            residual=residual,
             _coef=self._coef,
         )
         self._coef = cache.coef
@@ -293,10 +308,10 @@ class BatchNorm:
             raise ValueError("dy: backward() called before any forward()")
         in_place = _buffer_fits(self._packed_grads, self._cache.inp, 2)
         backward = batch_norm_backward_sync if isinstance(self._cache, SyncCache) else batch_norm_backward
-        dx, dgamma, dbeta = backward(dy, self._cache, _grads=self._packed_grads)
+        dx, dgamma, dbeta, *dresidual = backward(dy, self._cache, _grads=self._packed_grads)
         if self.affine and not in_place:
             self._store_grads(dgamma, dbeta)
-        return dx
+        return (dx, *dresidual) if dresidual else dx
 
     def _store_grads(self, dgamma, dbeta):
         # the kernels wrote a separate buffer (other dtype or side): copy in
@@ -392,6 +407,7 @@ class BatchNorm:
         return (
             f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps:g}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, backend={self.backend!r}, "
+            f"activation={self.activation!r}, "
             f"dtype='{self.dtype}', training={self.training}{', on device' if self.on_device else ''})"
         )
 

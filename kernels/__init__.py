@@ -8,11 +8,23 @@ constants travel packed in one small array:
 - ``bcoef`` (4, C), rows ``B_MEAN, B_DY, B_X, B_CONST`` (backward).
 
 Modules: ``stats`` (batch statistics, split reduction), ``normalize`` (the
-elementwise scale-shift pass), ``backward``.  Each ``launch_*`` function is the
-plain launcher of one pass; the kernels themselves can be launched directly with
+elementwise scale-shift pass), ``backward``, ``activation`` (the scale-shift
+pass fused with an activation and a residual, and its gradient).  Each
+``launch_*`` function is the plain launcher of one pass; the kernels themselves can be launched directly with
 an explicit grid and block (see ``examples/kernels_direct.py``).
 """
 
+from .activation import (
+    ACTIVATIONS,
+    activation_grad_cuda_channels,
+    activation_grad_cuda_inner,
+    launch_activation_grad_cpu,
+    launch_activation_grad_cuda,
+    launch_scale_shift_act_cpu,
+    launch_scale_shift_act_cuda,
+    scale_shift_act_cuda_channels,
+    scale_shift_act_cuda_inner,
+)
 from .backward import (
     B_CONST,
     B_DY,

@@ -48,6 +48,10 @@ def main():
             K.backward_sums_cuda_channels: (strided, x3, m2, w3, i32, m2, v, v, flag),
             K.input_grad_cuda_inner: (x3, x3, m2, x3),
             K.input_grad_cuda_channels: (x3, strided, m2, x3),
+            K.scale_shift_act_cuda_inner: (x3, x3, m2, i64, flag, x3),
+            K.scale_shift_act_cuda_channels: (strided, x3, m2, i64, flag, x3),
+            K.activation_grad_cuda_inner: (x3, x3, x3, m2, i64, flag, acc[:, :, ::1]),
+            K.activation_grad_cuda_channels: (x3, strided, x3, m2, i64, flag, acc[:, :, ::1]),
         }
         for kernel, sig in signatures.items():
             ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)

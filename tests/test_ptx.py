@@ -20,6 +20,10 @@ CUDA_KERNELS = [
     "backward_sums_cuda_channels",
     "input_grad_cuda_inner",
     "input_grad_cuda_channels",
+    "scale_shift_act_cuda_inner",
+    "scale_shift_act_cuda_channels",
+    "activation_grad_cuda_inner",
+    "activation_grad_cuda_channels",
 ]
 
 

@@ -1,0 +1,270 @@
+"""Batch norm followed by an activation, and a residual added before it.
+
+Forward, one elementwise pass instead of two or three:
+
+    v = (x - mean) * scale + bias  (+ z)        the pre-activation
+    y = g(v),   g = identity | relu | sigmoid | tanh
+
+The backward recomputes v from x (and z) and the per-channel constants, so v is
+never stored: the gradient reaching batch norm (and the residual) is
+
+    dv = dy * g'(v):   relu: [v > 0]   sigmoid: g(v) (1 - g(v))   tanh: 1 - g(v)**2
+
+and batch norm's own backward runs on dv.  ``activation_grad_*`` is that
+recomputation, a separate elementwise pass for now (dv written once, read by the
+two backward passes); fusing it into them is what remains to reach plain batch
+norm's traffic.
+
+The activation travels as an int (``ACTIVATIONS``); without a residual the
+kernels take x itself in z's place and a ``residual=False`` flag, so z is never read.
+"""
+
+import math
+
+import numba
+from numba import cuda, prange
+
+from .common import JIT, channel_parts, cpu_kernel, task_channels
+from .half import bits, narrow, widen
+from .normalize import elementwise_launch_config
+from .stats import BIAS, MEAN, SCALE
+
+NONE, RELU, SIGMOID, TANH = range(4)
+#: activation name -> the code the kernels take
+ACTIVATIONS = {None: NONE, "relu": RELU, "sigmoid": SIGMOID, "tanh": TANH}
+
+
+@numba.njit(inline="always", **JIT)
+def activate(v, act):
+    """g(v) for activation code ``act`` (NaN stays NaN)."""
+    if act == RELU:
+        return v if v > 0 else v * 0
+    if act == SIGMOID:
+        return 1.0 / (1.0 + math.exp(-v))
+    if act == TANH:
+        return math.tanh(v)
+    return v
+
+
+@numba.njit(inline="always", **JIT)
+def slope(v, act):
+    """g'(v), the derivative of the activation at the pre-activation v."""
+    if act == RELU:
+        return 1.0 if v > 0 else 0.0
+    if act == SIGMOID:
+        s = 1.0 / (1.0 + math.exp(-v))
+        return s * (1.0 - s)
+    if act == TANH:
+        t = math.tanh(v)
+        return 1.0 - t * t
+    return 1.0
+
+
+# ----------------------------------------------------------------------------
+# CPU twins
+
+
+@cpu_kernel
+def scale_shift_act_inner_cpu(x, z, coef, act, residual, y):
+    """y = g((x - mean) * scale + bias (+ z)); x, z, y (outer, C, inner)."""
+    outer, C, inner = x.shape
+    parts = channel_parts(outer, C)
+    for k in prange(outer * parts):
+        o, c0, c1 = task_channels(k, parts, C)
+        for c in range(c0, c1):
+            m = coef[MEAN, c]
+            s = coef[SCALE, c]
+            b = coef[BIAS, c]
+            for i in range(inner):
+                v = (widen(x[o, c, i]) - m) * s + b
+                if residual:
+                    v += widen(z[o, c, i])
+                y[o, c, i] = narrow(activate(v, act), y)
+
+
+@cpu_kernel
+def scale_shift_act_channels_cpu(x, z, coef, act, residual, y):
+    """The same for inner == 1: x, z, y (outer, C), channels contiguous."""
+    outer, C = x.shape
+    for o in prange(outer):
+        for c in range(C):
+            v = (widen(x[o, c]) - coef[MEAN, c]) * coef[SCALE, c] + coef[BIAS, c]
+            if residual:
+                v += widen(z[o, c])
+            y[o, c] = narrow(activate(v, act), y)
+
+
+@cpu_kernel
+def activation_grad_inner_cpu(dy, x, z, coef, act, residual, dv):
+    """dv = dy * g'(v), v recomputed; dy, x, z, dv (outer, C, inner)."""
+    outer, C, inner = x.shape
+    parts = channel_parts(outer, C)
+    for k in prange(outer * parts):
+        o, c0, c1 = task_channels(k, parts, C)
+        for c in range(c0, c1):
+            m = coef[MEAN, c]
+            s = coef[SCALE, c]
+            b = coef[BIAS, c]
+            for i in range(inner):
+                v = (widen(x[o, c, i]) - m) * s + b
+                if residual:
+                    v += widen(z[o, c, i])
+                dv[o, c, i] = widen(dy[o, c, i]) * slope(v, act)
+
+
+@cpu_kernel
+def activation_grad_channels_cpu(dy, x, z, coef, act, residual, dv):
+    """The same for inner == 1: (outer, C) arrays, channels contiguous."""
+    outer, C = x.shape
+    for o in prange(outer):
+        for c in range(C):
+            v = (widen(x[o, c]) - coef[MEAN, c]) * coef[SCALE, c] + coef[BIAS, c]
+            if residual:
+                v += widen(z[o, c])
+            dv[o, c] = widen(dy[o, c]) * slope(v, act)
+
+
+def launch_scale_shift_act_cpu(x, z, coef, act, residual, y):
+    """y = g((x - mean) * scale + bias (+ z)) on (outer, C, inner) views.
+
+    x, z, y: float16/32/64 of one dtype (z may be x itself when ``residual`` is
+    False); coef (5, C) of the compute dtype; act: an ACTIVATIONS code.
+    """
+    x, z, y = bits(x), bits(z), bits(y)
+    if x.shape[2] > 1:
+        scale_shift_act_inner_cpu(x, z, coef, act, residual, y)
+    else:
+        scale_shift_act_channels_cpu(x[:, :, 0], z[:, :, 0], coef, act, residual, y[:, :, 0])
+
+
+def launch_activation_grad_cpu(dy, x, z, coef, act, residual, dv):
+    """dv = dy * g'(v) on (outer, C, inner) views; dv of the compute dtype."""
+    dy, x, z = bits(dy), bits(x), bits(z)
+    if x.shape[2] > 1:
+        activation_grad_inner_cpu(dy, x, z, coef, act, residual, dv)
+    else:
+        activation_grad_channels_cpu(dy[:, :, 0], x[:, :, 0], z[:, :, 0], coef, act, residual, dv[:, :, 0])
+
+
+# ----------------------------------------------------------------------------
+# CUDA kernels
+
+
+@cuda.jit
+def scale_shift_act_cuda_inner(
+    x,  # (outer, C, inner) input
+    z,  # (outer, C, inner) residual (x itself when residual is False)
+    coef,  # (5, C) per-channel MEAN, SCALE, BIAS (accumulation dtype)
+    act,  # int: an ACTIVATIONS code
+    residual,  # bool: add z
+    y,  # (outer, C, inner) out, x's dtype
+):
+    """The grid of scale_shift_cuda_inner."""
+    outer, C, inner = x.shape
+    acc = coef.dtype.type
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    for r in range(cuda.blockIdx.y * TY + ty, outer * C, cuda.gridDim.y * TY):
+        o = r // C
+        c = r - o * C
+        m = coef[MEAN, c]
+        s = coef[SCALE, c]
+        b = coef[BIAS, c]
+        for i in range(cuda.blockIdx.x * TX + tx, inner, cuda.gridDim.x * TX):
+            v = (acc(x[o, c, i]) - m) * s + b
+            if residual:
+                v += acc(z[o, c, i])
+            y[o, c, i] = activate(v, act)
+
+
+@cuda.jit
+def scale_shift_act_cuda_channels(
+    x,  # (outer, C, 1) input, channels contiguous
+    z,  # (outer, C, 1) residual (x itself when residual is False)
+    coef,  # (5, C) per-channel MEAN, SCALE, BIAS
+    act,  # int: an ACTIVATIONS code
+    residual,  # bool
+    y,  # (outer, C, 1) out
+):
+    """The grid of scale_shift_cuda_channels."""
+    outer, C, _ = x.shape
+    acc = coef.dtype.type
+    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if c < C:
+        m = coef[MEAN, c]
+        s = coef[SCALE, c]
+        b = coef[BIAS, c]
+        TY = cuda.blockDim.y
+        for o in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, outer, cuda.gridDim.y * TY):
+            v = (acc(x[o, c, 0]) - m) * s + b
+            if residual:
+                v += acc(z[o, c, 0])
+            y[o, c, 0] = activate(v, act)
+
+
+@cuda.jit
+def activation_grad_cuda_inner(
+    dy,  # (outer, C, inner) gradient w.r.t. y
+    x,  # (outer, C, inner) forward input
+    z,  # (outer, C, inner) residual (x itself when residual is False)
+    coef,  # (5, C) forward constants
+    act,  # int
+    residual,  # bool
+    dv,  # (outer, C, inner) out, accumulation dtype: dy * g'(v)
+):
+    """The grid of scale_shift_cuda_inner."""
+    outer, C, inner = x.shape
+    acc = coef.dtype.type
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    for r in range(cuda.blockIdx.y * TY + ty, outer * C, cuda.gridDim.y * TY):
+        o = r // C
+        c = r - o * C
+        m = coef[MEAN, c]
+        s = coef[SCALE, c]
+        b = coef[BIAS, c]
+        for i in range(cuda.blockIdx.x * TX + tx, inner, cuda.gridDim.x * TX):
+            v = (acc(x[o, c, i]) - m) * s + b
+            if residual:
+                v += acc(z[o, c, i])
+            dv[o, c, i] = acc(dy[o, c, i]) * slope(v, act)
+
+
+@cuda.jit
+def activation_grad_cuda_channels(
+    dy,  # (outer, C, 1)
+    x,  # (outer, C, 1)
+    z,  # (outer, C, 1) (x itself when residual is False)
+    coef,  # (5, C)
+    act,  # int
+    residual,  # bool
+    dv,  # (outer, C, 1) out
+):
+    """The grid of scale_shift_cuda_channels."""
+    outer, C, _ = x.shape
+    acc = coef.dtype.type
+    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if c < C:
+        m = coef[MEAN, c]
+        s = coef[SCALE, c]
+        b = coef[BIAS, c]
+        TY = cuda.blockDim.y
+        for o in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, outer, cuda.gridDim.y * TY):
+            v = (acc(x[o, c, 0]) - m) * s + b
+            if residual:
+                v += acc(z[o, c, 0])
+            dv[o, c, 0] = acc(dy[o, c, 0]) * slope(v, act)
+
+
+def launch_scale_shift_act_cuda(x, z, coef, act, residual, y, stream=0):
+    """launch_scale_shift_act_cpu on device arrays: one launch."""
+    regime, grid, block = elementwise_launch_config(x.shape)
+    kernel = scale_shift_act_cuda_inner if regime == "inner" else scale_shift_act_cuda_channels
+    kernel[grid, block, stream](x, z, coef, act, bool(residual), y)
+
+
+def launch_activation_grad_cuda(dy, x, z, coef, act, residual, dv, stream=0):
+    """launch_activation_grad_cpu on device arrays: one launch."""
+    regime, grid, block = elementwise_launch_config(x.shape)
+    kernel = activation_grad_cuda_inner if regime == "inner" else activation_grad_cuda_channels
+    kernel[grid, block, stream](dy, x, z, coef, act, bool(residual), dv)
