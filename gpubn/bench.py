@@ -373,6 +373,80 @@ def _module_fns(spec, x, dy, gamma, beta, backend, torch):
     return fns[0], fns[1]
 
 
+def bench_fusion(spec, backend, repeat, timer, torch_mods):
+    """Rows for batch norm fused with ReLU (and a residual add): the fused gpubn
+    op, the same as separate gpubn + NumPy passes, plain gpubn batch norm, and
+    torch's separate ops (autograd for the backward)."""
+    rng = np.random.default_rng(0)
+    x = (0.5 + rng.standard_normal(spec.shape, np.float32)).astype(spec.dtype)
+    z = rng.standard_normal(spec.shape, np.float32).astype(spec.dtype)
+    dy = rng.standard_normal(spec.shape, np.float32).astype(spec.dtype)
+    kw = dict(axis=spec.axis, backend=backend)
+
+    def unfused(residual):
+        y, cache = gpubn.batch_norm_forward(x, **kw)
+        if residual:
+            np.add(y, z, out=y)
+        return np.maximum(y, 0, out=y), cache
+
+    _, fused_cache = gpubn.batch_norm_forward(x, activation="relu", **kw)
+    _, plain_cache = gpubn.batch_norm_forward(x, **kw)
+    fns = {
+        "fwd-relu": (
+            lambda: gpubn.batch_norm_forward(x, activation="relu", **kw),
+            lambda: unfused(False),
+        ),
+        "fwd-add-relu": (
+            lambda: gpubn.batch_norm_forward(x, activation="relu", residual=z, **kw),
+            lambda: unfused(True),
+        ),
+        "bwd-relu": (
+            lambda: gpubn.batch_norm_backward(dy, fused_cache),
+            lambda: gpubn.batch_norm_backward(dy * (unfused(False)[0] > 0), plain_cache),
+        ),
+    }
+    plain = {
+        "fwd-relu": lambda: gpubn.batch_norm_forward(x, **kw),
+        "bwd-relu": lambda: gpubn.batch_norm_backward(dy, plain_cache),
+    }
+    plain["fwd-add-relu"] = plain["fwd-relu"]
+    torch_fns = _torch_fusion_fns(spec, x, z, dy, torch_mods[0]) if torch_mods[0] is not None else {}
+    rows = []
+    for op, (fused, separate) in fns.items():
+        ms, torch_ms = timer.compare(fused, torch_fns.get(op), repeat)
+        row = {"shape": spec.name, "op": op, "backend": backend, "ms": ms, "unfused_ms": timer.time(separate, repeat),
+               "plain_bn_ms": timer.time(plain[op], repeat)}  # fmt: skip
+        row["vs_plain"] = ms / row["plain_bn_ms"]
+        if torch_ms is not None:
+            row["torch_ms"], row["speedup"] = torch_ms, torch_ms / ms
+        rows.append(row)
+    return rows
+
+
+def _torch_fusion_fns(spec, x, z, dy, torch):
+    """torch's batch norm, then ReLU (and the add), as separate ops."""
+    F = torch.nn.functional
+    xt, zt, dyt = (_torch_layout(torch, a, spec.axis, "cpu") for a in (x, z, dy))
+    if xt is None:
+        return {}
+    C = xt.shape[1]
+    w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    xg = xt.detach().requires_grad_()
+    y = F.relu(F.batch_norm(xg, rm, rv, w, b, training=True))
+
+    def fwd(add):
+        with torch.no_grad():
+            v = F.batch_norm(xt, rm, rv, w, b, training=True)
+            return F.relu(v + zt if add else v)
+
+    return {
+        "fwd-relu": lambda: fwd(False),
+        "fwd-add-relu": lambda: fwd(True),
+        "bwd-relu": lambda: torch.autograd.grad(y, (xg, w, b), dyt, retain_graph=True),
+    }
+
+
 def bench_cnn(timer, repeat, device="cpu", batch=64, size=32):
     """ms per training step of a small CNN, torch's batch norm vs gpubn's."""
     import copy
@@ -507,6 +581,7 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="list the shapes and exit")
     ap.add_argument("--startup", action="store_true", help="time the first call in fresh processes (cold/warm cache)")
     ap.add_argument("--cnn", action="store_true", help="also time a small CNN's training step (needs torch)")
+    ap.add_argument("--fusion", action="store_true", help="time BN + ReLU (+ add) fused, unfused, and torch's ops")
     ap.add_argument(
         "--rounds",
         type=int,
@@ -567,6 +642,17 @@ def main(argv=None):
             if "numpy_ms" in row:
                 line += f" {row['numpy_ms']:9.3f}"
             print(line, flush=True)
+    if args.fusion:
+        print(f"\n{'shape':24s} {'op':13s} {'fused ms':>9s} {'unfused':>9s} {'plain BN':>9s} {'vs BN':>6s}"
+              f" {'torch ms':>9s} {'speedup':>8s}")  # fmt: skip
+        for name in names:
+            for row in bench_fusion(SHAPES[name], backend, repeat, timer, torch_mods):
+                rows.append(row)
+                line = (f"{row['shape']:24s} {row['op']:13s} {row['ms']:9.3f} {row['unfused_ms']:9.3f}"
+                        f" {row['plain_bn_ms']:9.3f} {row['vs_plain']:5.2f}x")  # fmt: skip
+                if "torch_ms" in row:
+                    line += f" {row['torch_ms']:9.3f} {row['speedup']:7.2f}x"
+                print(line, flush=True)
     if args.cnn:
         if torch_mods[0] is None:
             ap.error("--cnn needs torch")

@@ -49,8 +49,8 @@ def activate(v, act):
 @numba.njit(inline="always", **JIT)
 def slope(v, act):
     """g'(v), the derivative of the activation at the pre-activation v."""
-    if act == RELU:
-        return 1.0 if v > 0 else 0.0
+    if act == RELU:  # 1 and 0 are exact in float32: no float64 in the common case's arithmetic
+        return numba.float32(1.0) if v > 0 else numba.float32(0.0)
     if act == SIGMOID:
         s = 1.0 / (1.0 + math.exp(-v))
         return s * (1.0 - s)
