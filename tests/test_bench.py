@@ -86,3 +86,11 @@ def test_module_rows_time_both_modules(axis):
 def test_cnn_step_row():
     row = bench.bench_cnn(bench.HostTimer(), 2, batch=4, size=8)
     assert row["op"] == "cnn-step" and row["ms"] > 0 and row["torch_ms"] > 0
+
+
+def test_fusion_rows():
+    spec = bench.Shape("tiny", (8, 6, 5, 4), 1)
+    rows = bench.bench_fusion(spec, "cpu", 2, bench.HostTimer(), bench._torch())
+    assert [r["op"] for r in rows] == ["fwd-relu", "fwd-add-relu", "bwd-relu"]
+    for r in rows:
+        assert r["ms"] > 0 and r["unfused_ms"] > 0 and r["plain_bn_ms"] > 0 and r["torch_ms"] > 0
