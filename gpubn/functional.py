@@ -346,11 +346,12 @@ def _residual_view(residual, inp: _Input):
     return cuda.to_device(np.ascontiguousarray(view)) if inp.backend == "cuda" else view
 
 
-def _cache_for(x, coef, axis: int, training: bool, backend: str, bfloat16: bool = False) -> ForwardCache:
-    """(internal) The cache of a forward of x whose per-channel constants
+def _cache_for(x, coef, axis: int, training: bool, backend: str, bfloat16: bool = False, activation=None):
+    """(internal) The ForwardCache of a forward of x whose per-channel constants
     ``coef`` are known: gpubn.torch keeps x and coef as tensors between the
     passes (autograd saves tensors, not Python objects)."""
-    return ForwardCache(_materialize(_prepare(x, axis, backend, bfloat16=bfloat16)), coef, training)
+    inp = _materialize(_prepare(x, axis, backend, bfloat16=bfloat16))
+    return ForwardCache(inp, coef, training, _act.ACTIVATIONS[activation])
 
 
 def _buffer_fits(buf, inp: _Input, rows: int) -> bool:

@@ -105,7 +105,7 @@ def _backend(t: Tensor) -> str:
 # -- the operators -----------------------------------------------------------------------
 
 
-def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
+def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, activation=None):
     """(y, coef): y like input; coef (5, C) float32 (float64 for float64 input),
     the per-channel constants (MEAN, VAR, INVSTD, SCALE, BIAS) the backward
     needs.  running_mean/var are updated in place when training."""
@@ -124,6 +124,7 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
         running_var=_array(running_var),
         momentum=momentum,
         backend=backend,
+        activation=activation,
         _bfloat16=bits,
     )
     y = _restore(_tensor(y, input.device, bits), perm)
@@ -132,7 +133,7 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
     return y, _tensor(cache.coef, input.device)
 
 
-def _backward(grad_output, input, coef, training):
+def _backward(grad_output, input, coef, training, activation=None):
     """(grad_input, grad_weight, grad_bias); the two (C,) in coef's dtype."""
     backend = _backend(input)
     x, axis, perm = _layout(input)
@@ -143,7 +144,7 @@ def _backward(grad_output, input, coef, training):
     bits = x.dtype == torch.bfloat16 and not via_float
     if via_float:
         x, dy = x.float(), dy.float()
-    cache = _F._cache_for(_array(x), _array(coef), axis, training, backend, bfloat16=bits)
+    cache = _F._cache_for(_array(x), _array(coef), axis, training, backend, bits, activation)
     dx, dgamma, dbeta = _F.batch_norm_backward(_array(dy), cache)
     dx = _restore(_tensor(dx, input.device, bits), perm)
     if via_float:
@@ -170,10 +171,10 @@ def _param_grads(dgamma, dbeta, weight_dtype, bias_dtype):
 
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
-        y, coef = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, activation):
+        y, coef = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, activation)
         ctx.save_for_backward(input, coef)
-        ctx.training = training
+        ctx.training, ctx.activation = training, activation
         ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return y
 
@@ -181,8 +182,8 @@ class _BatchNorm(torch.autograd.Function):
     def backward(ctx, grad_output):
         _no_double_backward()
         input, coef = ctx.saved_tensors
-        dx, dgamma, dbeta = _backward(grad_output, input, coef, ctx.training)
-        return (dx, *_param_grads(dgamma, dbeta, *ctx.dtypes), None, None, None, None, None)
+        dx, dgamma, dbeta = _backward(grad_output, input, coef, ctx.training, ctx.activation)
+        return (dx, *_param_grads(dgamma, dbeta, *ctx.dtypes), None, None, None, None, None, None)
 
 
 # -- synchronized: the statistics of the batch shared by a process group (gpubn.distributed) --
@@ -238,6 +239,7 @@ def _forward_op(
     training: bool,
     momentum: float,
     eps: float,
+    activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, coef, new_running_mean, new_running_var): an operator with an
     autograd formula may not mutate its inputs, so the kernels update (C,)
@@ -246,14 +248,15 @@ def _forward_op(
     update = training and running_mean is not None
     if update:
         running_mean, running_var = running_mean.clone(), running_var.clone()
-    y, coef = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    act = activation or None  # "" for none: a plain str in the operator's schema
+    y, coef = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
     if not update:
         running_mean, running_var = input.new_empty(0), input.new_empty(0)
     return y, coef, running_mean, running_var
 
 
 @_forward_op.register_fake
-def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, activation):
     coef_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     coef = input.new_empty((5, input.shape[1]), dtype=coef_dtype)
     if training and running_mean is not None:
@@ -262,31 +265,33 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
 
 
 @torch.library.custom_op("gpubn::batch_norm_backward", mutates_args=())
-def _backward_op(grad_output: Tensor, input: Tensor, coef: Tensor, training: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_op(
+    grad_output: Tensor, input: Tensor, coef: Tensor, training: bool, activation: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of gpubn::batch_norm."""
-    return _backward(grad_output, input, coef, training)
+    return _backward(grad_output, input, coef, training, activation or None)
 
 
 @_backward_op.register_fake
-def _(grad_output, input, coef, training):
+def _(grad_output, input, coef, training, activation):
     C = input.shape[1]
     return torch.empty_like(input), coef.new_empty(C), coef.new_empty(C)
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, _, _, training, _, _ = inputs
+    input, weight, bias, _, _, training, _, _, activation = inputs
     _, coef, new_mean, new_var = output
     ctx.mark_non_differentiable(coef, new_mean, new_var)
     ctx.save_for_backward(input, coef)
-    ctx.training = training
+    ctx.training, ctx.activation = training, activation
     ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
 def _op_backward(ctx, grad_output, _grad_coef, _grad_mean, _grad_var):
     _no_double_backward()
     input, coef = ctx.saved_tensors
-    dx, dgamma, dbeta = torch.ops.gpubn.batch_norm_backward(grad_output, input, coef, ctx.training)
-    return (dx, *_param_grads(dgamma, dbeta, *ctx.dtypes), None, None, None, None, None)
+    dx, dgamma, dbeta = torch.ops.gpubn.batch_norm_backward(grad_output, input, coef, ctx.training, ctx.activation)
+    return (dx, *_param_grads(dgamma, dbeta, *ctx.dtypes), None, None, None, None, None, None)
 
 
 torch.library.register_autograd("gpubn::batch_norm", _op_backward, setup_context=_setup_context)
@@ -304,6 +309,7 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    activation: str | None = None,
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` on gpubn's kernels, differentiable.
 
@@ -315,6 +321,8 @@ def batch_norm(
             required when not training.
         weight, bias: (C,) or None (1 and 0); float32 parameters with float16 or
             bfloat16 input are fine.
+        activation: None, "relu", "sigmoid" or "tanh" (gpubn's addition):
+            g(batch_norm(...)) in the same elementwise pass.
     Returns:
         A tensor like input (same shape, dtype, device and memory format).
     Raises:
@@ -323,10 +331,12 @@ def batch_norm(
         training), naming the argument; nothing is updated then.
     """
     _check(input, running_mean, running_var, weight, bias, training)
+    if not isinstance(activation, (str, type(None))) or activation not in _F._act.ACTIVATIONS:
+        raise ValueError(f"activation: {activation!r} is not one of None, 'relu', 'sigmoid', 'tanh'")
     args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
     if not torch.compiler.is_compiling():
-        return _BatchNorm.apply(*args)  # running statistics updated in place by the kernels
-    y, _, new_mean, new_var = _forward_op(*args)
+        return _BatchNorm.apply(*args, activation)  # running statistics updated in place by the kernels
+    y, _, new_mean, new_var = _forward_op(*args, activation or "")
     if training and running_mean is not None:
         with torch.no_grad():  # in place, as torch's: the buffers stay the same tensors
             running_mean.copy_(new_mean)
@@ -373,10 +383,19 @@ class _GpubnBatchNorm:
 
     _recalibration = None  # a list while inside gpubn.recalibrate
 
-    def __init__(self, *args, process_group=None, **kwargs):
+    def __init__(self, *args, process_group=None, activation=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if not isinstance(activation, (str, type(None))) or activation not in _F._act.ACTIVATIONS:
+            raise ValueError(f"activation: {activation!r} is not one of None, 'relu', 'sigmoid', 'tanh'")
+        if activation is not None and process_group is not None:
+            raise ValueError("process_group, activation: a synchronized module has no fused activation yet")
+        self.activation = activation
         self.process_group = process_group
         self._comm = None if process_group is None else communicator(process_group)
+
+    def extra_repr(self) -> str:
+        more = f", activation={self.activation!r}" if self.activation else ""
+        return super().extra_repr() + more
 
     def _running_snapshot(self):
         count = None if self.num_batches_tracked is None else self.num_batches_tracked.clone()
@@ -435,11 +454,16 @@ class _GpubnBatchNorm:
             bn_training,
             factor,
             self.eps,
+            self.activation,
         )
 
 
 class BatchNorm1d(_GpubnBatchNorm, torch.nn.BatchNorm1d):
-    """``torch.nn.BatchNorm1d`` on gpubn's kernels: (N, C) or (N, C, L)."""
+    """``torch.nn.BatchNorm1d`` on gpubn's kernels: (N, C) or (N, C, L).
+
+    Extra keyword arguments (all gpubn's modules): ``activation`` (None,
+    "relu", "sigmoid", "tanh": applied in the same elementwise pass) and
+    ``process_group`` (synchronized statistics, CPU tensors)."""
 
 
 class BatchNorm2d(_GpubnBatchNorm, torch.nn.BatchNorm2d):

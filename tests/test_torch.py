@@ -264,3 +264,33 @@ def test_module_errors_change_nothing():
     with pytest.raises(ValueError, match="expected 2D or 3D input"):  # torch's own check, inherited
         bn(torch.ones(2, 3, 4, 5))
     assert int(bn.num_batches_tracked) == 0 and (bn.running_mean == 0).all()
+
+
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh"])
+def test_module_with_fused_activation(act):
+    """gt.BatchNorm2d(C, activation=...) == the activation after torch's BatchNorm2d,
+    forward and every gradient, eager and compiled."""
+    torch.manual_seed(0)
+    g = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[act]
+    ours = gt.BatchNorm2d(3, activation=act).double()
+    ref = torch.nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+        ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    for model in (ours, torch.compile(ours, backend="aot_eager", fullgraph=True)):
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yr = model(xo), g(ref(xr))
+        torch.testing.assert_close(yo, yr)
+        yo.backward(dy)
+        yr.backward(dy)
+        torch.testing.assert_close(xo.grad, xr.grad)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+        ours.zero_grad()
+        ref.zero_grad()
+    assert "activation='relu'" in repr(gt.BatchNorm1d(3, activation="relu"))
+    with pytest.raises(ValueError, match="activation: 'gelu'"):
+        gt.BatchNorm1d(3, activation="gelu")
