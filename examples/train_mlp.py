@@ -4,7 +4,7 @@ A fully connected network in the course's style, trained twice by mini-batch
 gradient descent from the same initialisation and the same batches:
 
     plain:       z = W a + b            -> sigmoid
-    batch norm:  z = W a  -> BN(z) = gamma * z_norm + beta -> sigmoid
+    batch norm:  z = W a  -> BN(z) = gamma * z_norm + beta -> sigmoid  (one fused gpubn layer)
                  (no bias before BN: beta replaces it)
 
 The setup is Ioffe & Szegedy's MNIST experiment scaled down to scikit-learn's
@@ -47,12 +47,15 @@ def sigmoid(z):
 
 
 class MLP:
-    """Hidden layers: linear -> (BN) -> sigmoid; output: linear -> softmax."""
+    """Hidden layers: linear -> sigmoid, or linear -> BN + sigmoid fused in one
+    gpubn layer (``activation="sigmoid"``); output: linear -> softmax."""
 
     def __init__(self, sizes, weights, batch_norm, backend):
         self.W = [w.copy() for w in weights]
         self.b = [np.zeros(w.shape[1], np.float32) for w in weights]
-        self.bn = [gpubn.BatchNorm(w.shape[1], axis=1, backend=backend) for w in weights[:-1]] if batch_norm else None
+        self.bn = None
+        if batch_norm:  # BN and the sigmoid after it in one elementwise pass
+            self.bn = [gpubn.BatchNorm(w.shape[1], backend=backend, activation="sigmoid") for w in weights[:-1]]
 
     def forward(self, x, train=True):
         self.acts = [x]
@@ -65,10 +68,9 @@ class MLP:
                 return p / p.sum(axis=1, keepdims=True)
             if self.bn:
                 self.bn[i].train(train)
-                z = self.bn[i](z)
+                self.acts.append(self.bn[i](z))  # sigmoid(BN(z))
             else:
-                z = z + b
-            self.acts.append(sigmoid(z))
+                self.acts.append(sigmoid(z + b))
 
     def backward(self, probs, labels, lr):
         n = len(labels)
@@ -80,9 +82,10 @@ class MLP:
             grad_W, grad_b = a.T @ dz, dz.sum(axis=0)
             if i > 0:
                 da = dz @ self.W[i].T
-                dz = da * self.acts[i] * (1.0 - self.acts[i])  # through the sigmoid
-                if self.bn:
-                    dz = self.bn[i - 1].backward(dz)
+                if self.bn:  # through the sigmoid and BN together
+                    dz = self.bn[i - 1].backward(da)
+                else:
+                    dz = da * self.acts[i] * (1.0 - self.acts[i])  # through the sigmoid
             self.W[i] -= lr * grad_W
             if self.bn and i < len(self.W) - 1:
                 for name in ("gamma", "beta"):  # the optimizer updates BN params in place
