@@ -13,7 +13,7 @@ Gaussian initial weights, batches of 60.  The BN layers are ``gpubn.BatchNorm``;
 everything else is plain NumPy.  Prints progress, the steps each network needs
 to reach the target test accuracy, and saves both learning curves as a PNG.
 
-    python examples/train_mlp.py                 # defaults: 10 s on 2 CPU cores (18 s the first time: compiling)
+    python examples/train_mlp.py                 # defaults: 13 s on 2 CPU cores (25 s the first time: compiling)
     python examples/train_mlp.py --quick         # a few seconds (used by the tests)
     python examples/train_mlp.py --backend cuda  # the BN kernels on the GPU
 """
