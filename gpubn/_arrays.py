@@ -54,6 +54,15 @@ def check_bool(value, name: str) -> bool:
     return bool(value)
 
 
+def check_activation(value, name: str = "activation") -> int:
+    """The kernels' code of an activation name (None, "relu", "sigmoid", "tanh")."""
+    from .kernels.activation import ACTIVATIONS
+
+    if not isinstance(value, (str, type(None))) or value not in ACTIVATIONS:
+        raise ValueError(f"{name}: {value!r} is not one of None, 'relu', 'sigmoid', 'tanh'")
+    return ACTIVATIONS[value]
+
+
 def check_scalar(value, name: str, low: float = 0.0, high: float = np.inf) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")

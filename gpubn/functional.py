@@ -24,6 +24,7 @@ from ._arrays import (
     as_input,
     canonical_shape,
     channel_vector,
+    check_activation,
     check_axis,
     check_bool,
     check_float,
@@ -294,9 +295,7 @@ def batch_norm_forward(
         if momentum is None:
             raise ValueError("momentum: None (cumulative average) needs a counter; use gpubn.BatchNorm")
         momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
-    if not isinstance(activation, (str, type(None))) or activation not in _act.ACTIVATIONS:
-        raise ValueError(f"activation: {activation!r} is not one of None, 'relu', 'sigmoid', 'tanh'")
-    act = _act.ACTIVATIONS[activation]
+    act = check_activation(activation)
     z = None if residual is None else _residual_view(residual, inp)
     g = channel_vector(gamma, "gamma", C, inp.acc, inp.backend, fill=1.0)
     b = channel_vector(beta, "beta", C, inp.acc, inp.backend, fill=0.0)

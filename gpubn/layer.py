@@ -7,11 +7,10 @@ from collections.abc import Mapping
 import numpy as np
 from numba import cuda
 
-from ._arrays import check_axis, check_bool, check_float, check_scalar, device_view, is_device_array
+from ._arrays import check_activation, check_axis, check_bool, check_float, check_scalar, device_view, is_device_array
 from ._backend import resolve_backend
 from .distributed import SyncCache, batch_norm_backward_sync, batch_norm_forward_sync, communicator
 from .functional import _buffer_fits, batch_norm_backward, batch_norm_forward
-from .kernels.activation import ACTIVATIONS
 from .moments import moments
 
 
@@ -167,8 +166,7 @@ class BatchNorm:
         self._coef = None
         self._cache = None
         self._recalibration = None  # a list while inside gpubn.recalibrate
-        if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
-            raise ValueError(f"activation: {activation!r} is not one of None, 'relu', 'sigmoid', 'tanh'")
+        check_activation(activation)
         self.activation = activation
         self._comm = None if sync is None else communicator(sync)
         if self._comm is not None and activation is not None:

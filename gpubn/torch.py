@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from . import functional as _F
+from ._arrays import check_activation
 from ._backend import available_backends
 from .distributed import batch_norm_backward_sync, batch_norm_forward_sync, communicator
 from .moments import moments as _moments
@@ -331,8 +332,7 @@ def batch_norm(
         training), naming the argument; nothing is updated then.
     """
     _check(input, running_mean, running_var, weight, bias, training)
-    if not isinstance(activation, (str, type(None))) or activation not in _F._act.ACTIVATIONS:
-        raise ValueError(f"activation: {activation!r} is not one of None, 'relu', 'sigmoid', 'tanh'")
+    check_activation(activation)
     args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
     if not torch.compiler.is_compiling():
         return _BatchNorm.apply(*args, activation)  # running statistics updated in place by the kernels
@@ -369,7 +369,7 @@ def _check(input, running_mean, running_var, weight, bias, training):
         raise RuntimeError("running_mean, running_var: give both or neither")
     if not training and running_mean is None:
         raise RuntimeError("running_mean, running_var: required when training=False")
-    if training and input.numel() // C <= 1 if C else True:
+    if training and (C == 0 or input.numel() // C <= 1):
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
@@ -385,8 +385,7 @@ class _GpubnBatchNorm:
 
     def __init__(self, *args, process_group=None, activation=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(activation, (str, type(None))) or activation not in _F._act.ACTIVATIONS:
-            raise ValueError(f"activation: {activation!r} is not one of None, 'relu', 'sigmoid', 'tanh'")
+        check_activation(activation)
         if activation is not None and process_group is not None:
             raise ValueError("process_group, activation: a synchronized module has no fused activation yet")
         self.activation = activation
