@@ -64,8 +64,9 @@ def main(argv=None):
         kernel, grid, block, inner_splits, splits, columns = K.stats_launch_config(x3.shape)
         work = cuda.device_array((3, splits, C), np.float64)  # partial count/mean/M2
         counter = cuda.to_device(np.zeros(columns, np.int32))  # blocks done per channel
-        stats_args = (d_x, work, counter, d_coef, d_gamma, d_beta, d_rm, d_rv, np.float32(eps), np.float32(momentum))
-        kernel[grid, block](*stats_args, True, inner_splits)
+        mask, origin = None, 0  # no mask: every position counts (else a bool (outer, inner) array)
+        stats_args = (d_x, mask, origin, work, counter, d_coef, d_gamma, d_beta, d_rm, d_rv)
+        kernel[grid, block](*stats_args, np.float32(eps), np.float32(momentum), True, inner_splits)
         print(f"launched {kernel.py_func.__name__}[grid={grid}, block={block}] ({splits} blocks per channel)")
         # the elementwise kernel: a 2-D grid over (inner, outer*C rows)
         regime, grid, block = K.elementwise_launch_config(x3.shape)

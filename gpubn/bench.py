@@ -373,10 +373,25 @@ def _module_fns(spec, x, dy, gamma, beta, backend, torch):
     return fns[0], fns[1]
 
 
+def half_mask(shape, axis):
+    """A mask over x's non-feature axes with half the positions True: the first
+    half of every sample's positions (a padded batch), or of the rows when each
+    sample is one row."""
+    ax = axis % len(shape)
+    mask = np.zeros(shape[:ax] + shape[ax + 1 :], bool)
+    per_sample = mask.reshape(mask.shape[0], -1)
+    if per_sample.shape[1] > 1:
+        per_sample[:, : per_sample.shape[1] // 2] = True
+    else:
+        mask[: mask.shape[0] // 2] = True
+    return mask
+
+
 def bench_fusion(spec, backend, repeat, timer, torch_mods):
     """Rows for batch norm fused with ReLU (and a residual add): the fused gpubn
     op, the same as separate gpubn + NumPy passes, plain gpubn batch norm, and
-    torch's separate ops (autograd for the backward)."""
+    torch's separate ops (autograd for the backward); and masked batch norm
+    with half the positions masked (``half_mask``) against plain batch norm."""
     rng = np.random.default_rng(0)
     x = (0.5 + rng.standard_normal(spec.shape, np.float32)).astype(spec.dtype)
     z = rng.standard_normal(spec.shape, np.float32).astype(spec.dtype)
@@ -391,6 +406,8 @@ def bench_fusion(spec, backend, repeat, timer, torch_mods):
 
     _, fused_cache = gpubn.batch_norm_forward(x, activation="relu", **kw)
     _, plain_cache = gpubn.batch_norm_forward(x, **kw)
+    mask = half_mask(spec.shape, spec.axis)
+    _, masked_cache = gpubn.batch_norm_forward(x, mask=mask, **kw)
     fns = {
         "fwd-relu": (
             lambda: gpubn.batch_norm_forward(x, activation="relu", **kw),
@@ -404,18 +421,22 @@ def bench_fusion(spec, backend, repeat, timer, torch_mods):
             lambda: gpubn.batch_norm_backward(dy, fused_cache),
             lambda: gpubn.batch_norm_backward(dy * (unfused(False)[0] > 0), plain_cache),
         ),
+        "fwd-masked": (lambda: gpubn.batch_norm_forward(x, mask=mask, **kw), None),
+        "bwd-masked": (lambda: gpubn.batch_norm_backward(dy, masked_cache), None),
     }
     plain = {
         "fwd-relu": lambda: gpubn.batch_norm_forward(x, **kw),
         "bwd-relu": lambda: gpubn.batch_norm_backward(dy, plain_cache),
     }
-    plain["fwd-add-relu"] = plain["fwd-relu"]
+    plain["fwd-add-relu"] = plain["fwd-masked"] = plain["fwd-relu"]
+    plain["bwd-masked"] = plain["bwd-relu"]
     torch_fns = _torch_fusion_fns(spec, x, z, dy, torch_mods[0]) if torch_mods[0] is not None else {}
     rows = []
     for op, (fused, separate) in fns.items():
         ms, torch_ms = timer.compare(fused, torch_fns.get(op), repeat)
-        row = {"shape": spec.name, "op": op, "backend": backend, "ms": ms, "unfused_ms": timer.time(separate, repeat),
-               "plain_bn_ms": timer.time(plain[op], repeat)}  # fmt: skip
+        row = {"shape": spec.name, "op": op, "backend": backend, "ms": ms, "plain_bn_ms": timer.time(plain[op], repeat)}
+        if separate is not None:
+            row["unfused_ms"] = timer.time(separate, repeat)
         row["vs_plain"] = ms / row["plain_bn_ms"]
         if torch_ms is not None:
             row["torch_ms"], row["speedup"] = torch_ms, torch_ms / ms
@@ -581,7 +602,11 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="list the shapes and exit")
     ap.add_argument("--startup", action="store_true", help="time the first call in fresh processes (cold/warm cache)")
     ap.add_argument("--cnn", action="store_true", help="also time a small CNN's training step (needs torch)")
-    ap.add_argument("--fusion", action="store_true", help="time BN + ReLU (+ add) fused, unfused, and torch's ops")
+    ap.add_argument(
+        "--fusion",
+        action="store_true",
+        help="time BN + ReLU (+ add) fused, unfused, and torch's ops; masked BN (half masked) against plain BN",
+    )
     ap.add_argument(
         "--rounds",
         type=int,
@@ -648,7 +673,8 @@ def main(argv=None):
         for name in names:
             for row in bench_fusion(SHAPES[name], backend, repeat, timer, torch_mods):
                 rows.append(row)
-                line = (f"{row['shape']:24s} {row['op']:13s} {row['ms']:9.3f} {row['unfused_ms']:9.3f}"
+                unfused = f"{row['unfused_ms']:9.3f}" if "unfused_ms" in row else f"{'-':>9s}"
+                line = (f"{row['shape']:24s} {row['op']:13s} {row['ms']:9.3f} {unfused}"
                         f" {row['plain_bn_ms']:9.3f} {row['vs_plain']:5.2f}x")  # fmt: skip
                 if "torch_ms" in row:
                     line += f" {row['torch_ms']:9.3f} {row['speedup']:7.2f}x"

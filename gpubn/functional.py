@@ -45,7 +45,6 @@ _ENGINES = {
         affine=_nz.launch_affine_coefficients_cpu,
         scale_shift=_nz.launch_scale_shift_cpu,
         scale_shift_act=_act.launch_scale_shift_act_cpu,
-        activation_grad=_act.launch_activation_grad_cpu,
         backward=_bw.launch_backward_cpu,
     ),
     "cuda": SimpleNamespace(
@@ -53,7 +52,6 @@ _ENGINES = {
         affine=_nz.launch_affine_coefficients_cuda,
         scale_shift=_nz.launch_scale_shift_cuda,
         scale_shift_act=_act.launch_scale_shift_act_cuda,
-        activation_grad=_act.launch_activation_grad_cuda,
         backward=_bw.launch_backward_cuda,
     ),
 }
@@ -90,11 +88,6 @@ class _Input:
             shape, dtype = self.shape, self.dtype
         return device_empty(shape, dtype) if self.backend == "cuda" else host_empty(shape, dtype)
 
-    def empty_acc(self):
-        """A new (outer, C, inner) array of the statistics dtype."""
-        shape = self.shape3
-        return device_empty(shape, self.acc) if self.backend == "cuda" else host_empty(shape, self.acc)
-
     def deliver(self, arr):
         """Results go back where the input came from."""
         if self.backend == "cuda" and not self.on_device:
@@ -118,6 +111,40 @@ def _prepare(x, axis, backend, name="x", bfloat16=False, allow_empty=False) -> _
     return _Input(be, on_device, tuple(arr.shape), dtype, ax, arr, shape3, acc_dtype(dtype))
 
 
+@dataclass
+class _Mask:
+    """A validated mask: which positions give the statistics (masked batch norm)."""
+
+    view: object  # (outer, inner) bool, on the backend's side
+    count: int  # True positions: the values per channel the statistics come from
+    origin: int  # flat index (o * inner + i) of the first True position (the CUDA kernels' reference value)
+
+
+def _prepare_mask(mask, inp: _Input):
+    """The (outer, inner) view of a bool mask over x's non-feature axes, or None."""
+    if mask is None:
+        return None
+    arr, on_device = as_input(mask, "mask", inp.backend)
+    if arr.dtype != np.bool_:
+        raise TypeError(f"mask: dtype {arr.dtype}; expected bool (True where a position counts)")
+    want = inp.shape[: inp.axis] + inp.shape[inp.axis + 1 :]
+    if tuple(arr.shape) != want:
+        raise ValueError(
+            f"mask: shape {tuple(arr.shape)} does not match x's non-feature axes {want} "
+            f"(x: {inp.shape}, axis={inp.axis})"
+        )
+    outer, _, inner = inp.shape3
+    # gpubn's own copy (small: one byte per position), so a mask changed after
+    # the forward cannot change the backward
+    if on_device:
+        arr = to_canonical(arr, (outer, inner), True).copy_to_host()
+    host = np.array(arr, dtype=bool, order="C").reshape(outer, inner)
+    count = int(np.count_nonzero(host))
+    origin = int(np.argmax(host)) if count else 0
+    view = cuda.to_device(host) if inp.backend == "cuda" else host
+    return _Mask(view, count, origin)
+
+
 def _materialize(inp: _Input) -> _Input:
     """Build the kernel-ready view of a validated input."""
     view = to_canonical(inp.arr, inp.shape3, inp.on_device)
@@ -127,46 +154,58 @@ def _materialize(inp: _Input) -> _Input:
     return inp
 
 
-def batch_stats(x, axis: int = 1, backend=None):
+def batch_stats(x, axis: int = 1, backend=None, mask=None):
     """Per-feature mean and biased variance of ``x``.
 
     Args:
         x: array of any shape, float16/32/64; ``axis`` is the feature axis.
+        mask: None, or a bool array of x's shape without the feature axis:
+            the statistics come from the True positions only (at least one).
     Returns:
         (mean, var): each shape (C,), float32 (float64 for float64 x); NumPy
         arrays, or device arrays when x is a device array.
     """
-    inp = _materialize(_prepare(x, axis, backend))
-    mean, var = _stats_of(inp)
+    inp = _prepare(x, axis, backend)
+    m = _prepare_mask(mask, inp)
+    if m is not None and m.count == 0:
+        raise ValueError("mask: no position is True; the statistics need at least one")
+    inp = _materialize(inp)
+    mean, var = _stats_of(inp, m)
     return inp.deliver(mean), inp.deliver(var)
 
 
-def batch_stats_moments(x, axis: int = 1, backend=None):
+def batch_stats_moments(x, axis: int = 1, backend=None, mask=None):
     """gpubn.moments: the per-channel Moments of x (see gpubn/moments.py).
-    An input with no values per channel gives count 0."""
+    An input with no values per channel (or none True in the mask) gives count 0."""
     from .moments import Moments
 
     inp = _prepare(x, axis, backend, allow_empty=True)
-    if inp.count == 0:
+    m = _prepare_mask(mask, inp) if inp.count else None
+    if inp.count == 0 or (m is not None and m.count == 0):
         return Moments.empty(inp.C)
     inp = _materialize(inp)
     if inp.backend == "cpu":
         out = np.empty((3, inp.C))
-        _st.channel_moments_cpu(_bits(inp.view), out)
+        _st.channel_moments_cpu(_bits(inp.view), out, None if m is None else m.view)
         return Moments.from_array(out)
-    mean, var = _stats_of(inp)
-    n = float(inp.count)
+    mean, var = _stats_of(inp, m)
+    n = float(inp.count if m is None else m.count)
     return Moments(n, mean.copy_to_host(), var.copy_to_host().astype(np.float64) * n)
 
 
-def _stats_of(inp: _Input):
+def _stats_of(inp: _Input, mask=None):
     """(mean, var) of a materialized input, on the backend's side."""
     C = inp.C
     ones = channel_vector(None, "gamma", C, inp.acc, inp.backend, fill=1.0)
     zeros = channel_vector(None, "beta", C, inp.acc, inp.backend, fill=0.0)
     coef = inp.empty(rows=5)
-    _ENGINES[inp.backend].stats(inp.view, coef, ones, zeros, ones, ones, 0.0, 0.0, False)
+    _ENGINES[inp.backend].stats(inp.view, coef, ones, zeros, ones, ones, 0.0, 0.0, False, **_mask_args(mask))
     return coef[_st.MEAN], coef[_st.VAR]
+
+
+def _mask_args(m: _Mask) -> dict:
+    """The launchers' keyword arguments for a mask (none without one)."""
+    return {} if m is None else {"mask": m.view, "origin": m.origin}
 
 
 def normalize(x, mean, var, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1, backend=None):
@@ -218,6 +257,7 @@ class ForwardCache:
     training: bool
     act: int = 0  # kernels.activation code: y = g(BN(x) + z)
     z: object = None  # the residual's canonical view (referenced like x), or None
+    mask: _Mask = None  # the positions that gave the statistics (masked batch norm), or None
 
     @property
     def backend(self) -> str:
@@ -246,6 +286,7 @@ def batch_norm_forward(
     backend=None,
     activation=None,
     residual=None,
+    mask=None,
     _coef=None,
     _bfloat16=False,
 ):
@@ -266,6 +307,13 @@ def batch_norm_forward(
         residual: None, or an array of x's shape added before the activation
             (referenced by the cache like x: it must not change before the
             backward, which then also returns its gradient).
+        mask: None, or a bool array of x's shape without the feature axis
+            (e.g. (N, L) for (N, C, L) sequences): in training the statistics,
+            and the running statistics (unbiased with the count of True
+            positions), come from the True positions only; every position is
+            still normalized with them (Flax's semantics), and the backward is
+            the exact gradient of that function.  Ignored (but checked) when
+            training=False.  At least 2 True positions when training.
         _coef: (internal) a (5, C) array to hold the per-channel constants,
             so that a layer reuses one buffer instead of allocating per call.
         _bfloat16: (internal) x is bfloat16 as int16 bits (gpubn.torch);
@@ -288,6 +336,11 @@ def batch_norm_forward(
         raise ValueError(
             f"x: expected more than 1 value per channel when training, got input of shape {inp.shape} (axis={inp.axis})"
         )
+    m = _prepare_mask(mask, inp)
+    if training and m is not None and m.count < 2:
+        raise ValueError(f"mask: {m.count} True position(s); training needs more than 1 value per channel")
+    if not training:
+        m = None  # the running statistics normalize: the mask has nothing to select
     if not training and running_mean is None:
         raise ValueError("running_mean, running_var: required when training=False")
     update = training and running_mean is not None
@@ -312,7 +365,7 @@ def batch_norm_forward(
         eng.stats(
             inp.view, coef, g, b,
             rm.work if update else dummy, rv.work if update else dummy,
-            eps, momentum if update else 0.0, update,
+            eps, momentum if update else 0.0, update, **_mask_args(m),
         )  # fmt: skip
         if update:
             rm.commit()
@@ -325,7 +378,7 @@ def batch_norm_forward(
         eng.scale_shift_act(inp.view, zv, coef, act, z is not None, y.reshape(*inp.shape3))
     else:
         eng.scale_shift(inp.view, coef, y.reshape(*inp.shape3))
-    return inp.deliver(y), ForwardCache(inp, coef, training, act, z)
+    return inp.deliver(y), ForwardCache(inp, coef, training, act, z, m)
 
 
 def _residual_view(residual, inp: _Input):
@@ -396,30 +449,29 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None, _reduce=None):
         dyv = cuda.to_device(np.ascontiguousarray(dyv, dtype=inp.dtype))
     elif inp.backend == "cpu" and dyv.dtype not in (np.float16, BFLOAT16_BITS):  # read as they are, inline
         dyv = dyv.astype(inp.acc, copy=False)
-    eng = _ENGINES[inp.backend]
-    if cache.act or cache.z is not None:  # dv = dy * g'(v), v recomputed from x (and z)
-        dv = inp.empty_acc()
-        zv = inp.view if cache.z is None else cache.z
-        eng.activation_grad(dyv, inp.view, zv, cache.coef, cache.act, cache.z is not None, dv)
-        dyv = dv
     dx = inp.empty()
     grads = _grads if _buffer_fits(_grads, inp, 2) else inp.empty(rows=2)  # dgamma, dbeta
-    bcoef = inp.empty(rows=4)
-    sync = {} if _reduce is None else {"reduce": _reduce}
-    eng.backward(dyv, inp.view, cache.coef, cache.training, bcoef, grads[0], grads[1], dx.reshape(*inp.shape3), **sync)
+    bcoef = inp.empty(rows=5)
+    dres = None if cache.z is None else inp.empty()  # the residual's gradient: dv = dy * g'(v)
+    options = {} if _reduce is None else {"reduce": _reduce}
+    if cache.mask is not None:
+        options.update(mask=cache.mask.view, count=cache.mask.count)
+    if cache.act:  # dv recomputed from x (and z) where dy is read
+        options.update(act=cache.act, z=cache.z, dz=None if dres is None else dres.reshape(*inp.shape3))
+    elif dres is not None:  # no activation: dv is dy
+        _copy_into(dres, dyv, inp)
+    dx3 = dx.reshape(*inp.shape3)
+    _ENGINES[inp.backend].backward(dyv, inp.view, cache.coef, cache.training, bcoef, grads[0], grads[1], dx3, **options)
     out = (inp.deliver(dx), inp.deliver(grads[0]), inp.deliver(grads[1]))
-    if cache.z is None:
-        return out
-    return (*out, inp.deliver(_in_dtype(dyv, inp).reshape(inp.shape)))
+    return out if dres is None else (*out, inp.deliver(dres))
 
 
-def _in_dtype(a, inp: _Input):
-    """An accumulation-dtype result in x's dtype (the residual's gradient)."""
-    if a.dtype == inp.dtype:
-        return a
-    if inp.backend == "cuda":  # float16 on the device: through the host for now (rare, not fast)
-        return cuda.to_device(a.copy_to_host().astype(inp.dtype))
-    return a.astype(inp.dtype)
+def _copy_into(out, a, inp: _Input):
+    """out (x's shape and dtype) <- a, an (outer, C, inner) array on the same side."""
+    if inp.backend == "cuda":  # a device array of x's dtype (the backward's dy)
+        out.reshape(*inp.shape3).copy_to_device(a)
+    else:
+        out.reshape(inp.shape3)[...] = a
 
 
 __all__ = ["batch_stats", "normalize", "batch_norm_forward", "batch_norm_backward", "ForwardCache"]

@@ -218,17 +218,22 @@ class BatchNorm:
 
     # -- passes ---------------------------------------------------------------
 
-    def forward(self, x, residual=None):
+    def forward(self, x, mask=None, residual=None):
         """y = gamma * (x - mean) / sqrt(var + eps) + beta; x's shape and dtype.
 
         Batch statistics in training mode (or without running statistics),
         running statistics in eval mode.  With ``activation`` and/or a
         ``residual`` (x's shape): y = g(BN(x) + residual); backward() then
-        returns (dx, dresidual) when a residual was given.
+        returns (dx, dresidual) when a residual was given.  ``mask`` (bool,
+        x's shape without the feature axis, e.g. (N, L) for (N, C, L)): the
+        batch statistics and the running statistics come from its True
+        positions only; every position is normalized (see batch_norm_forward).
         """
         if self._comm is not None and self.training:
             if residual is not None:
                 raise ValueError("residual: a synchronized layer takes no residual yet")
+            if mask is not None:
+                raise ValueError("mask: a synchronized layer takes no mask yet")
             return self._forward_sync(x)
         shape = x.shape if hasattr(x, "shape") else np.shape(x)
         if len(shape) > 0 and shape[check_axis(self.axis, len(shape))] != self.num_features:
@@ -258,18 +263,19 @@ class BatchNorm:
             backend=self.backend,
             activation=self.activation,
             residual=residual,
+            mask=mask,
             _coef=self._coef,
         )
         self._coef = cache.coef
-        return self._done(x, y, cache, update)
+        return self._done(x, y, cache, update, mask)
 
     __call__ = forward
 
-    def _done(self, x, y, cache, update):
+    def _done(self, x, y, cache, update, mask=None):
         """After a forward that succeeded: keep its cache, count it, record it for recalibrate."""
         self._cache = cache
         if self._recalibration is not None:
-            self._recalibration.append(moments(x, self.axis, self.backend))
+            self._recalibration.append(moments(x, self.axis, self.backend, mask))
         if update:
             self.num_batches_tracked += 1
         return y

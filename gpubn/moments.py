@@ -125,8 +125,9 @@ def _short(a):
     return np.array2string(a, threshold=6, precision=4)
 
 
-def moments(x, axis: int = 1, backend=None) -> Moments:
-    """The per-channel Moments of x (feature axis ``axis``), from the statistics kernels.
+def moments(x, axis: int = 1, backend=None, mask=None) -> Moments:
+    """The per-channel Moments of x (feature axis ``axis``), from the statistics kernels;
+    of its True positions only with a ``mask`` (bool, x's shape without the feature axis).
 
     On the CPU the kernels' own float64 (count, mean, M2) partials, merged: no
     extra pass.  On the CUDA backend, from the statistics kernel's mean and
@@ -134,7 +135,7 @@ def moments(x, axis: int = 1, backend=None) -> Moments:
     """
     from .functional import batch_stats_moments
 
-    return batch_stats_moments(x, axis, backend)
+    return batch_stats_moments(x, axis, backend, mask)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ Every kernel works on the canonical view ``(outer, C, inner)`` of the input,
 constants travel packed in one small array:
 
 - ``coef`` (5, C), rows ``MEAN, VAR, INVSTD, SCALE, BIAS`` (forward);
-- ``bcoef`` (4, C), rows ``B_MEAN, B_DY, B_X, B_CONST`` (backward).
+- ``bcoef`` (5, C), rows ``B_MEAN, B_DY, B_X, B_CONST, B_BIAS`` (backward).
 
 Modules: ``stats`` (batch statistics, split reduction), ``normalize`` (the
 elementwise scale-shift pass), ``backward``, ``activation`` (the scale-shift
@@ -18,7 +18,6 @@ from .activation import (
     ACTIVATIONS,
     activation_grad_cuda_channels,
     activation_grad_cuda_inner,
-    launch_activation_grad_cpu,
     launch_activation_grad_cuda,
     launch_scale_shift_act_cpu,
     launch_scale_shift_act_cuda,
@@ -26,6 +25,7 @@ from .activation import (
     scale_shift_act_cuda_inner,
 )
 from .backward import (
+    B_BIAS,
     B_CONST,
     B_DY,
     B_MEAN,

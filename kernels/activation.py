@@ -10,10 +10,11 @@ never stored: the gradient reaching batch norm (and the residual) is
 
     dv = dy * g'(v):   relu: [v > 0]   sigmoid: g(v) (1 - g(v))   tanh: 1 - g(v)**2
 
-and batch norm's own backward runs on dv.  ``activation_grad_*`` is that
-recomputation, a separate elementwise pass for now (dv written once, read by the
-two backward passes); fusing it into them is what remains to reach plain batch
-norm's traffic.
+and batch norm's own backward runs on dv.  The CPU backward kernels
+(``backward.py``) compute dv inline where they read dy, at plain batch norm's
+traffic; on the GPU ``activation_grad_cuda_*`` is that recomputation as an
+elementwise pass of its own (dv written once, read by the two backward passes),
+until the CUDA backward kernels are fused too.
 
 The activation travels as an int (``ACTIVATIONS``); without a residual the
 kernels take x itself in z's place and a ``residual=False`` flag, so z is never read.
@@ -94,36 +95,6 @@ def scale_shift_act_channels_cpu(x, z, coef, act, residual, y):
             y[o, c] = narrow(activate(v, act), y)
 
 
-@cpu_kernel
-def activation_grad_inner_cpu(dy, x, z, coef, act, residual, dv):
-    """dv = dy * g'(v), v recomputed; dy, x, z, dv (outer, C, inner)."""
-    outer, C, inner = x.shape
-    parts = channel_parts(outer, C)
-    for k in prange(outer * parts):
-        o, c0, c1 = task_channels(k, parts, C)
-        for c in range(c0, c1):
-            m = coef[MEAN, c]
-            s = coef[SCALE, c]
-            b = coef[BIAS, c]
-            for i in range(inner):
-                v = (widen(x[o, c, i]) - m) * s + b
-                if residual:
-                    v += widen(z[o, c, i])
-                dv[o, c, i] = widen(dy[o, c, i]) * slope(v, act)
-
-
-@cpu_kernel
-def activation_grad_channels_cpu(dy, x, z, coef, act, residual, dv):
-    """The same for inner == 1: (outer, C) arrays, channels contiguous."""
-    outer, C = x.shape
-    for o in prange(outer):
-        for c in range(C):
-            v = (widen(x[o, c]) - coef[MEAN, c]) * coef[SCALE, c] + coef[BIAS, c]
-            if residual:
-                v += widen(z[o, c])
-            dv[o, c] = widen(dy[o, c]) * slope(v, act)
-
-
 def launch_scale_shift_act_cpu(x, z, coef, act, residual, y):
     """y = g((x - mean) * scale + bias (+ z)) on (outer, C, inner) views.
 
@@ -135,15 +106,6 @@ def launch_scale_shift_act_cpu(x, z, coef, act, residual, y):
         scale_shift_act_inner_cpu(x, z, coef, act, residual, y)
     else:
         scale_shift_act_channels_cpu(x[:, :, 0], z[:, :, 0], coef, act, residual, y[:, :, 0])
-
-
-def launch_activation_grad_cpu(dy, x, z, coef, act, residual, dv):
-    """dv = dy * g'(v) on (outer, C, inner) views; dv of the compute dtype."""
-    dy, x, z = bits(dy), bits(x), bits(z)
-    if x.shape[2] > 1:
-        activation_grad_inner_cpu(dy, x, z, coef, act, residual, dv)
-    else:
-        activation_grad_channels_cpu(dy[:, :, 0], x[:, :, 0], z[:, :, 0], coef, act, residual, dv[:, :, 0])
 
 
 # ----------------------------------------------------------------------------

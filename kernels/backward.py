@@ -16,9 +16,20 @@ Training (mean and invstd are functions of x):
 
 Inference (running statistics are constants): ``dx = A * dy`` (B = K = 0).
 
+Masked batch norm (statistics from the n positions where a mask w is True,
+every position normalized with them): the sums still run over every position
+(each y depends on gamma and beta), n counts the True positions, and only those
+carry the statistics' terms: ``dx = A * dy + w * (B * (x - mean) + K)``.
+
+Fused with an activation (y = g(v), v = BN(x) (+ z)), dy above becomes
+dv = dy * g'(v), v recomputed from x (and z) where dy is read: the CPU kernels
+take the activation's code (``act``) and do that inline, at plain batch norm's
+traffic; the CUDA launcher runs ``activation.activation_grad`` first (one more
+elementwise pass, for now).
+
 Two passes, as for the forward: a split reduction of the two sums per channel
 (``backward_sums_*``) that also finalizes dgamma, dbeta and the per-channel
-constants ``bcoef`` (4, C) = (MEAN, A, B, K); then the elementwise
+constants ``bcoef`` (5, C) = (MEAN, A, B, K, BIAS); then the elementwise
 ``input_grad_*`` pass.  Traffic: dy and x read twice, dx written once (5B).
 """
 
@@ -26,10 +37,12 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
+from .activation import launch_activation_grad_cuda, slope
 from .common import JIT, JIT_STREAM, MAX_THREADS, channel_parts, cpu_kernel, task_channels, tree_sum2, twin
 from .half import bits, compute_dtype, narrow, widen
 from .normalize import elementwise_launch_config
 from .stats import (
+    BIAS,
     CHUNK,
     INVSTD,
     MEAN,
@@ -42,9 +55,9 @@ from .stats import (
     row_blocks,
     stats_launch_config,
 )
-from .workspace import workspace
+from .workspace import device_empty, workspace
 
-B_MEAN, B_DY, B_X, B_CONST = range(4)
+B_MEAN, B_DY, B_X, B_CONST, B_BIAS = range(5)
 
 
 def finish_backward_channel(c, n, sum_dy, sum_dyx, coef, training, bcoef, dgamma, dbeta):
@@ -59,6 +72,7 @@ def finish_backward_channel(c, n, sum_dy, sum_dyx, coef, training, bcoef, dgamma
     dgamma[c] = sum_dyx * invstd
     bcoef[B_MEAN, c] = coef[MEAN, c]
     bcoef[B_DY, c] = a
+    bcoef[B_BIAS, c] = coef[BIAS, c]
     if training:
         bcoef[B_X, c] = -a * invstd * invstd * sum_dyx / n
         bcoef[B_CONST, c] = -a * sum_dy / n
@@ -72,33 +86,56 @@ finish_backward_channel_cpu, finish_backward_channel_cuda = twin(finish_backward
 
 # ----------------------------------------------------------------------------
 # CPU twin
+#
+# Fused with an activation (``act`` an ACTIVATIONS code, None for plain batch
+# norm: a None argument removes the branches at compile time), the kernels
+# read dy and x (and the residual z) as plain batch norm does and turn dy into
+# the gradient reaching batch norm on the fly: dv = dy * g'(v), with the
+# pre-activation v = (x - mean) * scale + bias (+ z) recomputed, never stored.
 
 
 @numba.njit(**JIT_STREAM)
-def _chunk_sums(dy, x, m):
+def _grad_in(dy, x, z, i, m, s, b, act):
+    """(dv, x - mean) at index i of 1-D runs: dv = dy, or dy * g'(v) when fused."""
+    d = widen(x[i]) - m
+    g = widen(dy[i])
+    if act is not None:
+        v = d * s + b
+        if z is not None:
+            v += widen(z[i])
+        g = g * compute_dtype(dy)(slope(v, act))
+    return g, d
+
+
+@numba.njit(**JIT_STREAM)
+def _chunk_sums(dy, x, z, m, s, b, act):
+    """sum(dv) and sum(dv * (x - mean)) of 1-D runs, in the input's compute dtype."""
     s1 = compute_dtype(dy)(0)
     s2 = compute_dtype(dy)(0)
     for i in range(dy.shape[0]):
-        g = widen(dy[i])
+        g, d = _grad_in(dy, x, z, i, m, s, b, act)
         s1 += g
-        s2 += g * (widen(x[i]) - m)
+        s2 += g * d
     return s1, s2
 
 
 @cpu_kernel
-def backward_sums_inner_cpu(dy, x, coef, out):
-    """backward_sums_cpu for inner > 1: dy, x (outer, C, inner)."""
+def backward_sums_inner_cpu(dy, x, coef, out, act, z):
+    """backward_sums_cpu for inner > 1: dy, x, z (outer, C, inner)."""
     outer, C, inner = x.shape
     part = np.empty((2, outer, C))
     parts = channel_parts(outer, C)
     for k in prange(outer * parts):
         o, c0, c1 = task_channels(k, parts, C)
         for c in range(c0, c1):
-            m = compute_dtype(x)(coef[MEAN, c])
+            m = coef[MEAN, c]
+            s = coef[SCALE, c]
+            b = coef[BIAS, c]
             t1, t2 = 0.0, 0.0
             for start in range(0, inner, CHUNK):
                 stop = min(start + CHUNK, inner)
-                s1, s2 = _chunk_sums(dy[o, c, start:stop], x[o, c, start:stop], m)
+                zr = None if z is None else z[o, c, start:stop]
+                s1, s2 = _chunk_sums(dy[o, c, start:stop], x[o, c, start:stop], zr, m, s, b, act)
                 t1 += s1
                 t2 += s2
             part[0, o, c] = t1
@@ -113,23 +150,28 @@ def backward_sums_inner_cpu(dy, x, coef, out):
 
 
 @numba.njit(inline="always", **JIT_STREAM)
-def _terms(dy, x, m, o, c):
-    """dy and dy * (x - mean) at (o, c) of 2-D dy, x; m: (C,) mean."""
+def _terms(dy, x, z, coef, o, c, act):
+    """dv and dv * (x - mean) at (o, c) of 2-D dy, x, z."""
+    d = widen(x[o, c]) - coef[MEAN, c]
     g = widen(dy[o, c])
-    return g, g * (widen(x[o, c]) - m[c])
+    if act is not None:
+        v = d * coef[SCALE, c] + coef[BIAS, c]
+        if z is not None:
+            v += widen(z[o, c])
+        g = g * compute_dtype(dy)(slope(v, act))
+    return g, g * d
 
 
 @cpu_kernel
-def backward_sums_channels_cpu(dy, x, mean, out):
-    """backward_sums_cpu for inner == 1: dy, x (outer, C), channels contiguous;
-    mean (C,) the forward mean."""
+def backward_sums_channels_cpu(dy, x, coef, out, act, z):
+    """backward_sums_cpu for inner == 1: dy, x, z (outer, C), channels contiguous;
+    coef (5, C) the forward constants."""
     outer, C = x.shape
     # rows of C contiguous values: a few row blocks per thread, float64
     # running sums per channel fed by input-dtype sums over cache-sized
     # sub-blocks of rows (vectorised across C)
     blocks, rows_per, sub = row_blocks(outer, C)
     part = np.empty((2, blocks, C))  # zeroed block by block, in parallel
-    m = mean.astype(compute_dtype(x))
     for k in prange(blocks):
         part[:, k] = 0
         s1 = np.empty(C, compute_dtype(dy))
@@ -142,15 +184,15 @@ def backward_sums_channels_cpu(dy, x, mean, out):
             quads = o0 + (o1 - o0) // 4 * 4
             for o in range(o0, quads, 4):  # four rows a step: s1, s2, in memory, updated once
                 for c in range(C):
-                    g0, h0 = _terms(dy, x, m, o, c)
-                    g1, h1 = _terms(dy, x, m, o + 1, c)
-                    g2, h2 = _terms(dy, x, m, o + 2, c)
-                    g3, h3 = _terms(dy, x, m, o + 3, c)
+                    g0, h0 = _terms(dy, x, z, coef, o, c, act)
+                    g1, h1 = _terms(dy, x, z, coef, o + 1, c, act)
+                    g2, h2 = _terms(dy, x, z, coef, o + 2, c, act)
+                    g3, h3 = _terms(dy, x, z, coef, o + 3, c, act)
                     s1[c] += (g0 + g1) + (g2 + g3)
                     s2[c] += (h0 + h1) + (h2 + h3)
             for o in range(quads, o1):
                 for c in range(C):
-                    g, h = _terms(dy, x, m, o, c)
+                    g, h = _terms(dy, x, z, coef, o, c, act)
                     s1[c] += g
                     s2[c] += h
             for c in range(C):
@@ -165,22 +207,27 @@ def backward_sums_channels_cpu(dy, x, mean, out):
         out[1, c] = t2
 
 
-def backward_sums_cpu(dy, x, coef, out):
-    """out (2, C) float64 <- sum(dy) and sum(dy * (x - mean)) per channel.
+def backward_sums_cpu(dy, x, coef, out, act=None, z=None):
+    """out (2, C) float64 <- sum(dv) and sum(dv * (x - mean)) per channel.
 
-    dy, x: (outer, C, inner), same float dtype; coef: (5, C) forward constants.
+    dy, x (and z): (outer, C, inner), same float dtype; coef: (5, C) forward
+    constants; dv = dy, or dy * g'(v) with ``act`` (an ACTIVATIONS code).
     Partial sums in the input's dtype over bounded pieces, combined in float64.
     """
     if x.shape[2] > 1:
-        backward_sums_inner_cpu(dy, x, coef, out)
+        backward_sums_inner_cpu(dy, x, coef, out, act, z)
         return
     # a 2-D view: the compiler then knows the channels are contiguous; narrow
     # rows folded side by side (stats.fold_rows), the f partial sums added
-    (dy2, f), (x2, fx) = fold_rows(dy[:, :, 0]), fold_rows(x[:, :, 0])
-    if f != fx:
-        dy2, x2, f = dy[:, :, 0], x[:, :, 0], 1
-    part = out if f == 1 else np.empty((2, x2.shape[1]))
-    backward_sums_channels_cpu(dy2, x2, repeat_groups(coef[MEAN], f), part)
+    views = [fold_rows(a[:, :, 0]) for a in (dy, x) + (() if z is None else (z,))]
+    if len({f for _, f in views}) == 1:
+        f = views[0][1]
+        arrays = [a for a, _ in views]
+    else:
+        f, arrays = 1, [a[:, :, 0] for a in (dy, x) + (() if z is None else (z,))]
+    part = out if f == 1 else np.empty((2, arrays[1].shape[1]))
+    z2 = arrays[2] if z is not None else None
+    backward_sums_channels_cpu(arrays[0], arrays[1], repeat_groups(coef, f), part, act, z2)
     if f > 1:
         out[...] = part.reshape(2, f, -1).sum(axis=1)
 
@@ -191,9 +238,17 @@ def finish_backward_cpu(sums, n, coef, training, bcoef, dgamma, dbeta):
         finish_backward_channel_cpu(c, n, sums[0, c], sums[1, c], coef, training, bcoef, dgamma, dbeta)
 
 
+@numba.njit(inline="always", **JIT_STREAM)
+def _dx(g, d, keep, a, b, k):
+    """dx from dv = g and x - mean = d: A * dv, plus the statistics' terms where kept."""
+    if keep:
+        return a * g + (b * d + k)
+    return a * g
+
+
 @cpu_kernel
-def input_grad_inner_cpu(dy, x, bcoef, dx):
-    """input_grad_cpu for inner > 1: dy, x, dx (outer, C, inner)."""
+def input_grad_inner_cpu(dy, x, mask, bcoef, dx, act, z, dz):
+    """input_grad_cpu for inner > 1: dy, x, z, dx, dz (outer, C, inner); mask None or (outer, inner)."""
     outer, C, inner = x.shape
     parts = channel_parts(outer, C)
     for t in prange(outer * parts):
@@ -203,61 +258,94 @@ def input_grad_inner_cpu(dy, x, bcoef, dx):
             a = bcoef[B_DY, c]
             b = bcoef[B_X, c]
             k = bcoef[B_CONST, c]
+            beta = bcoef[B_BIAS, c]
             for i in range(inner):
-                dx[o, c, i] = narrow(a * widen(dy[o, c, i]) + b * (widen(x[o, c, i]) - m) + k, dx)
+                g = widen(dy[o, c, i])
+                d = widen(x[o, c, i]) - m
+                if act is not None:
+                    v = d * a + beta
+                    if z is not None:
+                        v += widen(z[o, c, i])
+                    g = g * compute_dtype(dy)(slope(v, act))
+                    if dz is not None:
+                        dz[o, c, i] = narrow(g, dz)
+                dx[o, c, i] = narrow(_dx(g, d, mask is None or mask[o, i], a, b, k), dx)
 
 
 @cpu_kernel
-def input_grad_channels_cpu(dy, x, bcoef, dx):
-    """input_grad_cpu for inner == 1: dy, x, dx (outer, C), channels contiguous."""
+def input_grad_channels_cpu(dy, x, mask, bcoef, dx, act, z, dz):
+    """input_grad_cpu for inner == 1: dy, x, z, dx, dz (outer, C), channels
+    contiguous; mask None or (outer,)."""
     outer, C = x.shape
-    # one (4, C) array rather than four row views: fewer arrays that might
-    # alias dx, so the compiler's runtime alias checks still allow vectorising
+    # one (5, C) array rather than row views: fewer arrays that might alias
+    # dx, so the compiler's runtime alias checks still allow vectorising
     for o in prange(outer):
+        keep = mask is None or mask[o]
         for c in range(C):
-            g = bcoef[B_DY, c] * widen(dy[o, c]) + bcoef[B_X, c] * (widen(x[o, c]) - bcoef[B_MEAN, c])
-            dx[o, c] = narrow(g + bcoef[B_CONST, c], dx)
+            g = widen(dy[o, c])
+            d = widen(x[o, c]) - bcoef[B_MEAN, c]
+            if act is not None:
+                v = d * bcoef[B_DY, c] + bcoef[B_BIAS, c]
+                if z is not None:
+                    v += widen(z[o, c])
+                g = g * compute_dtype(dy)(slope(v, act))
+                if dz is not None:
+                    dz[o, c] = narrow(g, dz)
+            dx[o, c] = narrow(_dx(g, d, keep, bcoef[B_DY, c], bcoef[B_X, c], bcoef[B_CONST, c]), dx)
 
 
-def input_grad_cpu(dy, x, bcoef, dx):
-    """dx = A * dy + B * (x - mean) + K on (outer, C, inner) views."""
+def input_grad_cpu(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=None):
+    """dx = A * dv + w * (B * (x - mean) + K) on (outer, C, inner) views;
+    w = mask (outer, inner) bool, or 1 everywhere (None); dv = dy, or
+    dy * g'(v) with ``act``, written to dz when given (the residual's gradient)."""
     if x.shape[2] > 1:
-        input_grad_inner_cpu(dy, x, bcoef, dx)
+        input_grad_inner_cpu(dy, x, mask, bcoef, dx, act, z, dz)
     else:  # a 2-D view: the compiler then knows the channels are contiguous
-        input_grad_channels_cpu(dy[:, :, 0], x[:, :, 0], bcoef, dx[:, :, 0])
+        two = [None if a is None else a[:, :, 0] for a in (dy, x, z, dx, dz)]
+        rows = None if mask is None else mask[:, 0]
+        input_grad_channels_cpu(two[0], two[1], rows, bcoef, two[3], act, two[2], two[4])
 
 
-def launch_backward_cpu(dy, x, coef, training, bcoef, dgamma, dbeta, dx, reduce=None):
+def launch_backward_cpu(
+    dy, x, coef, training, bcoef, dgamma, dbeta, dx, reduce=None, mask=None, count=None, act=None, z=None, dz=None
+):
     """Both backward passes on the CPU.
 
     Args:
         dy, x: (outer, C, inner) float16/32/64 arrays (float16 computed in float32).
         coef: (5, C) forward constants (MEAN, VAR, INVSTD, SCALE, BIAS).
         training: whether the forward used batch statistics.
-        bcoef: (4, C) out (MEAN, A, B, K); dgamma, dbeta: (C,) out; dx: like x, out
+        bcoef: (5, C) out (MEAN, A, B, K, BIAS); dgamma, dbeta: (C,) out; dx: like x, out
             (a float16 dx is rounded once).
         reduce: None, or (fn, n) for synchronized batch norm: ``fn`` maps this
             process's (2, C) float64 sums to the sums over every process and
             ``n`` is the global count per channel; dx then is the gradient of
             the global batch's function, dgamma and dbeta stay this process's
             share (their sum over processes is the global gradient).
+        mask: None, or the forward's (outer, inner) bool mask (training only:
+            its True positions gave the statistics); count: its True positions.
+        act: None, or the forward's activation (an ACTIVATIONS code): dy is
+            then the gradient w.r.t. g(v), v = BN(x) (+ z), z the forward's
+            residual (None without one); dz: None, or like x, out: dy * g'(v).
     """
     outer, C, inner = x.shape
+    n = outer * inner if mask is None else count
     dy, x, dx = bits(dy), bits(x), bits(dx)
+    z = None if z is None else bits(z)
     sums = np.empty((2, C))
     if outer * inner:
-        backward_sums_cpu(dy, x, coef, sums)
+        backward_sums_cpu(dy, x, coef, sums, act, z)
     else:  # an empty share of a synchronized batch
         sums[...] = 0.0
     if reduce is None:
-        finish_backward_cpu(sums, float(outer * inner), coef, training, bcoef, dgamma, dbeta)
+        finish_backward_cpu(sums, float(n), coef, training, bcoef, dgamma, dbeta)
     else:
         fn, n = reduce
         finish_backward_cpu(fn(sums), float(n), coef, training, bcoef, dgamma, dbeta)
         dbeta[...] = sums[0]
         dgamma[...] = sums[1] * coef[INVSTD]
     if outer * inner:
-        input_grad_cpu(dy, x, bcoef, dx)
+        input_grad_cpu(dy, x, bcoef, dx, mask if training else None, act, z, None if dz is None else bits(dz))
 
     # ----------------------------------------------------------------------------
     # CUDA kernels
@@ -270,10 +358,11 @@ def backward_sums_cuda_inner(
     coef,  # (5, C) forward constants (MEAN, VAR, INVSTD, SCALE, BIAS)
     work,  # (2, splits, C) float64 partial sums
     counter,  # (C,) int32 blocks finished per channel; zero between launches
-    bcoef,  # (4, C) out: MEAN, A, B, K
+    bcoef,  # (5, C) out: MEAN, A, B, K, BIAS
     dgamma,  # (C,) out
     dbeta,  # (C,) out
     training,  # bool: statistics came from this batch
+    n,  # float: values per channel the statistics came from
     inner_splits,  # splits along inner; gridDim.y = outer splits * inner_splits
 ):
     """Grid (C, splits), block (TX, TY), the same slicing as batch_stats_cuda_inner."""
@@ -316,7 +405,6 @@ def backward_sums_cuda_inner(
         cuda.syncthreads()
         tree_sum2(a1, a2, t, 0, 1, TX * TY)
         if t == 0:
-            n = numba.float64(outer) * inner
             finish_backward_channel_cuda(c, n, a1[0], a2[0], coef, training, bcoef, dgamma, dbeta)
 
 
@@ -327,10 +415,11 @@ def backward_sums_cuda_channels(
     coef,  # (5, C) forward constants
     work,  # (2, splits, C) float64 partial sums
     counter,  # (ceil(C / TX),) int32 blocks finished per channel tile
-    bcoef,  # (4, C) out: MEAN, A, B, K
+    bcoef,  # (5, C) out: MEAN, A, B, K, BIAS
     dgamma,  # (C,) out
     dbeta,  # (C,) out
     training,  # bool
+    n,  # float: values per channel the statistics came from
 ):
     """Grid (ceil(C / TX), splits), block (TX, TY), as batch_stats_cuda_channels."""
     outer, C, _ = x.shape
@@ -376,7 +465,6 @@ def backward_sums_cuda_channels(
         cuda.syncthreads()
         tree_sum2(a1, a2, ty, tx, TX, TY)
         if ty == 0 and c < C:
-            n = numba.float64(outer)
             finish_backward_channel_cuda(c, n, a1[tx], a2[tx], coef, training, bcoef, dgamma, dbeta)
 
 
@@ -384,10 +472,11 @@ def backward_sums_cuda_channels(
 def input_grad_cuda_inner(
     dy,  # (outer, C, inner) upstream gradient
     x,  # (outer, C, inner) forward input
-    bcoef,  # (4, C) MEAN, A, B, K
+    mask,  # None, or (outer, inner) bool: positions that gave the statistics
+    bcoef,  # (5, C) MEAN, A, B, K, BIAS
     dx,  # (outer, C, inner) out
 ):
-    """dx = A * dy + B * (x - mean) + K; the grid of scale_shift_cuda_inner."""
+    """dx = A * dy + w * (B * (x - mean) + K); the grid of scale_shift_cuda_inner."""
     outer, C, inner = x.shape
     tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
     TX, TY = cuda.blockDim.x, cuda.blockDim.y
@@ -399,17 +488,21 @@ def input_grad_cuda_inner(
         b = bcoef[B_X, c]
         k = bcoef[B_CONST, c]
         for i in range(cuda.blockIdx.x * TX + tx, inner, cuda.gridDim.x * TX):
-            dx[o, c, i] = a * dy[o, c, i] + b * (x[o, c, i] - m) + k
+            g = a * dy[o, c, i]
+            if mask is None or mask[o, i]:
+                g += b * (x[o, c, i] - m) + k
+            dx[o, c, i] = g
 
 
 @cuda.jit
 def input_grad_cuda_channels(
     dy,  # (outer, C, 1) upstream gradient
     x,  # (outer, C, 1) forward input
-    bcoef,  # (4, C) MEAN, A, B, K
+    mask,  # None, or (outer, 1) bool: rows that gave the statistics
+    bcoef,  # (5, C) MEAN, A, B, K, BIAS
     dx,  # (outer, C, 1) out
 ):
-    """dx = A * dy + B * (x - mean) + K; the grid of scale_shift_cuda_channels."""
+    """dx = A * dy + w * (B * (x - mean) + K); the grid of scale_shift_cuda_channels."""
     outer, C, _ = x.shape
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < C:
@@ -419,27 +512,40 @@ def input_grad_cuda_channels(
         k = bcoef[B_CONST, c]
         TY = cuda.blockDim.y
         for o in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, outer, cuda.gridDim.y * TY):
-            dx[o, c, 0] = a * dy[o, c, 0] + b * (x[o, c, 0] - m) + k
+            g = a * dy[o, c, 0]
+            if mask is None or mask[o, 0]:
+                g += b * (x[o, c, 0] - m) + k
+            dx[o, c, 0] = g
 
 
-def launch_backward_cuda(dy, x, coef, training, bcoef, dgamma, dbeta, dx, stream=0):
-    """Both backward passes on the GPU: two launches.
+def launch_backward_cuda(
+    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=None, z=None, dz=None, stream=0
+):
+    """Both backward passes on the GPU: two launches (three with ``act``).
 
     Args as launch_backward_cpu, as device arrays; dy, x, dx float16/32/64 and
-    coef, bcoef, dgamma, dbeta of the accumulation dtype.
+    coef, bcoef, dgamma, dbeta of the accumulation dtype; with a mask, count
+    is its number of True positions.
     """
     outer, C, inner = x.shape
+    if act is not None:  # dv = dy * g'(v) in a pass of its own (not fused yet on the GPU)
+        dv = device_empty(x.shape, coef.dtype)
+        launch_activation_grad_cuda(dy, x, x if z is None else z, coef, act, z is not None, dv, stream)
+        if dz is not None:
+            if dz.dtype == dv.dtype:
+                dz.copy_to_device(dv, stream=stream)
+            else:  # float16 on the device: through the host (rare, not fast)
+                dz.copy_to_device(dv.copy_to_host().astype(dz.dtype))
+        dy = dv
     _, grid, block, inner_splits, splits, columns = stats_launch_config(x.shape)
     work = workspace("backward.work", (2, splits, C), np.float64)
     counter = workspace("backward.counter", (columns,), np.int32, zero=True)
+    n = float(outer * inner if mask is None else count)
+    args = [dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), n]
     if inner_splits is not None:
-        backward_sums_cuda_inner[grid, block, stream](
-            dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), inner_splits
-        )
+        backward_sums_cuda_inner[grid, block, stream](*args, inner_splits)
     else:
-        backward_sums_cuda_channels[grid, block, stream](
-            dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training)
-        )
+        backward_sums_cuda_channels[grid, block, stream](*args)
     regime, grid, block = elementwise_launch_config(x.shape)
     kernel = input_grad_cuda_inner if regime == "inner" else input_grad_cuda_channels
-    kernel[grid, block, stream](dy, x, bcoef, dx)
+    kernel[grid, block, stream](dy, x, mask if training else None, bcoef, dx)

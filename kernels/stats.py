@@ -134,10 +134,24 @@ def _centered_sums(v, center):
     return d, q
 
 
+@numba.njit(**JIT_STREAM)
+def _masked_sums(v, keep, center):
+    """_centered_sums over the values of v where ``keep`` is True (masked
+    values never enter the arithmetic: a NaN there changes nothing)."""
+    d = compute_dtype(v)(0)
+    q = compute_dtype(v)(0)
+    for i in range(v.shape[0]):
+        t = widen(v[i]) - center if keep[i] else compute_dtype(v)(0)
+        d += t
+        q += t * t
+    return d, q
+
+
 @cpu_kernel
-def channel_moments_inner_cpu(x, center, out):
+def channel_moments_inner_cpu(x, mask, center, out):
     """Moments of every channel of x (outer, C, inner), inner > 1, in one pass
-    around a given ``center`` (C,) of x's compute dtype.
+    around a given ``center`` (C,) of x's compute dtype; only the positions
+    where ``mask`` (outer, inner) is True count (mask None: all of them).
 
     Every contiguous (o, c) row yields ``D = sum(x - center)`` and
     ``Q = sum((x - center)**2)``, in x's compute dtype over chunks of CHUNK
@@ -157,7 +171,11 @@ def channel_moments_inner_cpu(x, center, out):
         for c in range(c0, c1):
             d, q = 0.0, 0.0
             for start in range(0, inner, CHUNK):
-                s1, s2 = _centered_sums(x[o, c, start : min(start + CHUNK, inner)], center[c])
+                stop = min(start + CHUNK, inner)
+                if mask is None:
+                    s1, s2 = _centered_sums(x[o, c, start:stop], center[c])
+                else:
+                    s1, s2 = _masked_sums(x[o, c, start:stop], mask[o, start:stop], center[c])
                 d += s1
                 q += s2
             part[0, o, c] = d
@@ -167,14 +185,26 @@ def channel_moments_inner_cpu(x, center, out):
         for c in range(C):
             total[0, c] += part[0, o, c]
             total[1, c] += part[1, o, c]
+    n = outer * inner
+    if mask is not None:
+        n = np.count_nonzero(mask)
     for c in range(C):
-        out[0, c], out[1, c], out[2, c] = shifted_to_moments(outer * inner, center[c], total[0, c], total[1, c])
+        out[0, c], out[1, c], out[2, c] = shifted_to_moments(n, center[c], total[0, c], total[1, c])
+
+
+@numba.njit(**JIT)
+def _row(rows, o):
+    """Row o of the rows a kernel walks: o itself, or rows[o] (the unmasked rows)."""
+    if rows is None:
+        return o
+    return rows[o]
 
 
 @cpu_kernel
-def channel_moments_channels_cpu(x, center, out):
+def channel_moments_channels_cpu(x, rows, center, out):
     """Moments of every channel of x (outer, C) with contiguous channels, in
-    one pass around a given ``center`` (C,) of x's compute dtype.
+    one pass around a given ``center`` (C,) of x's compute dtype, over the
+    rows listed in ``rows`` (int64, the unmasked rows) or all rows (None).
 
     Rows are split into a few blocks per thread; each block sums
     ``d = x - center`` and ``d**2`` in x's dtype over sub-blocks of rows
@@ -186,6 +216,8 @@ def channel_moments_channels_cpu(x, center, out):
     out: (3, C) float64 count, mean - center, M2.
     """
     outer, C = x.shape
+    if rows is not None:
+        outer = rows.shape[0]
     blocks, rows_per, sub = row_blocks(outer, C)
     part = np.empty((3, blocks, C))  # zeroed block by block, in parallel
     for k in prange(blocks):
@@ -201,16 +233,18 @@ def channel_moments_channels_cpu(x, center, out):
             acc[:, :] = 0
             quads = o0 + (o1 - o0) // 4 * 4
             for o in range(o0, quads, 4):  # four rows a step: acc, in memory, updated once
+                x0, x1, x2, x3 = x[_row(rows, o)], x[_row(rows, o + 1)], x[_row(rows, o + 2)], x[_row(rows, o + 3)]
                 for c in range(C):
-                    d0 = widen(x[o, c]) - center[c]
-                    d1 = widen(x[o + 1, c]) - center[c]
-                    d2 = widen(x[o + 2, c]) - center[c]
-                    d3 = widen(x[o + 3, c]) - center[c]
+                    d0 = widen(x0[c]) - center[c]
+                    d1 = widen(x1[c]) - center[c]
+                    d2 = widen(x2[c]) - center[c]
+                    d3 = widen(x3[c]) - center[c]
                     acc[0, c] += (d0 + d1) + (d2 + d3)
                     acc[1, c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
             for o in range(quads, o1):
+                xo = x[_row(rows, o)]
                 for c in range(C):
-                    d = widen(x[o, c]) - center[c]
+                    d = widen(xo[c]) - center[c]
                     acc[0, c] += d
                     acc[1, c] += d * d
             merge_rows(mean, m2, n, o1 - o0, center, center, acc[0], acc[1])
@@ -229,18 +263,26 @@ def channel_moments_channels_cpu(x, center, out):
 
 
 @numba.njit(**JIT)
-def leading_center(x):
-    """Per-channel mean of the first CENTER_ROWS rows of x (outer, C), in x's
-    compute dtype; 0 where not finite (an Inf there must not become the center)."""
-    outer, C = x.shape
-    rows = min(outer, CENTER_ROWS)
+def leading_center(x, mask):
+    """Per-channel mean of the first CENTER_ROWS positions (o, i) of x (outer,
+    C, inner) in row-major order, only those where ``mask`` (outer, inner) is
+    True when a mask is given; in x's compute dtype, 0 where not finite (an Inf
+    there must not become the center)."""
+    outer, C, inner = x.shape
     total = np.zeros(C)
-    for o in range(rows):
-        for c in range(C):
-            total[c] += widen(x[o, c])
+    taken = 0
+    for p in range(outer * inner):
+        if taken == CENTER_ROWS:
+            break
+        o = p // inner
+        i = p - o * inner
+        if mask is None or mask[o, i]:
+            taken += 1
+            for c in range(C):
+                total[c] += widen(x[o, c, i])
     center = np.zeros(C, compute_dtype(x))
     for c in range(C):
-        m = total[c] / rows
+        m = total[c] / max(taken, 1)
         if math.isfinite(m):
             center[c] = m
     return center
@@ -300,41 +342,49 @@ def merge_groups(part, center, out):
     out[2, :] = m2
 
 
-def channel_moments_channels(x, out):
-    """channel_moments_cpu for x (outer, C) with contiguous channels.
+def channel_moments_channels(x, out, rows=None):
+    """channel_moments_cpu for x (outer, C) with contiguous channels, over the
+    given ``rows`` (int64, the unmasked rows) or all of them (None).
 
     One pass around the mean of the first CENTER_ROWS rows; where that center
     lies more than sqrt(RECENTER) standard deviations from the channel's mean
     (an outlier among the first rows), a second pass around the mean just
     measured (now within a few ulps of it) restores full accuracy.  Narrow
-    rows are folded first (``fold_rows``).
+    rows are folded first (``fold_rows``; not when only some rows count).
     """
-    center = leading_center(x)
-    x, f = fold_rows(x)
+    if rows is None:
+        center = leading_center(x[:, :, None], None)
+        x, f = fold_rows(x)
+    else:
+        center = leading_center(x[rows[:CENTER_ROWS], :, None], None)
+        f = 1
     part = np.empty((3, x.shape[1]))
-    channel_moments_channels_cpu(x, repeat_groups(center, f), part)
+    channel_moments_channels_cpu(x, rows, repeat_groups(center, f), part)
     merge_groups(part, center, out)
     if recenter(out, center):
-        channel_moments_channels_cpu(x, repeat_groups(center, f), part)
+        channel_moments_channels_cpu(x, rows, repeat_groups(center, f), part)
         merge_groups(part, center, out)
 
 
-def channel_moments_cpu(x, out):
+def channel_moments_cpu(x, out, mask=None):
     """Moments of every channel of x (outer, C, inner): float32, float64, or
     float16 as its bits (``half.bits``).
 
     out: (3, C) float64, receives count, mean and M2 (sum of squared deviations).
+    mask: None, or (outer, inner) bool: only the positions where it is True
+    count (masked batch norm); the count is then the number of True.
     Every partial is taken around a per-channel center (the mean of its first
     values), so partial sums are small and combining them loses nothing to the
     offset (float64 data with mean 1e8 and spread 1e-4 keeps its variance to 1e-9).
     """
     if x.shape[2] > 1:  # centered on the mean of the first values of the first row
-        center = leading_center(x[0].T)
-        channel_moments_inner_cpu(x, center, out)
+        center = leading_center(x, mask)
+        channel_moments_inner_cpu(x, mask, center, out)
         if recenter(out, center):
-            channel_moments_inner_cpu(x, center, out)
+            channel_moments_inner_cpu(x, mask, center, out)
     else:  # a 2-D view: the compiler then knows the channels are contiguous
-        channel_moments_channels(x[:, :, 0], out)
+        rows = None if mask is None else np.flatnonzero(mask[:, 0])
+        channel_moments_channels(x[:, :, 0], out, rows)
 
 
 @numba.njit(**JIT)
@@ -347,7 +397,7 @@ def finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, 
         )  # fmt: skip
 
 
-def launch_stats_cpu(x, coef, gamma, beta, rmean, rvar, eps, momentum, update):
+def launch_stats_cpu(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask=None, origin=0):
     """Batch statistics and forward constants on the CPU.
 
     Args:
@@ -356,9 +406,12 @@ def launch_stats_cpu(x, coef, gamma, beta, rmean, rvar, eps, momentum, update):
         gamma, beta: (C,) arrays of coef's dtype.
         rmean, rvar: (C,) running statistics, updated in place when ``update``.
         eps, momentum: floats.  update: bool.
+        mask: None, or (outer, inner) bool: statistics from the True positions
+            only (the running variance's n / (n - 1) then counts those).
+        origin: unused here (the CUDA kernels' reference position).
     """
     moments = np.empty((3, x.shape[1]))
-    channel_moments_cpu(bits(x), moments)
+    channel_moments_cpu(bits(x), moments, mask)
     finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, update)
 
     # ----------------------------------------------------------------------------
@@ -405,6 +458,8 @@ def coherent(work, k, j, c):
 @cuda.jit
 def batch_stats_cuda_inner(
     x,  # (outer, C, inner) input, float16/32/64
+    mask,  # None, or (outer, inner) bool: only True positions count
+    origin,  # int: flat (o * inner + i) position of the first counted value (0 without a mask)
     work,  # (3, splits, C) float64 partial count/mean/M2 (a float32 mean at 1e6 loses 0.03)
     counter,  # (C,) int32 blocks finished per channel; zero between launches
     coef,  # (5, C) out: MEAN, VAR, INVSTD, SCALE, BIAS
@@ -431,16 +486,18 @@ def batch_stats_cuda_inner(
     # shift makes large offsets exact, Welford survives a huge first value.
     # Partial means are then taken relative to the channel's first value
     # (float64), so merges never round an absolute mean at the data's offset.
+    ob = origin // inner
+    base = numba.float64(x[ob, c, origin - ob * inner])  # a counted value
     n = acc(0)
     mean = acc(0)
     m2 = acc(0)
-    shift = acc(0)
-    if o0 + ty < o1 and i0 + tx < i1:
+    shift = acc(base)
+    if o0 + ty < o1 and i0 + tx < i1 and (mask is None or mask[o0 + ty, i0 + tx]):
         shift = acc(x[o0 + ty, c, i0 + tx])
     for o in range(o0 + ty, o1, TY):
         for i in range(i0 + tx, i1, TX):
-            n, mean, m2 = welford_step(n, mean, m2, acc(x[o, c, i]) - shift)
-    base = numba.float64(x[0, c, 0])
+            if mask is None or mask[o, i]:
+                n, mean, m2 = welford_step(n, mean, m2, acc(x[o, c, i]) - shift)
 
     sn = cuda.shared.array(MAX_THREADS, numba.float64)
     sm = cuda.shared.array(MAX_THREADS, numba.float64)
@@ -471,6 +528,8 @@ def batch_stats_cuda_inner(
 @cuda.jit
 def batch_stats_cuda_channels(
     x,  # (outer, C, 1) input, channels contiguous
+    mask,  # None, or (outer, 1) bool: only True rows count
+    origin,  # int: the first counted row (0 without a mask)
     work,  # (3, splits, C) float64 partial count/mean/M2 (a float32 mean at 1e6 loses 0.03)
     counter,  # (ceil(C / TX),) int32 blocks finished per channel tile
     coef,  # (5, C) out: MEAN, VAR, INVSTD, SCALE, BIAS
@@ -503,11 +562,13 @@ def batch_stats_cuda_channels(
     shift = acc(0)
     base = 0.0  # the channel's first value: partial means are relative to it
     if c < C:
-        base = numba.float64(x[0, c, 0])
-        if o0 + ty < o1:
+        base = numba.float64(x[origin, c, 0])  # a counted value
+        shift = acc(base)
+        if o0 + ty < o1 and (mask is None or mask[o0 + ty, 0]):
             shift = acc(x[o0 + ty, c, 0])
         for o in range(o0 + ty, o1, TY):
-            n, mean, m2 = welford_step(n, mean, m2, acc(x[o, c, 0]) - shift)
+            if mask is None or mask[o, 0]:
+                n, mean, m2 = welford_step(n, mean, m2, acc(x[o, c, 0]) - shift)
 
     sn = cuda.shared.array(MAX_THREADS, numba.float64)
     sm = cuda.shared.array(MAX_THREADS, numba.float64)
@@ -554,7 +615,7 @@ def stats_launch_config(shape):
     return batch_stats_cuda_channels, (columns, splits), (tx, ty), None, splits, columns
 
 
-def launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, stream=0):
+def launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask=None, origin=0, stream=0):
     """Batch statistics and forward constants on the GPU, one launch.
 
     Args:
@@ -564,6 +625,9 @@ def launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, 
         gamma, beta, rmean, rvar: (C,) device arrays of the accumulation dtype
             (float64 for float64 x, else float32); rmean/rvar updated when update.
         eps, momentum: floats.  update: bool.
+        mask: None, or an (outer, inner) bool device array: statistics from
+            its True positions; origin: the flat (o * inner + i) index of one
+            of them (the kernels' reference value).
     Scratch (partials, counters) comes from a per-thread cache of workspaces.
     """
     acc = gamma.dtype
@@ -571,7 +635,8 @@ def launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, 
     C = x.shape[1]
     work = workspace("stats.work", (3, splits, C), np.float64)
     counter = workspace("stats.counter", (columns,), np.int32, zero=True)
-    args = [x, work, counter, coef, gamma, beta, rmean, rvar, acc.type(eps), acc.type(momentum), bool(update)]
+    args = [x, mask, int(origin), work, counter, coef, gamma, beta, rmean, rvar]
+    args += [acc.type(eps), acc.type(momentum), bool(update)]
     if inner_splits is not None:
         args.append(inner_splits)
     kernel[grid, block, stream](*args)

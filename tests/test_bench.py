@@ -91,6 +91,15 @@ def test_cnn_step_row():
 def test_fusion_rows():
     spec = bench.Shape("tiny", (8, 6, 5, 4), 1)
     rows = bench.bench_fusion(spec, "cpu", 2, bench.HostTimer(), bench._torch())
-    assert [r["op"] for r in rows] == ["fwd-relu", "fwd-add-relu", "bwd-relu"]
-    for r in rows:
+    assert [r["op"] for r in rows] == ["fwd-relu", "fwd-add-relu", "bwd-relu", "fwd-masked", "bwd-masked"]
+    for r in rows[:3]:
         assert r["ms"] > 0 and r["unfused_ms"] > 0 and r["plain_bn_ms"] > 0 and r["torch_ms"] > 0
+    for r in rows[3:]:  # torch has no masked batch norm
+        assert r["ms"] > 0 and r["plain_bn_ms"] > 0 and "torch_ms" not in r and "unfused_ms" not in r
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 6, 5, 4), 1), ((64, 16), 1), ((4, 6, 5, 3), -1)])
+def test_half_mask(shape, axis):
+    mask = bench.half_mask(shape, axis)
+    assert mask.shape == shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
+    assert mask.sum() * 2 == mask.size
