@@ -457,7 +457,7 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None, _reduce=None):
     if cache.mask is not None:
         options.update(mask=cache.mask.view, count=cache.mask.count)
     if cache.act:  # dv recomputed from x (and z) where dy is read
-        options.update(act=cache.act, z=cache.z, dz=None if dres is None else dres.reshape(*inp.shape3))
+        options.update(act=_act.act_token(cache.act), z=cache.z, dz=None if dres is None else dres.reshape(*inp.shape3))
     elif dres is not None:  # no activation: dv is dy
         _copy_into(dres, dyv, inp)
     dx3 = dx.reshape(*inp.shape3)

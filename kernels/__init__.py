@@ -16,9 +16,6 @@ an explicit grid and block (see ``examples/kernels_direct.py``).
 
 from .activation import (
     ACTIVATIONS,
-    activation_grad_cuda_channels,
-    activation_grad_cuda_inner,
-    launch_activation_grad_cuda,
     launch_scale_shift_act_cpu,
     launch_scale_shift_act_cuda,
     scale_shift_act_cuda_channels,

@@ -10,14 +10,13 @@ never stored: the gradient reaching batch norm (and the residual) is
 
     dv = dy * g'(v):   relu: [v > 0]   sigmoid: g(v) (1 - g(v))   tanh: 1 - g(v)**2
 
-and batch norm's own backward runs on dv.  The CPU backward kernels
-(``backward.py``) compute dv inline where they read dy, at plain batch norm's
-traffic; on the GPU ``activation_grad_cuda_*`` is that recomputation as an
-elementwise pass of its own (dv written once, read by the two backward passes),
-until the CUDA backward kernels are fused too.
+and batch norm's own backward runs on dv: the backward kernels (``backward.py``)
+compute dv inline where they read dy, with ``slope`` below, at plain batch
+norm's traffic.
 
 The activation travels as an int (``ACTIVATIONS``); without a residual the
-kernels take x itself in z's place and a ``residual=False`` flag, so z is never read.
+forward kernels here take x itself in z's place and a ``residual=False`` flag, so
+z is never read (the backward kernels take None).
 """
 
 import math
@@ -25,7 +24,7 @@ import math
 import numba
 from numba import cuda, prange
 
-from .common import JIT, channel_parts, cpu_kernel, task_channels
+from .common import JIT, JIT_STREAM, channel_parts, cpu_kernel, task_channels
 from .half import bits, narrow, widen
 from .normalize import elementwise_launch_config
 from .stats import BIAS, MEAN, SCALE
@@ -47,17 +46,47 @@ def activate(v, act):
     return v
 
 
+def act_token(code: int) -> tuple:
+    """The activation as the CPU backward kernels take it: a tuple of ``code``
+    Nones.  Its length is a constant to the compiler, so every activation gets
+    its own compiled loop with no branch on the activation (vectorised), and
+    plain batch norm, ``()``, none of the activation's code."""
+    return (None,) * int(code)
+
+
+@numba.njit(**JIT_STREAM)  # the flags of the CPU kernels that call it: cacheable
+def relu_slope(v):
+    """relu'(v): 1 where v > 0 (1 and 0 are exact in float32: float32 arithmetic stays float32)."""
+    return numba.float32(1.0) if v > 0 else numba.float32(0.0)
+
+
+@numba.njit(**JIT_STREAM)  # the flags of the CPU kernels that call it: cacheable
+def sigmoid_slope(v):
+    """sigmoid'(v) = s (1 - s), s = sigmoid(v)."""
+    s = 1.0 / (1.0 + math.exp(-v))
+    return s * (1.0 - s)
+
+
+@numba.njit(**JIT_STREAM)  # the flags of the CPU kernels that call it: cacheable
+def tanh_slope(v):
+    """tanh'(v) = 1 - tanh(v)**2."""
+    t = math.tanh(v)
+    return 1.0 - t * t
+
+
 @numba.njit(inline="always", **JIT)
 def slope(v, act):
-    """g'(v), the derivative of the activation at the pre-activation v."""
-    if act == RELU:  # 1 and 0 are exact in float32: no float64 in the common case's arithmetic
-        return numba.float32(1.0) if v > 0 else numba.float32(0.0)
+    """g'(v), the derivative of the activation ``act`` at the pre-activation v.
+
+    The CUDA kernels branch on ``act`` per element (a uniform branch); the CPU
+    kernels pass ``len`` of an ``act_token``, a constant, so that the compiler
+    folds the branches and sees one branch-free loop per activation."""
+    if act == RELU:
+        return relu_slope(v)
     if act == SIGMOID:
-        s = 1.0 / (1.0 + math.exp(-v))
-        return s * (1.0 - s)
+        return sigmoid_slope(v)
     if act == TANH:
-        t = math.tanh(v)
-        return 1.0 - t * t
+        return tanh_slope(v)
     return 1.0
 
 
@@ -164,69 +193,8 @@ def scale_shift_act_cuda_channels(
             y[o, c, 0] = activate(v, act)
 
 
-@cuda.jit
-def activation_grad_cuda_inner(
-    dy,  # (outer, C, inner) gradient w.r.t. y
-    x,  # (outer, C, inner) forward input
-    z,  # (outer, C, inner) residual (x itself when residual is False)
-    coef,  # (5, C) forward constants
-    act,  # int
-    residual,  # bool
-    dv,  # (outer, C, inner) out, accumulation dtype: dy * g'(v)
-):
-    """The grid of scale_shift_cuda_inner."""
-    outer, C, inner = x.shape
-    acc = coef.dtype.type
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    TX, TY = cuda.blockDim.x, cuda.blockDim.y
-    for r in range(cuda.blockIdx.y * TY + ty, outer * C, cuda.gridDim.y * TY):
-        o = r // C
-        c = r - o * C
-        m = coef[MEAN, c]
-        s = coef[SCALE, c]
-        b = coef[BIAS, c]
-        for i in range(cuda.blockIdx.x * TX + tx, inner, cuda.gridDim.x * TX):
-            v = (acc(x[o, c, i]) - m) * s + b
-            if residual:
-                v += acc(z[o, c, i])
-            dv[o, c, i] = acc(dy[o, c, i]) * slope(v, act)
-
-
-@cuda.jit
-def activation_grad_cuda_channels(
-    dy,  # (outer, C, 1)
-    x,  # (outer, C, 1)
-    z,  # (outer, C, 1) (x itself when residual is False)
-    coef,  # (5, C)
-    act,  # int
-    residual,  # bool
-    dv,  # (outer, C, 1) out
-):
-    """The grid of scale_shift_cuda_channels."""
-    outer, C, _ = x.shape
-    acc = coef.dtype.type
-    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    if c < C:
-        m = coef[MEAN, c]
-        s = coef[SCALE, c]
-        b = coef[BIAS, c]
-        TY = cuda.blockDim.y
-        for o in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, outer, cuda.gridDim.y * TY):
-            v = (acc(x[o, c, 0]) - m) * s + b
-            if residual:
-                v += acc(z[o, c, 0])
-            dv[o, c, 0] = acc(dy[o, c, 0]) * slope(v, act)
-
-
 def launch_scale_shift_act_cuda(x, z, coef, act, residual, y, stream=0):
     """launch_scale_shift_act_cpu on device arrays: one launch."""
     regime, grid, block = elementwise_launch_config(x.shape)
     kernel = scale_shift_act_cuda_inner if regime == "inner" else scale_shift_act_cuda_channels
     kernel[grid, block, stream](x, z, coef, act, bool(residual), y)
-
-
-def launch_activation_grad_cuda(dy, x, z, coef, act, residual, dv, stream=0):
-    """launch_activation_grad_cpu on device arrays: one launch."""
-    regime, grid, block = elementwise_launch_config(x.shape)
-    kernel = activation_grad_cuda_inner if regime == "inner" else activation_grad_cuda_channels
-    kernel[grid, block, stream](dy, x, z, coef, act, bool(residual), dv)

@@ -22,10 +22,11 @@ every position normalized with them): the sums still run over every position
 carry the statistics' terms: ``dx = A * dy + w * (B * (x - mean) + K)``.
 
 Fused with an activation (y = g(v), v = BN(x) (+ z)), dy above becomes
-dv = dy * g'(v), v recomputed from x (and z) where dy is read: the CPU kernels
-take the activation's code (``act``) and do that inline, at plain batch norm's
-traffic; the CUDA launcher runs ``activation.activation_grad`` first (one more
-elementwise pass, for now).
+dv = dy * g'(v), v recomputed from x (and z) where dy is read: every kernel
+takes the activation's code ``act`` (None for plain batch norm: a None argument
+removes the branch at compile time) and does that inline, at plain batch norm's
+traffic plus the residual's read; the elementwise pass also writes dv, the
+residual's gradient, when there is one.
 
 Two passes, as for the forward: a split reduction of the two sums per channel
 (``backward_sums_*``) that also finalizes dgamma, dbeta and the per-channel
@@ -37,8 +38,8 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
-from .activation import launch_activation_grad_cuda, slope
-from .common import JIT, JIT_STREAM, MAX_THREADS, channel_parts, cpu_kernel, task_channels, tree_sum2, twin
+from .activation import slope
+from .common import JIT, JIT_STREAM, MAX_THREADS, channel_parts, cpu_kernel, part_of, task_channels, tree_sum2, twin
 from .half import bits, compute_dtype, narrow, widen
 from .normalize import elementwise_launch_config
 from .stats import (
@@ -55,7 +56,7 @@ from .stats import (
     row_blocks,
     stats_launch_config,
 )
-from .workspace import device_empty, workspace
+from .workspace import workspace
 
 B_MEAN, B_DY, B_X, B_CONST, B_BIAS = range(5)
 
@@ -87,33 +88,25 @@ finish_backward_channel_cpu, finish_backward_channel_cuda = twin(finish_backward
 # ----------------------------------------------------------------------------
 # CPU twin
 #
-# Fused with an activation (``act`` an ACTIVATIONS code, None for plain batch
-# norm: a None argument removes the branches at compile time), the kernels
-# read dy and x (and the residual z) as plain batch norm does and turn dy into
-# the gradient reaching batch norm on the fly: dv = dy * g'(v), with the
-# pre-activation v = (x - mean) * scale + bias (+ z) recomputed, never stored.
+# Fused with an activation, the kernels turn dy into dv = dy * g'(v) where they
+# read it.  They take the activation as a token (``activation.act_token``: a
+# tuple whose length is the code, () for plain batch norm), a constant to the
+# compiler: each activation gets its own branch-free loop, which it vectorises.
 
 
 @numba.njit(**JIT_STREAM)
-def _grad_in(dy, x, z, i, m, s, b, act):
-    """(dv, x - mean) at index i of 1-D runs: dv = dy, or dy * g'(v) when fused."""
-    d = widen(x[i]) - m
-    g = widen(dy[i])
-    if act is not None:
-        v = d * s + b
-        if z is not None:
-            v += widen(z[i])
-        g = g * compute_dtype(dy)(slope(v, act))
-    return g, d
-
-
-@numba.njit(**JIT_STREAM)
-def _chunk_sums(dy, x, z, m, s, b, act):
-    """sum(dv) and sum(dv * (x - mean)) of 1-D runs, in the input's compute dtype."""
+def _run_sums(dy, x, z, m, s, b, act):
+    """sum(dv) and sum(dv * (x - m)) of 1-D runs dy, x (and z), in their compute dtype."""
     s1 = compute_dtype(dy)(0)
     s2 = compute_dtype(dy)(0)
     for i in range(dy.shape[0]):
-        g, d = _grad_in(dy, x, z, i, m, s, b, act)
+        d = widen(x[i]) - m
+        g = widen(dy[i])
+        if len(act):  # fused: a constant to the compiler
+            v = d * s + b
+            if z is not None:
+                v += widen(z[i])
+            g = g * compute_dtype(dy)(slope(v, len(act)))
         s1 += g
         s2 += g * d
     return s1, s2
@@ -134,8 +127,8 @@ def backward_sums_inner_cpu(dy, x, coef, out, act, z):
             t1, t2 = 0.0, 0.0
             for start in range(0, inner, CHUNK):
                 stop = min(start + CHUNK, inner)
-                zr = None if z is None else z[o, c, start:stop]
-                s1, s2 = _chunk_sums(dy[o, c, start:stop], x[o, c, start:stop], zr, m, s, b, act)
+                run = (o, c, slice(start, stop))
+                s1, s2 = _run_sums(dy[run], x[run], part_of(z, run), m, s, b, act)
                 t1 += s1
                 t2 += s2
             part[0, o, c] = t1
@@ -154,12 +147,33 @@ def _terms(dy, x, z, coef, o, c, act):
     """dv and dv * (x - mean) at (o, c) of 2-D dy, x, z."""
     d = widen(x[o, c]) - coef[MEAN, c]
     g = widen(dy[o, c])
-    if act is not None:
+    if len(act):  # fused: a constant to the compiler
         v = d * coef[SCALE, c] + coef[BIAS, c]
         if z is not None:
             v += widen(z[o, c])
-        g = g * compute_dtype(dy)(slope(v, act))
+        g = g * compute_dtype(dy)(slope(v, len(act)))
     return g, g * d
+
+
+@numba.njit(**JIT_STREAM)
+def _rows_sums(dy, x, z, coef, o0, o1, s1, s2, act):
+    """s1 += sum(dv), s2 += sum(dv * (x - mean)) over rows [o0, o1) of 2-D dy, x, z
+    (vectorised across the C contiguous channels; s1, s2: (C,))."""
+    C = x.shape[1]
+    quads = o0 + (o1 - o0) // 4 * 4
+    for o in range(o0, quads, 4):  # four rows a step: s1, s2, in memory, updated once
+        for c in range(C):
+            g0, h0 = _terms(dy, x, z, coef, o, c, act)
+            g1, h1 = _terms(dy, x, z, coef, o + 1, c, act)
+            g2, h2 = _terms(dy, x, z, coef, o + 2, c, act)
+            g3, h3 = _terms(dy, x, z, coef, o + 3, c, act)
+            s1[c] += (g0 + g1) + (g2 + g3)
+            s2[c] += (h0 + h1) + (h2 + h3)
+    for o in range(quads, o1):
+        for c in range(C):
+            g, h = _terms(dy, x, z, coef, o, c, act)
+            s1[c] += g
+            s2[c] += h
 
 
 @cpu_kernel
@@ -180,21 +194,7 @@ def backward_sums_channels_cpu(dy, x, coef, out, act, z):
         for o0 in range(k * rows_per, end, sub):
             s1[:] = 0
             s2[:] = 0
-            o1 = min(end, o0 + sub)
-            quads = o0 + (o1 - o0) // 4 * 4
-            for o in range(o0, quads, 4):  # four rows a step: s1, s2, in memory, updated once
-                for c in range(C):
-                    g0, h0 = _terms(dy, x, z, coef, o, c, act)
-                    g1, h1 = _terms(dy, x, z, coef, o + 1, c, act)
-                    g2, h2 = _terms(dy, x, z, coef, o + 2, c, act)
-                    g3, h3 = _terms(dy, x, z, coef, o + 3, c, act)
-                    s1[c] += (g0 + g1) + (g2 + g3)
-                    s2[c] += (h0 + h1) + (h2 + h3)
-            for o in range(quads, o1):
-                for c in range(C):
-                    g, h = _terms(dy, x, z, coef, o, c, act)
-                    s1[c] += g
-                    s2[c] += h
+            _rows_sums(dy, x, z, coef, o0, min(end, o0 + sub), s1, s2, act)
             for c in range(C):
                 part[0, k, c] += s1[c]
                 part[1, k, c] += s2[c]
@@ -207,7 +207,7 @@ def backward_sums_channels_cpu(dy, x, coef, out, act, z):
         out[1, c] = t2
 
 
-def backward_sums_cpu(dy, x, coef, out, act=None, z=None):
+def backward_sums_cpu(dy, x, coef, out, act=(), z=None):
     """out (2, C) float64 <- sum(dv) and sum(dv * (x - mean)) per channel.
 
     dy, x (and z): (outer, C, inner), same float dtype; coef: (5, C) forward
@@ -219,14 +219,15 @@ def backward_sums_cpu(dy, x, coef, out, act=None, z=None):
         return
     # a 2-D view: the compiler then knows the channels are contiguous; narrow
     # rows folded side by side (stats.fold_rows), the f partial sums added
-    views = [fold_rows(a[:, :, 0]) for a in (dy, x) + (() if z is None else (z,))]
-    if len({f for _, f in views}) == 1:
-        f = views[0][1]
-        arrays = [a for a, _ in views]
+    arrays = [a[:, :, 0] for a in (dy, x, x if z is None else z)]
+    folded = [fold_rows(a) for a in arrays]
+    f = folded[0][1]
+    if all(g == f for _, g in folded):
+        arrays = [a for a, _ in folded]
     else:
-        f, arrays = 1, [a[:, :, 0] for a in (dy, x) + (() if z is None else (z,))]
+        f = 1
     part = out if f == 1 else np.empty((2, arrays[1].shape[1]))
-    z2 = arrays[2] if z is not None else None
+    z2 = None if z is None else arrays[2]
     backward_sums_channels_cpu(arrays[0], arrays[1], repeat_groups(coef, f), part, act, z2)
     if f > 1:
         out[...] = part.reshape(2, f, -1).sum(axis=1)
@@ -238,12 +239,24 @@ def finish_backward_cpu(sums, n, coef, training, bcoef, dgamma, dbeta):
         finish_backward_channel_cpu(c, n, sums[0, c], sums[1, c], coef, training, bcoef, dgamma, dbeta)
 
 
-@numba.njit(inline="always", **JIT_STREAM)
-def _dx(g, d, keep, a, b, k):
-    """dx from dv = g and x - mean = d: A * dv, plus the statistics' terms where kept."""
-    if keep:
-        return a * g + (b * d + k)
-    return a * g
+@numba.njit(**JIT_STREAM)
+def _run_grad(dy, x, z, keep, m, a, b, k, beta, dx, dz, act):
+    """dx = A * dv + w * (B * (x - m) + K) on 1-D runs (w: keep, or 1 when None);
+    dv = dy, or dy * g'(v) (v = (x - m) * A + beta (+ z)), also written to dz when given."""
+    for i in range(dy.shape[0]):
+        d = widen(x[i]) - m
+        g = widen(dy[i])
+        if len(act):  # fused: a constant to the compiler
+            v = d * a + beta
+            if z is not None:
+                v += widen(z[i])
+            g = g * compute_dtype(dy)(slope(v, len(act)))
+            if dz is not None:
+                dz[i] = narrow(g, dz)
+        if keep is None or keep[i]:
+            dx[i] = narrow(a * g + (b * d + k), dx)
+        else:
+            dx[i] = narrow(a * g, dx)
 
 
 @cpu_kernel
@@ -254,47 +267,41 @@ def input_grad_inner_cpu(dy, x, mask, bcoef, dx, act, z, dz):
     for t in prange(outer * parts):
         o, c0, c1 = task_channels(t, parts, C)
         for c in range(c0, c1):
-            m = bcoef[B_MEAN, c]
-            a = bcoef[B_DY, c]
-            b = bcoef[B_X, c]
-            k = bcoef[B_CONST, c]
-            beta = bcoef[B_BIAS, c]
-            for i in range(inner):
-                g = widen(dy[o, c, i])
-                d = widen(x[o, c, i]) - m
-                if act is not None:
-                    v = d * a + beta
-                    if z is not None:
-                        v += widen(z[o, c, i])
-                    g = g * compute_dtype(dy)(slope(v, act))
-                    if dz is not None:
-                        dz[o, c, i] = narrow(g, dz)
-                dx[o, c, i] = narrow(_dx(g, d, mask is None or mask[o, i], a, b, k), dx)
+            _run_grad(
+                dy[o, c], x[o, c], part_of(z, (o, c)), part_of(mask, o),
+                bcoef[B_MEAN, c], bcoef[B_DY, c], bcoef[B_X, c], bcoef[B_CONST, c], bcoef[B_BIAS, c],
+                dx[o, c], part_of(dz, (o, c)), act,
+            )  # fmt: skip
+
+
+@numba.njit(**JIT_STREAM)
+def _row_grad(dy, x, z, keep, bcoef, dx, dz, act):
+    """One row of C contiguous channels: _run_grad with per-channel constants (keep: a bool)."""
+    for c in range(x.shape[0]):
+        d = widen(x[c]) - bcoef[B_MEAN, c]
+        g = widen(dy[c])
+        if len(act):  # fused: a constant to the compiler
+            v = d * bcoef[B_DY, c] + bcoef[B_BIAS, c]
+            if z is not None:
+                v += widen(z[c])
+            g = g * compute_dtype(dy)(slope(v, len(act)))
+            if dz is not None:
+                dz[c] = narrow(g, dz)
+        g = bcoef[B_DY, c] * g
+        if keep:
+            g += bcoef[B_X, c] * d + bcoef[B_CONST, c]
+        dx[c] = narrow(g, dx)
 
 
 @cpu_kernel
 def input_grad_channels_cpu(dy, x, mask, bcoef, dx, act, z, dz):
     """input_grad_cpu for inner == 1: dy, x, z, dx, dz (outer, C), channels
     contiguous; mask None or (outer,)."""
-    outer, C = x.shape
-    # one (5, C) array rather than row views: fewer arrays that might alias
-    # dx, so the compiler's runtime alias checks still allow vectorising
-    for o in prange(outer):
-        keep = mask is None or mask[o]
-        for c in range(C):
-            g = widen(dy[o, c])
-            d = widen(x[o, c]) - bcoef[B_MEAN, c]
-            if act is not None:
-                v = d * bcoef[B_DY, c] + bcoef[B_BIAS, c]
-                if z is not None:
-                    v += widen(z[o, c])
-                g = g * compute_dtype(dy)(slope(v, act))
-                if dz is not None:
-                    dz[o, c] = narrow(g, dz)
-            dx[o, c] = narrow(_dx(g, d, keep, bcoef[B_DY, c], bcoef[B_X, c], bcoef[B_CONST, c]), dx)
+    for o in prange(x.shape[0]):
+        _row_grad(dy[o], x[o], part_of(z, o), mask is None or mask[o], bcoef, dx[o], part_of(dz, o), act)
 
 
-def input_grad_cpu(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=None):
+def input_grad_cpu(dy, x, bcoef, dx, mask=None, act=(), z=None, dz=None):
     """dx = A * dv + w * (B * (x - mean) + K) on (outer, C, inner) views;
     w = mask (outer, inner) bool, or 1 everywhere (None); dv = dy, or
     dy * g'(v) with ``act``, written to dz when given (the residual's gradient)."""
@@ -307,7 +314,7 @@ def input_grad_cpu(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=None):
 
 
 def launch_backward_cpu(
-    dy, x, coef, training, bcoef, dgamma, dbeta, dx, reduce=None, mask=None, count=None, act=None, z=None, dz=None
+    dy, x, coef, training, bcoef, dgamma, dbeta, dx, reduce=None, mask=None, count=None, act=(), z=None, dz=None
 ):
     """Both backward passes on the CPU.
 
@@ -324,7 +331,7 @@ def launch_backward_cpu(
             share (their sum over processes is the global gradient).
         mask: None, or the forward's (outer, inner) bool mask (training only:
             its True positions gave the statistics); count: its True positions.
-        act: None, or the forward's activation (an ACTIVATIONS code): dy is
+        act: the forward's activation as a token (``activation.act_token``; () for none): dy is
             then the gradient w.r.t. g(v), v = BN(x) (+ z), z the forward's
             residual (None without one); dz: None, or like x, out: dy * g'(v).
     """
@@ -363,6 +370,8 @@ def backward_sums_cuda_inner(
     dbeta,  # (C,) out
     training,  # bool: statistics came from this batch
     n,  # float: values per channel the statistics came from
+    act,  # None, or an ACTIVATIONS code: dy is the gradient w.r.t. g(v)
+    z,  # None, or (outer, C, inner) the forward's residual (with act)
     inner_splits,  # splits along inner; gridDim.y = outer splits * inner_splits
 ):
     """Grid (C, splits), block (TX, TY), the same slicing as batch_stats_cuda_inner."""
@@ -375,13 +384,21 @@ def backward_sums_cuda_inner(
     t = ty * TX + tx
     o0, o1, i0, i1 = block_slice(outer, inner, s, inner_splits)
     m = coef[MEAN, c]
+    sc = coef[SCALE, c]
+    b = coef[BIAS, c]
     s1 = acc(0)
     s2 = acc(0)
     for o in range(o0 + ty, o1, TY):
         for i in range(i0 + tx, i1, TX):
             g = acc(dy[o, c, i])
+            d = acc(x[o, c, i]) - m
+            if act is not None:  # dv = dy * g'(v)
+                v = d * sc + b
+                if z is not None:
+                    v += acc(z[o, c, i])
+                g *= acc(slope(v, act))
             s1 += g
-            s2 += g * (acc(x[o, c, i]) - m)
+            s2 += g * d
 
     a1 = cuda.shared.array(MAX_THREADS, numba.float64)
     a2 = cuda.shared.array(MAX_THREADS, numba.float64)
@@ -420,6 +437,8 @@ def backward_sums_cuda_channels(
     dbeta,  # (C,) out
     training,  # bool
     n,  # float: values per channel the statistics came from
+    act,  # None, or an ACTIVATIONS code
+    z,  # None, or (outer, C, 1) the forward's residual (with act)
 ):
     """Grid (ceil(C / TX), splits), block (TX, TY), as batch_stats_cuda_channels."""
     outer, C, _ = x.shape
@@ -438,10 +457,18 @@ def backward_sums_cuda_channels(
     s2 = acc(0)
     if c < C:
         m = coef[MEAN, c]
+        sc = coef[SCALE, c]
+        b = coef[BIAS, c]
         for o in range(o0 + ty, o1, TY):
             g = acc(dy[o, c, 0])
+            d = acc(x[o, c, 0]) - m
+            if act is not None:
+                v = d * sc + b
+                if z is not None:
+                    v += acc(z[o, c, 0])
+                g *= acc(slope(v, act))
             s1 += g
-            s2 += g * (acc(x[o, c, 0]) - m)
+            s2 += g * d
 
     a1 = cuda.shared.array(MAX_THREADS, numba.float64)
     a2 = cuda.shared.array(MAX_THREADS, numba.float64)
@@ -475,6 +502,9 @@ def input_grad_cuda_inner(
     mask,  # None, or (outer, inner) bool: positions that gave the statistics
     bcoef,  # (5, C) MEAN, A, B, K, BIAS
     dx,  # (outer, C, inner) out
+    act,  # None, or an ACTIVATIONS code
+    z,  # None, or (outer, C, inner) the forward's residual (with act)
+    dz,  # None, or (outer, C, inner) out: dv, the residual's gradient
 ):
     """dx = A * dy + w * (B * (x - mean) + K); the grid of scale_shift_cuda_inner."""
     outer, C, inner = x.shape
@@ -487,10 +517,21 @@ def input_grad_cuda_inner(
         a = bcoef[B_DY, c]
         b = bcoef[B_X, c]
         k = bcoef[B_CONST, c]
+        beta = bcoef[B_BIAS, c]
+        acc = bcoef.dtype.type
         for i in range(cuda.blockIdx.x * TX + tx, inner, cuda.gridDim.x * TX):
-            g = a * dy[o, c, i]
+            g = acc(dy[o, c, i])
+            d = acc(x[o, c, i]) - m
+            if act is not None:
+                v = d * a + beta
+                if z is not None:
+                    v += acc(z[o, c, i])
+                g *= acc(slope(v, act))
+                if dz is not None:
+                    dz[o, c, i] = g
+            g = a * g
             if mask is None or mask[o, i]:
-                g += b * (x[o, c, i] - m) + k
+                g += b * d + k
             dx[o, c, i] = g
 
 
@@ -501,6 +542,9 @@ def input_grad_cuda_channels(
     mask,  # None, or (outer, 1) bool: rows that gave the statistics
     bcoef,  # (5, C) MEAN, A, B, K, BIAS
     dx,  # (outer, C, 1) out
+    act,  # None, or an ACTIVATIONS code
+    z,  # None, or (outer, C, 1) the forward's residual (with act)
+    dz,  # None, or (outer, C, 1) out: dv, the residual's gradient
 ):
     """dx = A * dy + w * (B * (x - mean) + K); the grid of scale_shift_cuda_channels."""
     outer, C, _ = x.shape
@@ -510,42 +554,45 @@ def input_grad_cuda_channels(
         a = bcoef[B_DY, c]
         b = bcoef[B_X, c]
         k = bcoef[B_CONST, c]
+        beta = bcoef[B_BIAS, c]
+        acc = bcoef.dtype.type
         TY = cuda.blockDim.y
         for o in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, outer, cuda.gridDim.y * TY):
-            g = a * dy[o, c, 0]
+            g = acc(dy[o, c, 0])
+            d = acc(x[o, c, 0]) - m
+            if act is not None:
+                v = d * a + beta
+                if z is not None:
+                    v += acc(z[o, c, 0])
+                g *= acc(slope(v, act))
+                if dz is not None:
+                    dz[o, c, 0] = g
+            g = a * g
             if mask is None or mask[o, 0]:
-                g += b * (x[o, c, 0] - m) + k
+                g += b * d + k
             dx[o, c, 0] = g
 
 
 def launch_backward_cuda(
-    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=None, z=None, dz=None, stream=0
+    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0
 ):
-    """Both backward passes on the GPU: two launches (three with ``act``).
+    """Both backward passes on the GPU: two launches.
 
     Args as launch_backward_cpu, as device arrays; dy, x, dx float16/32/64 and
     coef, bcoef, dgamma, dbeta of the accumulation dtype; with a mask, count
     is its number of True positions.
     """
     outer, C, inner = x.shape
-    if act is not None:  # dv = dy * g'(v) in a pass of its own (not fused yet on the GPU)
-        dv = device_empty(x.shape, coef.dtype)
-        launch_activation_grad_cuda(dy, x, x if z is None else z, coef, act, z is not None, dv, stream)
-        if dz is not None:
-            if dz.dtype == dv.dtype:
-                dz.copy_to_device(dv, stream=stream)
-            else:  # float16 on the device: through the host (rare, not fast)
-                dz.copy_to_device(dv.copy_to_host().astype(dz.dtype))
-        dy = dv
     _, grid, block, inner_splits, splits, columns = stats_launch_config(x.shape)
     work = workspace("backward.work", (2, splits, C), np.float64)
     counter = workspace("backward.counter", (columns,), np.int32, zero=True)
     n = float(outer * inner if mask is None else count)
-    args = [dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), n]
+    act = len(act) or None  # the CUDA kernels take the code (None: plain batch norm, the branch removed)
+    args = [dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), n, act, z]
     if inner_splits is not None:
         backward_sums_cuda_inner[grid, block, stream](*args, inner_splits)
     else:
         backward_sums_cuda_channels[grid, block, stream](*args)
     regime, grid, block = elementwise_launch_config(x.shape)
     kernel = input_grad_cuda_inner if regime == "inner" else input_grad_cuda_channels
-    kernel[grid, block, stream](dy, x, mask if training else None, bcoef, dx)
+    kernel[grid, block, stream](dy, x, mask if training else None, bcoef, dx, act, z, dz)

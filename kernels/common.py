@@ -19,6 +19,8 @@ import types
 
 import numba
 from numba import cuda
+from numba import types as nbtypes
+from numba.extending import overload
 
 from . import cache  # noqa: F401  (before any cached njit: package-wide cache stamps)
 
@@ -224,6 +226,20 @@ def tree_sum2(s1, s2, lane, base, stride, count):
             s2[a] += s2[b]
         cuda.syncthreads()
         step //= 2
+
+
+def part_of(a, index):
+    """(in CPU kernels) ``a[index]``, or None where ``a`` is None: an optional
+    array's part, typed as an array or as None, never Optional (a plain njit
+    function would return Optional, and the None checks on it would stay in
+    the loops instead of being resolved when the kernel is compiled)."""
+
+
+@overload(part_of, inline="always")
+def _part_of(a, index):
+    if isinstance(a, nbtypes.NoneType):
+        return lambda a, index: None
+    return lambda a, index: a[index]
 
 
 def twin(fn):

@@ -38,26 +38,27 @@ def main():
         x3, v, m2, w3 = xt[:, :, ::1], acc[::1], acc[:, ::1], types.float64[:, :, ::1]
         i32, flag, i64, f64 = types.int32[::1], types.boolean, types.int64, types.float64
         strided = xt[:, :, :]  # non-contiguous views reach the kernels too
-        MASK = object()  # compiled twice: without a mask (None) and with one
+        # optional arguments (marked by a list), compiled twice: all None (plain
+        # batch norm) and all given (mask, activation code, residual / its gradient)
+        MASK, ACT, Z = [types.boolean[:, ::1]], [types.int64], [x3]
         signatures = {
             K.batch_stats_cuda_inner: (x3, MASK, i64, w3, i32, m2, v, v, v, v, acc, acc, flag, i64),
             K.batch_stats_cuda_channels: (strided, MASK, i64, w3, i32, m2, v, v, v, v, acc, acc, flag),
             K.affine_coefficients_cuda: (v, v, v, v, acc, m2),
             K.scale_shift_cuda_inner: (x3, m2, x3),
             K.scale_shift_cuda_channels: (strided, m2, x3),
-            K.backward_sums_cuda_inner: (x3, x3, m2, w3, i32, m2, v, v, flag, f64, i64),
-            K.backward_sums_cuda_channels: (strided, x3, m2, w3, i32, m2, v, v, flag, f64),
-            K.input_grad_cuda_inner: (x3, x3, MASK, m2, x3),
-            K.input_grad_cuda_channels: (x3, strided, MASK, m2, x3),
+            K.backward_sums_cuda_inner: (x3, x3, m2, w3, i32, m2, v, v, flag, f64, ACT, Z, i64),
+            K.backward_sums_cuda_channels: (strided, x3, m2, w3, i32, m2, v, v, flag, f64, ACT, Z),
+            K.input_grad_cuda_inner: (x3, x3, MASK, m2, x3, ACT, Z, Z),
+            K.input_grad_cuda_channels: (x3, strided, MASK, m2, x3, ACT, Z, Z),
             K.scale_shift_act_cuda_inner: (x3, x3, m2, i64, flag, x3),
             K.scale_shift_act_cuda_channels: (strided, x3, m2, i64, flag, x3),
-            K.activation_grad_cuda_inner: (x3, x3, x3, m2, i64, flag, acc[:, :, ::1]),
-            K.activation_grad_cuda_channels: (x3, strided, x3, m2, i64, flag, acc[:, :, ::1]),
         }
         for kernel, sig in signatures.items():
             sizes = []
-            for mask in (types.none, types.boolean[:, ::1]) if MASK in sig else (None,):
-                concrete = tuple(mask if t is MASK else t for t in sig)
+            variants = (True, False) if any(isinstance(t, list) for t in sig) else (False,)
+            for plain in variants:
+                concrete = tuple((types.none if plain else t[0]) if isinstance(t, list) else t for t in sig)
                 ptx, _ = cuda.compile_ptx(kernel.py_func, concrete, cc=cc)
                 sizes.append(f"{len(ptx):7d}")
             print(f"{kernel.py_func.__name__:28s} {str(xt):8s} sm_{cc[0]}{cc[1]} {' / '.join(sizes)} chars of PTX")

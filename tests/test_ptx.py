@@ -22,8 +22,6 @@ CUDA_KERNELS = [
     "input_grad_cuda_channels",
     "scale_shift_act_cuda_inner",
     "scale_shift_act_cuda_channels",
-    "activation_grad_cuda_inner",
-    "activation_grad_cuda_channels",
 ]
 
 
