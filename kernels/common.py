@@ -297,6 +297,12 @@ def sm_count() -> int:
     return _SM_COUNT
 
 
+#: Tests set this to a ``(TX, TY)`` (powers of two, TX * TY == MAX_THREADS) to
+#: run every kernel with that block: the simulator's own choice is (32, 1) for
+#: its small shapes, which never runs the code paths of several thread rows.
+BLOCK_OVERRIDE = None
+
+
 def block_shape(outer: int, C: int, inner: int) -> tuple:
     """Threads per block ``(TX, TY)`` for the canonical view.
 
@@ -304,6 +310,8 @@ def block_shape(outer: int, C: int, inner: int) -> tuple:
     ``inner == 1``: TX threads walk channels (contiguous), TY walk rows.
     Both are powers of two with TX * TY == MAX_THREADS.
     """
+    if BLOCK_OVERRIDE is not None:
+        return BLOCK_OVERRIDE
     lanes = inner if inner > 1 else C
     tx = min(MAX_THREADS, max(min(32, MAX_THREADS), next_pow2(lanes)))
     return tx, MAX_THREADS // tx

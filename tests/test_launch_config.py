@@ -37,6 +37,32 @@ def test_split_reductions_on_both_backends(backend, rng, shape, regime):
     np.testing.assert_allclose(dg, (dy * ref).sum(axis=(0, 2)), atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block", [(32, 1), (8, 4), (4, 8), (1, 32)], ids=str)
+def test_every_block_shape_in_the_kernels(monkeypatch, rng, block):
+    """Every CUDA kernel with blocks of several thread rows (TY > 1: the row
+    striding, the tree merges along ty, the last block's loop over partials),
+    which the simulator's default (32, 1) never runs: the statistics, the
+    elementwise pass, the backward (plain, masked, fused with an activation
+    and a residual) against the CPU backend, both access regimes."""
+    if "cuda" not in gpubn.available_backends():
+        pytest.skip("backend 'cuda' not available")
+    from gpubn.kernels import common
+
+    scale = common.MAX_THREADS // 32  # a real GPU's 256 threads: the same shapes, 8x the rows
+    monkeypatch.setattr(common, "BLOCK_OVERRIDE", (block[0] * scale, block[1]) if block[0] > 1 else (1, 32 * scale))
+    for shape in [(16, 3, 40), (2, 2, 400), (200, 5, 1)]:
+        x = (3 + rng.standard_normal(shape)).astype(np.float32)
+        z, dy = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+        mask = rng.random((shape[0], shape[2])) < 0.7
+        mask[0, 0] = False  # the first position masked: the kernels' reference value comes from elsewhere
+        for kwargs in ({}, {"mask": mask}, {"activation": "relu", "residual": z}):
+            got = gpubn.batch_norm_forward(x, backend="cuda", **kwargs)
+            want = gpubn.batch_norm_forward(x, backend="cpu", **kwargs)
+            np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=2e-5)
+            for g, w in zip(gpubn.batch_norm_backward(dy, got[1]), gpubn.batch_norm_backward(dy, want[1]), strict=True):
+                np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
 HUGE = [(2**16, 64, 2**16), (2**33, 1, 1), (1, 3, 2**33), (2**27, 64, 1), (3, 2**31, 1)]
 
 
