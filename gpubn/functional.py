@@ -199,7 +199,8 @@ def _stats_of(inp: _Input, mask=None):
     ones = channel_vector(None, "gamma", C, inp.acc, inp.backend, fill=1.0)
     zeros = channel_vector(None, "beta", C, inp.acc, inp.backend, fill=0.0)
     coef = inp.empty(rows=5)
-    _ENGINES[inp.backend].stats(inp.view, coef, ones, zeros, ones, ones, 0.0, 0.0, False, **_mask_args(mask))
+    unused = inp.empty(rows=2)  # the running statistics' place (update=False: never written)
+    _ENGINES[inp.backend].stats(inp.view, coef, ones, zeros, unused[0], unused[1], 0.0, 0.0, False, **_mask_args(mask))
     return coef[_st.MEAN], coef[_st.VAR]
 
 
@@ -361,10 +362,10 @@ def batch_norm_forward(
     eng = _ENGINES[inp.backend]
     coef = _coef if _buffer_fits(_coef, inp, 5) else inp.empty(rows=5)
     if training:
-        dummy = g  # never written when update is False
+        unused = None if update else inp.empty(rows=2)  # no caller's array, no shared constant, in their place
         eng.stats(
             inp.view, coef, g, b,
-            rm.work if update else dummy, rv.work if update else dummy,
+            rm.work if update else unused[0], rv.work if update else unused[1],
             eps, momentum if update else 0.0, update, **_mask_args(m),
         )  # fmt: skip
         if update:
