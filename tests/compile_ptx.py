@@ -3,7 +3,9 @@
 Run in a process without the simulator (NUMBA_ENABLE_CUDASIM=0): the simulator
 checks what kernels do, this checks that the real compiler takes them (types,
 float16 loads and stores, shared memory, atomics) for a given compute capability.
-Prints one line per kernel and dtype; exit 2 when no CUDA compiler is installed.
+Prints one line per kernel and dtype; exit 1 when a kernel's PTX uses local
+memory (a stack frame: spilled or addressed locals, slow on every GPU), exit 2
+when no CUDA compiler is installed.
 
     NUMBA_ENABLE_CUDASIM=0 python tests/compile_ptx.py [--cc 9.0]
 """
@@ -33,6 +35,7 @@ def main():
         print(f"no CUDA compiler: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         return 2
 
+    status = 0
     for xt in (types.float16, types.float32, types.float64):
         acc = types.float64 if xt == types.float64 else types.float32
         x3, v, m2, w3 = xt[:, :, ::1], acc[::1], acc[:, ::1], types.float64[:, :, ::1]
@@ -61,8 +64,11 @@ def main():
                 concrete = tuple((types.none if plain else t[0]) if isinstance(t, list) else t for t in sig)
                 ptx, _ = cuda.compile_ptx(kernel.py_func, concrete, cc=cc)
                 sizes.append(f"{len(ptx):7d}")
+                if ".local" in ptx:
+                    print(f"{kernel.py_func.__name__} {xt} {concrete}: uses local memory")
+                    status = 1
             print(f"{kernel.py_func.__name__:28s} {str(xt):8s} sm_{cc[0]}{cc[1]} {' / '.join(sizes)} chars of PTX")
-    return 0
+    return status
 
 
 if __name__ == "__main__":
