@@ -7,7 +7,9 @@ constants travel packed in one small array:
 - ``coef`` (5, C), rows ``MEAN, VAR, INVSTD, SCALE, BIAS`` (forward);
 - ``bcoef`` (5, C), rows ``B_MEAN, B_DY, B_X, B_CONST, B_BIAS`` (backward).
 
-Modules: ``stats`` (batch statistics, split reduction), ``normalize`` (the
+Modules: ``common`` (the merges, and the pieces every split reduction shares:
+row blocks and chunks on the CPU, ``reduction_config`` and the last-block
+ticket on the GPU), ``stats`` (batch statistics, split reduction), ``normalize`` (the
 elementwise scale-shift pass), ``backward``, ``activation`` (the scale-shift
 pass fused with an activation and a residual, and its gradient).  Each
 ``launch_*`` function is the plain launcher of one pass; the kernels themselves can be launched directly with
@@ -40,7 +42,7 @@ from .backward import (
     launch_backward_cpu,
     launch_backward_cuda,
 )
-from .common import CUDASIM, block_shape, chan_merge, reduction_splits
+from .common import CUDASIM, ReductionConfig, block_shape, chan_merge, reduction_config, reduction_splits
 from .normalize import (
     affine_coefficients_cpu,
     affine_coefficients_cuda,

@@ -39,23 +39,28 @@ import numpy as np
 from numba import cuda, prange
 
 from .activation import slope
-from .common import JIT, JIT_STREAM, MAX_THREADS, channel_parts, cpu_kernel, part_of, task_channels, tree_sum2, twin
-from .half import bits, compute_dtype, narrow, widen
-from .normalize import elementwise_launch_config
-from .stats import (
-    BIAS,
+from .common import (
     CHUNK,
-    INVSTD,
-    MEAN,
-    SCALE,
+    JIT,
+    JIT_STREAM,
+    MAX_THREADS,
     block_slice,
+    channel_parts,
     coherent,
+    cpu_kernel,
     fold_rows,
     last_block,
+    part_of,
+    reduction_config,
     repeat_groups,
     row_blocks,
-    stats_launch_config,
+    task_channels,
+    tree_sum2,
+    twin,
 )
+from .half import bits, compute_dtype, narrow, widen
+from .normalize import elementwise_launch_config
+from .stats import BIAS, INVSTD, MEAN, SCALE
 from .workspace import workspace
 
 B_MEAN, B_DY, B_X, B_CONST, B_BIAS = range(5)
@@ -218,7 +223,7 @@ def backward_sums_cpu(dy, x, coef, out, act=(), z=None):
         backward_sums_inner_cpu(dy, x, coef, out, act, z)
         return
     # a 2-D view: the compiler then knows the channels are contiguous; narrow
-    # rows folded side by side (stats.fold_rows), the f partial sums added
+    # rows folded side by side (common.fold_rows), the f partial sums added
     arrays = [a[:, :, 0] for a in (dy, x, x if z is None else z)]
     folded = [fold_rows(a) for a in arrays]
     f = folded[0][1]
@@ -583,7 +588,7 @@ def launch_backward_cuda(
     is its number of True positions.
     """
     outer, C, inner = x.shape
-    _, grid, block, inner_splits, splits, columns = stats_launch_config(x.shape)
+    grid, block, inner_splits, splits, columns = reduction_config(x.shape)[1:]
     work = workspace("backward.work", (2, splits, C), np.float64)
     counter = workspace("backward.counter", (columns,), np.int32, zero=True)
     n = float(outer * inner if mask is None else count)

@@ -16,8 +16,10 @@ float32 loses nothing (unlike ``E[x^2] - E[x]^2``).
 import math
 import os
 import types
+from typing import NamedTuple
 
 import numba
+import numpy as np
 from numba import cuda
 from numba import types as nbtypes
 from numba.extending import overload
@@ -332,3 +334,134 @@ def reduction_splits(n_per_channel: int, columns: int, threads: int) -> int:
 
 def env_flag(name: str) -> str:
     return os.environ.get(name, "").strip().lower()
+
+
+# ----------------------------------------------------------------------------
+# CPU: the row blocks, chunks and folded rows of the reduction kernels
+
+#: Elements per chunk of a row summed in x's compute dtype (inner > 1; also
+#: the backward sums): short enough that float32 sums over it stay accurate.
+CHUNK = 4096
+#: Elements per sub-block of rows (channels contiguous), and most rows in
+#: one: short enough that x.dtype sums over it stay accurate, long enough to
+#: amortise its float64 merge.
+SUB_BLOCK = 1 << 16
+SUB_ROWS = 1024
+#: Channels-contiguous rows narrower than this are folded (``fold_rows``).
+FOLD_WIDTH = 512
+#: Row blocks of the CPU kernels when channels are contiguous (inner == 1):
+#: a few per core, few enough that merging their partials costs nothing ...
+ROW_BLOCKS = 32
+#: ... and none of fewer elements than this: small inputs get few blocks, so
+#: their float64 partials cost less than their work.
+BLOCK_MIN = 1 << 14
+
+
+@numba.njit(**JIT)
+def row_blocks(outer, C):
+    """(blocks, rows per block, rows per sub-block) of a channels-contiguous
+    CPU kernel over x (outer, C): at most ROW_BLOCKS blocks of at least
+    BLOCK_MIN elements, sub-blocks of SUB_BLOCK elements or SUB_ROWS rows."""
+    blocks = max(1, min(outer, ROW_BLOCKS, outer * C // BLOCK_MIN))
+    rows_per = (outer + blocks - 1) // blocks
+    blocks = (outer + rows_per - 1) // rows_per
+    return blocks, rows_per, max(1, min(rows_per, SUB_BLOCK // C, SUB_ROWS))
+
+
+def fold_rows(x):
+    """x (outer, C), C-contiguous, viewed as (outer / f, f * C): f consecutive
+    rows side by side, f the largest power of two with f * C <= FOLD_WIDTH that
+    divides outer (f = 1 where x is not contiguous).  Column g * C + c of the
+    view holds channel c: a kernel that treats the f * C columns as channels
+    computes f partial results per channel, and runs its vectorised loop over
+    rows long enough to amortise the loop's overhead (NHWC with C = 64: 1.5x)."""
+    outer, C = x.shape
+    if x.strides != (C * x.itemsize, x.itemsize):
+        return x, 1
+    f = 1
+    while 2 * f * C <= FOLD_WIDTH and outer % (2 * f) == 0:
+        f *= 2
+    return x.reshape(outer // f, f * C), f
+
+
+def repeat_groups(v, f):
+    """v (C,) repeated for f side-by-side groups of folded rows: (f * C,)."""
+    return v if f == 1 else np.tile(v, f)
+
+
+# ----------------------------------------------------------------------------
+# CUDA: the pieces of a split reduction (partials -> workspace -> last block)
+
+
+@cuda.jit(device=True)
+def block_slice(outer, inner, s, inner_splits):
+    """Rows [o0, o1) and inner range [i0, i1) of split s of a channel."""
+    outer_splits = cuda.gridDim.y // inner_splits
+    so = s // inner_splits
+    si = s - so * inner_splits
+    rows = (outer + outer_splits - 1) // outer_splits
+    cols = (inner + inner_splits - 1) // inner_splits
+    o0 = so * rows
+    i0 = si * cols
+    return o0, min(outer, o0 + rows), i0, min(inner, i0 + cols)
+
+
+@cuda.jit(device=True)
+def last_block(counter, column, splits, flag):
+    """True in every thread of the last block of ``column`` to get here.
+
+    Partials are fenced before the ticket, so the last block sees them all.
+    The last block resets the counter for the next launch."""
+    t = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    cuda.threadfence()
+    cuda.syncthreads()
+    if t == 0:
+        ticket = cuda.atomic.add(counter, column, 1)
+        flag[0] = 1 if ticket == splits - 1 else 0
+        if ticket == splits - 1:
+            counter[column] = 0
+    cuda.syncthreads()
+    return flag[0] == 1
+
+
+@cuda.jit(device=True)
+def coherent(work, k, j, c):
+    """Read work[k, j, c] through L2 (an atomic no-op), never a stale L1 line."""
+    return cuda.atomic.add(work, (k, j, c), 0)
+
+
+class ReductionConfig(NamedTuple):
+    """How a split reduction over the canonical view is launched (the
+    statistics and the backward sums share it).
+
+    regime: "inner" (threads walk the contiguous inner axis; grid (C, splits))
+    or "channels" (inner == 1: threads walk channels; grid (columns, splits)).
+    inner_splits: splits along inner ("inner" regime; None otherwise).
+    columns: blocks across channels, one ticket counter each.
+    """
+
+    regime: str
+    grid: tuple
+    block: tuple
+    inner_splits: object
+    splits: int
+    columns: int
+
+
+def reduction_config(shape) -> ReductionConfig:
+    """The split reduction's launch for a view shape (outer, C, inner)."""
+    outer, C, inner = shape
+    tx, ty = block_shape(outer, C, inner)
+    n = outer * inner
+    if inner > 1:
+        splits = reduction_splits(n, C, tx * ty)
+        # split the inner axis only as far as the rows cannot carry the split
+        inner_splits = max(1, min(-(-splits // max(1, -(-outer // ty))), -(-inner // tx)))
+        outer_splits = max(1, min(-(-splits // inner_splits), -(-outer // ty)))
+        splits = outer_splits * inner_splits
+        return ReductionConfig("inner", (C, splits), (tx, ty), inner_splits, splits, C)
+    # channels contiguous: a block covers tx channels, so only its ty threads
+    # share a channel's rows (passing tx * ty left (4096, 512) with 2 blocks)
+    columns = -(-C // tx)
+    splits = min(reduction_splits(n, columns, ty), max(1, -(-outer // ty)))
+    return ReductionConfig("channels", (columns, splits), (tx, ty), None, splits, columns)
