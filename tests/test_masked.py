@@ -229,3 +229,13 @@ def test_bad_masks_name_the_argument_and_change_nothing(backend):
     gpubn.batch_norm_forward(x, running_mean=rm, running_var=rv, training=False, mask=one, backend=backend)
     with pytest.raises(ValueError, match="mask: shape"):
         gpubn.batch_norm_forward(x, running_mean=rm, running_var=rv, training=False, mask=one.T, backend=backend)
+
+
+def test_synchronized_layer_refuses_a_mask():
+    """Not built yet: a clear error, nothing changed."""
+    MPI = pytest.importorskip("mpi4py.MPI")
+    bn = gpubn.BatchNorm(3, sync=MPI.COMM_SELF, backend="cpu", dtype="float64")
+    x = np.arange(24.0).reshape(4, 3, 2)
+    with pytest.raises(ValueError, match="mask: a synchronized layer takes no mask yet"):
+        bn(x, mask=np.ones((4, 2), bool))
+    assert bn.num_batches_tracked == 0 and (np.asarray(bn.running_mean) == 0).all()
