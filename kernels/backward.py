@@ -99,19 +99,28 @@ finish_backward_channel_cpu, finish_backward_channel_cuda = twin(finish_backward
 # compiler: each activation gets its own branch-free loop, which it vectorises.
 
 
+@numba.njit(inline="always", **JIT_STREAM)
+def _dv(dy, x, z, i, m, s, b, act):
+    """(dv, x - m) at index i of dy, x (and z): dv = dy, or with an activation
+    dy * g'(v), v = (x - m) * s + b (+ z) recomputed (m, s, b: the channel's
+    MEAN, SCALE, BIAS).  The one place of the fused arithmetic on the CPU."""
+    d = widen(x[i]) - m
+    g = widen(dy[i])
+    if len(act):  # fused: a constant to the compiler
+        v = d * s + b
+        if z is not None:
+            v += widen(z[i])
+        g = g * compute_dtype(dy)(slope(v, len(act)))
+    return g, d
+
+
 @numba.njit(**JIT_STREAM)
 def _run_sums(dy, x, z, m, s, b, act):
     """sum(dv) and sum(dv * (x - m)) of 1-D runs dy, x (and z), in their compute dtype."""
     s1 = compute_dtype(dy)(0)
     s2 = compute_dtype(dy)(0)
     for i in range(dy.shape[0]):
-        d = widen(x[i]) - m
-        g = widen(dy[i])
-        if len(act):  # fused: a constant to the compiler
-            v = d * s + b
-            if z is not None:
-                v += widen(z[i])
-            g = g * compute_dtype(dy)(slope(v, len(act)))
+        g, d = _dv(dy, x, z, i, m, s, b, act)
         s1 += g
         s2 += g * d
     return s1, s2
@@ -150,13 +159,7 @@ def backward_sums_inner_cpu(dy, x, coef, out, act, z):
 @numba.njit(inline="always", **JIT_STREAM)
 def _terms(dy, x, z, coef, o, c, act):
     """dv and dv * (x - mean) at (o, c) of 2-D dy, x, z."""
-    d = widen(x[o, c]) - coef[MEAN, c]
-    g = widen(dy[o, c])
-    if len(act):  # fused: a constant to the compiler
-        v = d * coef[SCALE, c] + coef[BIAS, c]
-        if z is not None:
-            v += widen(z[o, c])
-        g = g * compute_dtype(dy)(slope(v, len(act)))
+    g, d = _dv(dy, x, z, (o, c), coef[MEAN, c], coef[SCALE, c], coef[BIAS, c], act)
     return g, g * d
 
 
@@ -249,15 +252,9 @@ def _run_grad(dy, x, z, keep, m, a, b, k, beta, dx, dz, act):
     """dx = A * dv + w * (B * (x - m) + K) on 1-D runs (w: keep, or 1 when None);
     dv = dy, or dy * g'(v) (v = (x - m) * A + beta (+ z)), also written to dz when given."""
     for i in range(dy.shape[0]):
-        d = widen(x[i]) - m
-        g = widen(dy[i])
-        if len(act):  # fused: a constant to the compiler
-            v = d * a + beta
-            if z is not None:
-                v += widen(z[i])
-            g = g * compute_dtype(dy)(slope(v, len(act)))
-            if dz is not None:
-                dz[i] = narrow(g, dz)
+        g, d = _dv(dy, x, z, i, m, a, beta, act)
+        if dz is not None:
+            dz[i] = narrow(g, dz)
         if keep is None or keep[i]:
             dx[i] = narrow(a * g + (b * d + k), dx)
         else:
@@ -283,15 +280,9 @@ def input_grad_inner_cpu(dy, x, mask, bcoef, dx, act, z, dz):
 def _row_grad(dy, x, z, keep, bcoef, dx, dz, act):
     """One row of C contiguous channels: _run_grad with per-channel constants (keep: a bool)."""
     for c in range(x.shape[0]):
-        d = widen(x[c]) - bcoef[B_MEAN, c]
-        g = widen(dy[c])
-        if len(act):  # fused: a constant to the compiler
-            v = d * bcoef[B_DY, c] + bcoef[B_BIAS, c]
-            if z is not None:
-                v += widen(z[c])
-            g = g * compute_dtype(dy)(slope(v, len(act)))
-            if dz is not None:
-                dz[c] = narrow(g, dz)
+        g, d = _dv(dy, x, z, c, bcoef[B_MEAN, c], bcoef[B_DY, c], bcoef[B_BIAS, c], act)
+        if dz is not None:
+            dz[c] = narrow(g, dz)
         g = bcoef[B_DY, c] * g
         if keep:
             g += bcoef[B_X, c] * d + bcoef[B_CONST, c]
