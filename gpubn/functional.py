@@ -35,24 +35,23 @@ from ._backend import resolve_backend
 from .kernels import activation as _act
 from .kernels import backward as _bw
 from .kernels import normalize as _nz
+from .kernels import onepass as _op
 from .kernels import stats as _st
 from .kernels.half import bits as _bits
 from .kernels.workspace import device_empty, host_empty
 
 _ENGINES = {
     "cpu": SimpleNamespace(
-        stats=_st.launch_stats_cpu,
+        forward_train=_op.launch_forward_train_cpu,
         affine=_nz.launch_affine_coefficients_cpu,
-        scale_shift=_nz.launch_scale_shift_cpu,
-        scale_shift_act=_act.launch_scale_shift_act_cpu,
+        normalize=_op.launch_normalize_cpu,
         backward=_bw.launch_backward_cpu,
     ),
     "cuda": SimpleNamespace(
-        stats=_st.launch_stats_cuda,
+        forward_train=_op.launch_forward_train_cuda,  # one launch for small channels, else split passes
         affine=_nz.launch_affine_coefficients_cuda,
-        scale_shift=_nz.launch_scale_shift_cuda,
-        scale_shift_act=_act.launch_scale_shift_act_cuda,
-        backward=_bw.launch_backward_cuda,
+        normalize=_op.launch_normalize_cuda,
+        backward=_op.launch_backward_any_cuda,  # likewise
     ),
 }
 
@@ -200,13 +199,14 @@ def _stats_of(inp: _Input, mask=None):
     zeros = channel_vector(None, "beta", C, inp.acc, inp.backend, fill=0.0)
     coef = inp.empty(rows=5)
     unused = inp.empty(rows=2)  # the running statistics' place (update=False: never written)
-    _ENGINES[inp.backend].stats(inp.view, coef, ones, zeros, unused[0], unused[1], 0.0, 0.0, False, **_mask_args(mask))
+    eng = _ENGINES[inp.backend]
+    eng.forward_train(inp.view, coef, ones, zeros, unused[0], unused[1], 0.0, 0.0, False, None, **_mask_args(mask))
     return coef[_st.MEAN], coef[_st.VAR]
 
 
 def _mask_args(m: _Mask) -> dict:
     """The launchers' keyword arguments for a mask (none without one)."""
-    return {} if m is None else {"mask": m.view, "origin": m.origin}
+    return {} if m is None else {"mask": m.view, "origin": m.origin, "count": m.count}
 
 
 def normalize(x, mean, var, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1, backend=None):
@@ -233,7 +233,7 @@ def normalize(x, mean, var, gamma=None, beta=None, eps: float = 1e-5, axis: int 
     coef = inp.empty(rows=5)
     eng.affine(*vec, eps, coef)
     y = inp.empty()
-    eng.scale_shift(inp.view, coef, y.reshape(*inp.shape3))
+    eng.normalize(inp.view, coef, y.reshape(*inp.shape3))
     return inp.deliver(y)
 
 
@@ -361,24 +361,21 @@ def batch_norm_forward(
     inp = _materialize(inp)
     eng = _ENGINES[inp.backend]
     coef = _coef if _buffer_fits(_coef, inp, 5) else inp.empty(rows=5)
-    if training:
+    y = inp.empty()
+    y3 = y.reshape(*inp.shape3)
+    if training:  # statistics, running statistics and y: one launch for small channels on the GPU
         unused = None if update else inp.empty(rows=2)  # no caller's array, no shared constant, in their place
-        eng.stats(
+        eng.forward_train(
             inp.view, coef, g, b,
             rm.work if update else unused[0], rv.work if update else unused[1],
-            eps, momentum if update else 0.0, update, **_mask_args(m),
+            eps, momentum if update else 0.0, update, y3, act=act, z=z, **_mask_args(m),
         )  # fmt: skip
         if update:
             rm.commit()
             rv.commit()
     else:
         eng.affine(rm.work, rv.work, g, b, eps, coef)
-    y = inp.empty()
-    if act or z is not None:
-        zv = inp.view if z is None else z  # x stands in for an absent residual: never read
-        eng.scale_shift_act(inp.view, zv, coef, act, z is not None, y.reshape(*inp.shape3))
-    else:
-        eng.scale_shift(inp.view, coef, y.reshape(*inp.shape3))
+        eng.normalize(inp.view, coef, y3, act, z)
     return inp.deliver(y), ForwardCache(inp, coef, training, act, z, m)
 
 

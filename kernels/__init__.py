@@ -11,7 +11,9 @@ Modules: ``common`` (the merges, and the pieces every split reduction shares:
 row blocks and chunks on the CPU, ``reduction_config`` and the last-block
 ticket on the GPU), ``stats`` (batch statistics, split reduction), ``normalize`` (the
 elementwise scale-shift pass), ``backward``, ``activation`` (the scale-shift
-pass fused with an activation and a residual, and its gradient).  Each
+pass fused with an activation and a residual, and its gradient), ``onepass``
+(small and mid tensors: a block owns whole channels, one launch per pass; its
+launchers choose between that and the split passes).  Each
 ``launch_*`` function is the plain launcher of one pass; the kernels themselves can be launched directly with
 an explicit grid and block (see ``examples/kernels_direct.py``).
 """
@@ -56,6 +58,20 @@ from .normalize import (
     scale_shift_cuda_channels,
     scale_shift_cuda_inner,
     scale_shift_inner_cpu,
+)
+from .onepass import (
+    ONE_PASS_MAX,
+    backward_onepass_cuda_channels,
+    backward_onepass_cuda_inner,
+    forward_onepass_cuda_channels,
+    forward_onepass_cuda_inner,
+    launch_backward_any_cuda,
+    launch_forward_train_cpu,
+    launch_forward_train_cuda,
+    launch_normalize_cpu,
+    launch_normalize_cuda,
+    one_pass,
+    one_pass_config,
 )
 from .stats import (
     BIAS,

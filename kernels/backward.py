@@ -90,6 +90,24 @@ def finish_backward_channel(c, n, sum_dy, sum_dyx, coef, training, bcoef, dgamma
 finish_backward_channel_cpu, finish_backward_channel_cuda = twin(finish_backward_channel)
 
 
+@cuda.jit(device=True)
+def dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act):
+    """(dv, x - m) at [o, c, i] of dy, x (and z), in coef's dtype: dv = dy, or
+    with an activation dy * g'(v), v = (x - m) * sc + b (+ z) recomputed (m,
+    sc, b: the channel's MEAN, SCALE, BIAS).  The one place of the fused
+    arithmetic on the GPU (``_dv`` is the CPU's); act None and z None remove
+    their branches at compile time."""
+    acc = coef.dtype.type
+    g = acc(dy[o, c, i])
+    d = acc(x[o, c, i]) - m
+    if act is not None:
+        v = d * sc + b
+        if z is not None:
+            v += acc(z[o, c, i])
+        g *= acc(slope(v, act))
+    return g, d
+
+
 # ----------------------------------------------------------------------------
 # CPU twin
 #
@@ -386,13 +404,7 @@ def backward_sums_cuda_inner(
     s2 = acc(0)
     for o in range(o0 + ty, o1, TY):
         for i in range(i0 + tx, i1, TX):
-            g = acc(dy[o, c, i])
-            d = acc(x[o, c, i]) - m
-            if act is not None:  # dv = dy * g'(v)
-                v = d * sc + b
-                if z is not None:
-                    v += acc(z[o, c, i])
-                g *= acc(slope(v, act))
+            g, d = dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act)
             s1 += g
             s2 += g * d
 
@@ -456,13 +468,7 @@ def backward_sums_cuda_channels(
         sc = coef[SCALE, c]
         b = coef[BIAS, c]
         for o in range(o0 + ty, o1, TY):
-            g = acc(dy[o, c, 0])
-            d = acc(x[o, c, 0]) - m
-            if act is not None:
-                v = d * sc + b
-                if z is not None:
-                    v += acc(z[o, c, 0])
-                g *= acc(slope(v, act))
+            g, d = dv_cuda(dy, x, z, o, c, 0, coef, m, sc, b, act)
             s1 += g
             s2 += g * d
 
@@ -514,17 +520,10 @@ def input_grad_cuda_inner(
         b = bcoef[B_X, c]
         k = bcoef[B_CONST, c]
         beta = bcoef[B_BIAS, c]
-        acc = bcoef.dtype.type
         for i in range(cuda.blockIdx.x * TX + tx, inner, cuda.gridDim.x * TX):
-            g = acc(dy[o, c, i])
-            d = acc(x[o, c, i]) - m
-            if act is not None:
-                v = d * a + beta
-                if z is not None:
-                    v += acc(z[o, c, i])
-                g *= acc(slope(v, act))
-                if dz is not None:
-                    dz[o, c, i] = g
+            g, d = dv_cuda(dy, x, z, o, c, i, bcoef, m, a, beta, act)
+            if dz is not None:
+                dz[o, c, i] = g
             g = a * g
             if mask is None or mask[o, i]:
                 g += b * d + k
@@ -551,18 +550,11 @@ def input_grad_cuda_channels(
         b = bcoef[B_X, c]
         k = bcoef[B_CONST, c]
         beta = bcoef[B_BIAS, c]
-        acc = bcoef.dtype.type
         TY = cuda.blockDim.y
         for o in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, outer, cuda.gridDim.y * TY):
-            g = acc(dy[o, c, 0])
-            d = acc(x[o, c, 0]) - m
-            if act is not None:
-                v = d * a + beta
-                if z is not None:
-                    v += acc(z[o, c, 0])
-                g *= acc(slope(v, act))
-                if dz is not None:
-                    dz[o, c, 0] = g
+            g, d = dv_cuda(dy, x, z, o, c, 0, bcoef, m, a, beta, act)
+            if dz is not None:
+                dz[o, c, 0] = g
             g = a * g
             if mask is None or mask[o, 0]:
                 g += b * d + k

@@ -56,6 +56,10 @@ def main():
             K.input_grad_cuda_channels: (x3, strided, MASK, m2, x3, ACT, Z, Z),
             K.scale_shift_act_cuda_inner: (x3, x3, m2, i64, flag, x3),
             K.scale_shift_act_cuda_channels: (strided, x3, m2, i64, flag, x3),
+            K.forward_onepass_cuda_inner: (x3, MASK, i64, f64, m2, v, v, v, v, acc, acc, flag, i64, Z, x3),
+            K.forward_onepass_cuda_channels: (strided, MASK, i64, f64, m2, v, v, v, v, acc, acc, flag, i64, Z, x3),
+            K.backward_onepass_cuda_inner: (x3, x3, MASK, m2, m2, v, v, flag, f64, ACT, Z, x3, Z),
+            K.backward_onepass_cuda_channels: (x3, strided, MASK, m2, m2, v, v, flag, f64, ACT, Z, x3, Z),
         }
         for kernel, sig in signatures.items():
             sizes = []

@@ -23,6 +23,10 @@ CUDA_KERNELS = [
     "input_grad_cuda_channels",
     "scale_shift_act_cuda_inner",
     "scale_shift_act_cuda_channels",
+    "forward_onepass_cuda_inner",
+    "forward_onepass_cuda_channels",
+    "backward_onepass_cuda_inner",
+    "backward_onepass_cuda_channels",
 ]
 
 

@@ -1,0 +1,440 @@
+"""Small and mid tensors: one launch per pass, a block owning whole channels.
+
+When a channel holds few values (at most ``ONE_PASS_MAX`` per channel), the
+split reduction's machinery (partials in a workspace, a ticket, a last block,
+then a second launch for the elementwise pass) costs more than the work.  Here
+one block owns whole channels, reduces them, computes the per-channel
+constants and applies them, re-reading its channels from L1/L2 instead of
+handing partials to another launch.  Forward (training), for channel c with
+its n counted values (the True positions of a mask, or all of them):
+
+    1.  S    = sum(x - K)                      K: one counted value of the channel
+        mean = K + S / n                       (S per thread in the compute
+                                                dtype, float64 across threads)
+    2.  D = sum(x - mean),  Q = sum((x - mean)**2)
+        M2 = Q - D**2 / n                      the corrected two-pass variance:
+                                               no cancellation at any offset
+        then one thread: coef[:, c] and the running statistics
+        (``stats.finish_channel``, the split path's own finalize)
+    3.  y = g((x - mean) * scale + bias (+ z))  (y None: statistics only)
+
+Backward, for channel c (``backward.py`` has the derivation):
+
+    1.  s1 = sum(dv),  s2 = sum(dv * (x - mean))     dv = dy, or dy * g'(v)
+        then one thread: dgamma, dbeta, bcoef[:, c]
+        (``backward.finish_backward_channel``)
+    2.  dx = A * dv + w * (B * (x - mean) + K)
+
+Traffic: x (and dy) come from DRAM once; the re-reads hit L1/L2 while the
+tensor is small, so the forward moves ~2B and the backward ~3B (B = x.nbytes)
+in one launch, against 3B and 5B in two launches for the split path.
+
+Two access regimes, as everywhere (``kernels/__init__.py``):
+``*_onepass_cuda_inner`` (inner > 1: grid (C,), a block per channel, threads
+over (rows, inner)) and ``*_onepass_cuda_channels`` (inner == 1: grid
+(ceil(C / TX),), a block per tile of TX contiguous channels, TY threads per
+channel walking its rows).
+
+The launchers here choose between these kernels and the split passes
+(``stats.py``, ``normalize.py``, ``activation.py``, ``backward.py``) by the
+values per channel (``one_pass``).
+"""
+
+import numba
+from numba import cuda
+
+from . import common
+from .activation import activate, launch_scale_shift_act_cpu, launch_scale_shift_act_cuda
+from .backward import B_CONST, B_DY, B_X, dv_cuda, finish_backward_channel_cuda, launch_backward_cuda
+from .common import CUDASIM, MAX_THREADS, block_shape, next_pow2, tree_sum2
+from .normalize import launch_scale_shift_cpu, launch_scale_shift_cuda
+from .stats import BIAS, MEAN, SCALE, finish_channel_cuda, launch_stats_cpu, launch_stats_cuda
+
+#: Most values per channel for which one block owns a channel (one launch per
+#: pass).  On a GPU: (32, 2048, 7, 7) (1568 per channel) and (4096, 512)
+#: (4096 per channel) take one launch; (64, 256, 28, 28) (50 176) takes the
+#: split path.  Chosen from the shapes, NOT yet measured on a card (the design
+#: probe, design.md 4.2, ran one launch of this kind at 39 us on (4096, 512)
+#: against torch's 59 us).  The simulator gets a small limit so that its tiny
+#: test shapes run both paths.
+ONE_PASS_MAX_GPU = 1 << 14
+ONE_PASS_MAX = 64 if CUDASIM else ONE_PASS_MAX_GPU
+
+
+def one_pass(shape) -> bool:
+    """Whether a canonical view (outer, C, inner) takes the one-launch kernels."""
+    outer, _, inner = shape
+    return outer * inner <= ONE_PASS_MAX
+
+
+def one_pass_config(shape):
+    """(regime, grid, block) of the one-launch kernels for a view shape.
+
+    inner > 1: a block per channel, TX threads along inner (``block_shape``).
+    inner == 1: a block per tile of TX <= 32 channels (a warp reads 32
+    contiguous values), the other threads of the block walking the rows.
+    """
+    outer, C, inner = shape
+    if inner > 1:
+        return "inner", (C,), block_shape(outer, C, inner)
+    if common.BLOCK_OVERRIDE is not None:
+        tx, ty = common.BLOCK_OVERRIDE
+    else:
+        tx = min(32, next_pow2(C))
+        ty = MAX_THREADS // tx
+    return "channels", (-(-C // tx),), (tx, ty)
+
+
+# ----------------------------------------------------------------------------
+# forward
+
+
+@cuda.jit
+def forward_onepass_cuda_inner(
+    x,  # (outer, C, inner) input, float16/32/64
+    mask,  # None, or (outer, inner) bool: only True positions give the statistics
+    origin,  # int: flat (o * inner + i) index of a counted position (0 without a mask)
+    n,  # float: counted values per channel
+    coef,  # (5, C) out: MEAN, VAR, INVSTD, SCALE, BIAS (accumulation dtype)
+    gamma,  # (C,)
+    beta,  # (C,)
+    rmean,  # (C,) running mean, updated in place when update
+    rvar,  # (C,) running (unbiased) variance, updated in place when update
+    eps,  # float
+    momentum,  # float
+    update,  # bool
+    act,  # int: an ACTIVATIONS code (0: none)
+    z,  # None, or (outer, C, inner) residual added before the activation
+    y,  # None (statistics only), or (outer, C, inner) out, x's dtype
+):
+    """Grid (C,), block (TX, TY): block c owns channel c."""
+    outer, C, inner = x.shape
+    acc = coef.dtype.type
+    c = cuda.blockIdx.x
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    t = ty * TX + tx
+    a1 = cuda.shared.array(MAX_THREADS, numba.float64)
+    a2 = cuda.shared.array(MAX_THREADS, numba.float64)
+
+    ob = origin // inner
+    k = acc(x[ob, c, origin - ob * inner])
+    s = acc(0)
+    for o in range(ty, outer, TY):
+        for i in range(tx, inner, TX):
+            if mask is None or mask[o, i]:
+                s += acc(x[o, c, i]) - k
+    a1[t] = s
+    a2[t] = 0.0
+    cuda.syncthreads()
+    tree_sum2(a1, a2, t, 0, 1, TX * TY)
+    dm = acc(a1[0] / n)  # mean - K
+    cuda.syncthreads()  # every thread has read a1[0]
+
+    d1 = acc(0)
+    d2 = acc(0)
+    for o in range(ty, outer, TY):
+        for i in range(tx, inner, TX):
+            if mask is None or mask[o, i]:
+                d = (acc(x[o, c, i]) - k) - dm
+                d1 += d
+                d2 += d * d
+    a1[t] = d1
+    a2[t] = d2
+    cuda.syncthreads()
+    tree_sum2(a1, a2, t, 0, 1, TX * TY)
+    if t == 0:
+        q = a1[0] / n
+        mean = (numba.float64(k) + numba.float64(dm)) + q
+        finish_channel_cuda(c, n, mean, a2[0] - a1[0] * q, coef, gamma, beta, rmean, rvar, eps, momentum, update)
+    cuda.syncthreads()  # coef[:, c] written (visible to the block after the barrier)
+
+    if y is not None:
+        m = coef[MEAN, c]
+        sc = coef[SCALE, c]
+        b = coef[BIAS, c]
+        for o in range(ty, outer, TY):
+            for i in range(tx, inner, TX):
+                v = (acc(x[o, c, i]) - m) * sc + b
+                if z is not None:
+                    v += acc(z[o, c, i])
+                y[o, c, i] = activate(v, act)
+
+
+@cuda.jit
+def forward_onepass_cuda_channels(
+    x,  # (outer, C, 1) input, channels contiguous
+    mask,  # None, or (outer, 1) bool: only True rows give the statistics
+    origin,  # int: a counted row (0 without a mask)
+    n,  # float: counted values per channel
+    coef,  # (5, C) out: MEAN, VAR, INVSTD, SCALE, BIAS
+    gamma,  # (C,)
+    beta,  # (C,)
+    rmean,  # (C,) running mean
+    rvar,  # (C,) running variance
+    eps,  # float
+    momentum,  # float
+    update,  # bool
+    act,  # int: an ACTIVATIONS code (0: none)
+    z,  # None, or (outer, C, 1) residual
+    y,  # None (statistics only), or (outer, C, 1) out
+):
+    """Grid (ceil(C / TX),), block (TX, TY): thread (tx, ty) of block ``tile``
+    walks rows ty, ty + TY, ... of channel tile * TX + tx."""
+    outer, C, _ = x.shape
+    acc = coef.dtype.type
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    t = ty * TX + tx
+    c = cuda.blockIdx.x * TX + tx
+    a1 = cuda.shared.array(MAX_THREADS, numba.float64)
+    a2 = cuda.shared.array(MAX_THREADS, numba.float64)
+
+    k = acc(0)
+    s = acc(0)
+    if c < C:
+        k = acc(x[origin, c, 0])
+        for o in range(ty, outer, TY):
+            if mask is None or mask[o, 0]:
+                s += acc(x[o, c, 0]) - k
+    a1[t] = s
+    a2[t] = 0.0
+    cuda.syncthreads()
+    tree_sum2(a1, a2, ty, tx, TX, TY)
+    dm = acc(a1[tx] / n)  # mean - K
+    cuda.syncthreads()
+
+    d1 = acc(0)
+    d2 = acc(0)
+    if c < C:
+        for o in range(ty, outer, TY):
+            if mask is None or mask[o, 0]:
+                d = (acc(x[o, c, 0]) - k) - dm
+                d1 += d
+                d2 += d * d
+    a1[t] = d1
+    a2[t] = d2
+    cuda.syncthreads()
+    tree_sum2(a1, a2, ty, tx, TX, TY)
+    if ty == 0 and c < C:
+        q = a1[tx] / n
+        mean = (numba.float64(k) + numba.float64(dm)) + q
+        finish_channel_cuda(c, n, mean, a2[tx] - a1[tx] * q, coef, gamma, beta, rmean, rvar, eps, momentum, update)
+    cuda.syncthreads()
+
+    if y is not None and c < C:
+        m = coef[MEAN, c]
+        sc = coef[SCALE, c]
+        b = coef[BIAS, c]
+        for o in range(ty, outer, TY):
+            v = (acc(x[o, c, 0]) - m) * sc + b
+            if z is not None:
+                v += acc(z[o, c, 0])
+            y[o, c, 0] = activate(v, act)
+
+
+# ----------------------------------------------------------------------------
+# backward
+
+
+@cuda.jit
+def backward_onepass_cuda_inner(
+    dy,  # (outer, C, inner) upstream gradient
+    x,  # (outer, C, inner) forward input
+    mask,  # None, or (outer, inner) bool: positions that gave the statistics (training only)
+    coef,  # (5, C) forward constants (MEAN, VAR, INVSTD, SCALE, BIAS)
+    bcoef,  # (5, C) out: MEAN, A, B, K, BIAS
+    dgamma,  # (C,) out
+    dbeta,  # (C,) out
+    training,  # bool: the statistics came from this batch
+    n,  # float: values per channel the statistics came from
+    act,  # None, or an ACTIVATIONS code: dy is the gradient w.r.t. g(v)
+    z,  # None, or (outer, C, inner) the forward's residual (with act)
+    dx,  # (outer, C, inner) out
+    dz,  # None, or (outer, C, inner) out: dv, the residual's gradient (with act)
+):
+    """Grid (C,), block (TX, TY): block c owns channel c."""
+    outer, C, inner = x.shape
+    acc = coef.dtype.type
+    c = cuda.blockIdx.x
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    t = ty * TX + tx
+    m = coef[MEAN, c]
+    sc = coef[SCALE, c]
+    b = coef[BIAS, c]
+    s1 = acc(0)
+    s2 = acc(0)
+    for o in range(ty, outer, TY):
+        for i in range(tx, inner, TX):
+            g, d = dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act)
+            s1 += g
+            s2 += g * d
+    a1 = cuda.shared.array(MAX_THREADS, numba.float64)
+    a2 = cuda.shared.array(MAX_THREADS, numba.float64)
+    a1[t] = s1
+    a2[t] = s2
+    cuda.syncthreads()
+    tree_sum2(a1, a2, t, 0, 1, TX * TY)
+    if t == 0:
+        finish_backward_channel_cuda(c, n, a1[0], a2[0], coef, training, bcoef, dgamma, dbeta)
+    cuda.syncthreads()  # bcoef[:, c] written
+
+    a = bcoef[B_DY, c]
+    bx = bcoef[B_X, c]
+    kc = bcoef[B_CONST, c]
+    for o in range(ty, outer, TY):
+        for i in range(tx, inner, TX):
+            g, d = dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act)
+            if dz is not None:
+                dz[o, c, i] = g
+            g = a * g
+            if mask is None or mask[o, i]:
+                g += bx * d + kc
+            dx[o, c, i] = g
+
+
+@cuda.jit
+def backward_onepass_cuda_channels(
+    dy,  # (outer, C, 1) upstream gradient, channels contiguous
+    x,  # (outer, C, 1) forward input
+    mask,  # None, or (outer, 1) bool: rows that gave the statistics (training only)
+    coef,  # (5, C) forward constants
+    bcoef,  # (5, C) out: MEAN, A, B, K, BIAS
+    dgamma,  # (C,) out
+    dbeta,  # (C,) out
+    training,  # bool
+    n,  # float
+    act,  # None, or an ACTIVATIONS code
+    z,  # None, or (outer, C, 1) the forward's residual (with act)
+    dx,  # (outer, C, 1) out
+    dz,  # None, or (outer, C, 1) out: dv (with act)
+):
+    """Grid (ceil(C / TX),), block (TX, TY), as forward_onepass_cuda_channels."""
+    outer, C, _ = x.shape
+    acc = coef.dtype.type
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    t = ty * TX + tx
+    c = cuda.blockIdx.x * TX + tx
+    s1 = acc(0)
+    s2 = acc(0)
+    m = acc(0)
+    sc = acc(0)
+    b = acc(0)
+    if c < C:
+        m = coef[MEAN, c]
+        sc = coef[SCALE, c]
+        b = coef[BIAS, c]
+        for o in range(ty, outer, TY):
+            g, d = dv_cuda(dy, x, z, o, c, 0, coef, m, sc, b, act)
+            s1 += g
+            s2 += g * d
+    a1 = cuda.shared.array(MAX_THREADS, numba.float64)
+    a2 = cuda.shared.array(MAX_THREADS, numba.float64)
+    a1[t] = s1
+    a2[t] = s2
+    cuda.syncthreads()
+    tree_sum2(a1, a2, ty, tx, TX, TY)
+    if ty == 0 and c < C:
+        finish_backward_channel_cuda(c, n, a1[tx], a2[tx], coef, training, bcoef, dgamma, dbeta)
+    cuda.syncthreads()
+
+    if c < C:
+        a = bcoef[B_DY, c]
+        bx = bcoef[B_X, c]
+        kc = bcoef[B_CONST, c]
+        for o in range(ty, outer, TY):
+            g, d = dv_cuda(dy, x, z, o, c, 0, coef, m, sc, b, act)
+            if dz is not None:
+                dz[o, c, 0] = g
+            g = a * g
+            if mask is None or mask[o, 0]:
+                g += bx * d + kc
+            dx[o, c, 0] = g
+
+
+# ----------------------------------------------------------------------------
+# launchers: one launch, or the split passes
+
+
+def launch_normalize_cpu(x, coef, y, act=0, z=None):
+    """The elementwise pass y = g((x - mean) * scale + bias (+ z)) on the CPU:
+    plain scale-shift without an activation and residual."""
+    if act or z is not None:
+        launch_scale_shift_act_cpu(x, x if z is None else z, coef, act, z is not None, y)
+    else:
+        launch_scale_shift_cpu(x, coef, y)
+
+
+def launch_normalize_cuda(x, coef, y, act=0, z=None, stream=0):
+    """launch_normalize_cpu on device arrays (x itself stands in for an absent z: never read)."""
+    if act or z is not None:
+        launch_scale_shift_act_cuda(x, x if z is None else z, coef, act, z is not None, y, stream=stream)
+    else:
+        launch_scale_shift_cuda(x, coef, y, stream=stream)
+
+
+def launch_forward_train_cpu(
+    x, coef, gamma, beta, rmean, rvar, eps, momentum, update, y, act=0, z=None, mask=None, origin=0, count=None
+):
+    """Training forward on the CPU: statistics (``launch_stats_cpu``), then the
+    elementwise pass into y (None: statistics only).  Args as
+    launch_forward_train_cuda, NumPy arrays (origin and count unused here)."""
+    launch_stats_cpu(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask=mask)
+    if y is not None:
+        launch_normalize_cpu(x, coef, y, act, z)
+
+
+def launch_forward_train_cuda(
+    x, coef, gamma, beta, rmean, rvar, eps, momentum, update, y, act=0, z=None, mask=None, origin=0, count=None,
+    stream=0,
+):  # fmt: skip
+    """Training forward on the GPU: one launch where a channel fits a block
+    (``one_pass``), else the statistics' split reduction and the elementwise pass.
+
+    Args:
+        x: (outer, C, inner) device array, float16/32/64.
+        coef: (5, C) out, the accumulation dtype (float64 for float64 x, else
+            float32): MEAN, VAR, INVSTD, SCALE, BIAS.
+        gamma, beta, rmean, rvar: (C,) device arrays of the accumulation dtype;
+            rmean/rvar updated in place when ``update``.
+        eps, momentum: floats.  update: bool.
+        y: None (statistics only), or (outer, C, inner) out, x's dtype:
+            g((x - mean) * scale + beta (+ z)).
+        act: an ACTIVATIONS code (0: none).  z: None, or the residual, like x.
+        mask: None, or (outer, inner) bool device array: statistics from its
+            True positions; origin: flat index of one of them; count: how many.
+    """
+    outer, C, inner = x.shape
+    if not one_pass(x.shape):
+        launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask, origin, stream)
+        if y is not None:
+            launch_normalize_cuda(x, coef, y, act, z, stream)
+        return
+    regime, grid, block = one_pass_config(x.shape)
+    kernel = forward_onepass_cuda_inner if regime == "inner" else forward_onepass_cuda_channels
+    acc = coef.dtype.type
+    n = float(outer * inner if mask is None else count)
+    kernel[grid, block, stream](
+        x, mask, int(origin), n, coef, gamma, beta, rmean, rvar, acc(eps), acc(momentum), bool(update), int(act), z, y
+    )
+
+
+def launch_backward_any_cuda(
+    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0
+):
+    """The backward on the GPU: one launch where a channel fits a block
+    (``one_pass``), else ``backward.launch_backward_cuda`` (two launches).
+    Args as launch_backward_cuda."""
+    if not one_pass(x.shape):
+        launch_backward_cuda(dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask, count, act, z, dz, stream)
+        return
+    outer, C, inner = x.shape
+    regime, grid, block = one_pass_config(x.shape)
+    kernel = backward_onepass_cuda_inner if regime == "inner" else backward_onepass_cuda_channels
+    n = float(outer * inner if mask is None else count)
+    code = len(act) or None  # None: plain batch norm, the activation's branch removed at compile time
+    kernel[grid, block, stream](
+        dy, x, mask if training else None, coef, bcoef, dgamma, dbeta, bool(training), n, code, z, dx, dz
+    )
