@@ -57,6 +57,7 @@ from .normalize import (
     scale_shift_cpu,
     scale_shift_cuda_channels,
     scale_shift_cuda_inner,
+    scale_shift_cuda_vec4,
     scale_shift_inner_cpu,
 )
 from .onepass import (

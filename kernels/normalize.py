@@ -19,11 +19,13 @@ digits to cancellation, and a constant channel maps to exactly ``beta``.
 import math
 
 import numba
+import numpy as np
 from numba import cuda, prange
 
 from .common import JIT, block_shape, channel_parts, cpu_kernel, sm_count, task_channels, twin
 from .half import bits, narrow, widen
 from .stats import BIAS, INVSTD, MEAN, SCALE, VAR
+from .vector import aligned16, load4, store4
 
 # ----------------------------------------------------------------------------
 # per-channel constants from given statistics
@@ -140,6 +142,46 @@ def scale_shift_cuda_channels(
             y[o, c, 0] = (x[o, c, 0] - m) * s + b
 
 
+@cuda.jit
+def scale_shift_cuda_vec4(
+    x,  # (outer * C * inner,) float32 input: the C-contiguous view, flat, 16-byte aligned
+    coef,  # (5, C) float32 per-channel MEAN, SCALE, BIAS
+    y,  # (outer * C * inner,) float32 out, 16-byte aligned
+    inner,  # int: a multiple of 4, so that every row starts 16-byte aligned
+):
+    """scale_shift_cuda_inner with 16-byte loads and stores: thread (tx, ty)
+    takes quads of four values along a row (grid.x over quads, grid.y over
+    rows), each one ``ld.global.v4.f32`` and one ``st.global.v4.f32``."""
+    C = coef.shape[1]
+    rows = x.shape[0] // inner
+    quads = inner // 4
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    for r in range(cuda.blockIdx.y * TY + ty, rows, cuda.gridDim.y * TY):
+        c = r - (r // C) * C
+        m = coef[MEAN, c]
+        s = coef[SCALE, c]
+        b = coef[BIAS, c]
+        base = r * inner
+        for q in range(cuda.blockIdx.x * TX + tx, quads, cuda.gridDim.x * TX):
+            k = base + 4 * q
+            v0, v1, v2, v3 = load4(x, k)
+            store4(y, k, (v0 - m) * s + b, (v1 - m) * s + b, (v2 - m) * s + b, (v3 - m) * s + b)
+
+
+def vec4_fits(x, y) -> bool:
+    """Whether ``scale_shift_cuda_vec4`` can take x and y (outer, C, inner):
+    float32, C-contiguous, inner a multiple of 4, both 16-byte aligned."""
+    return (
+        x.dtype == np.float32
+        and y.dtype == np.float32
+        and x.shape[2] % 4 == 0
+        and x.is_c_contiguous()
+        and y.is_c_contiguous()
+        and aligned16(x, y)
+    )
+
+
 def elementwise_launch_config(shape):
     """(regime, grid, block) for an elementwise pass over a canonical view.
 
@@ -173,6 +215,12 @@ def launch_scale_shift_cuda(x, coef, y, stream=0):
     x, y: (outer, C, inner) device arrays (float16/32/64; y may be x for in place);
     coef: (5, C) device array of the accumulation dtype.
     """
+    outer, C, inner = x.shape
+    if inner > 1 and vec4_fits(x, y):  # quads of four along inner: 16-byte loads
+        _, grid, block = elementwise_launch_config((outer, C, inner // 4))
+        size = outer * C * inner
+        scale_shift_cuda_vec4[grid, block, stream](x.reshape(size), coef, y.reshape(size), inner)
+        return
     regime, grid, block = elementwise_launch_config(x.shape)
     kernel = scale_shift_cuda_inner if regime == "inner" else scale_shift_cuda_channels
     kernel[grid, block, stream](x, coef, y)

@@ -72,6 +72,17 @@ def main():
                     print(f"{kernel.py_func.__name__} {xt} {concrete}: uses local memory")
                     status = 1
             print(f"{kernel.py_func.__name__:28s} {str(xt):8s} sm_{cc[0]}{cc[1]} {' / '.join(sizes)} chars of PTX")
+
+    # float32 only: 16-byte loads and stores (kernels/vector.py), which must be
+    # in the PTX as v4 instructions, not split into scalar ones
+    f1, m2 = types.float32[::1], types.float32[:, ::1]
+    for kernel, sig in {K.scale_shift_cuda_vec4: (f1, m2, f1, types.int64)}.items():
+        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
+        vector = all(op in ptx for op in ("ld.global.v4.f32", "st.global.v4.f32"))
+        if not vector or ".local" in ptx:
+            print(f"{kernel.py_func.__name__}: v4 loads and stores {vector}, local memory {'.local' in ptx}")
+            status = 1
+        print(f"{kernel.py_func.__name__:28s} float32  sm_{cc[0]}{cc[1]} {len(ptx):7d} chars of PTX, v4 loads/stores")
     return status
 
 

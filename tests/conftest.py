@@ -48,3 +48,23 @@ def backend(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+class _Spy:
+    """A CUDA kernel that records its name each time it is configured for a launch."""
+
+    def __init__(self, kernel, name, seen):
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, config):
+        self.seen.append(self.name)
+        return self.kernel[config]
+
+
+def spy_launches(monkeypatch, module, names) -> list:
+    """Replace the kernels ``names`` of ``module`` by spies; returns the list
+    of the names launched (in order) while the test runs."""
+    seen = []
+    for name in names:
+        monkeypatch.setattr(module, name, _Spy(getattr(module, name), name, seen))
+    return seen

@@ -8,7 +8,7 @@ import pytest
 import gpubn
 from gpubn.kernels import common, onepass
 
-from conftest import SIM
+from conftest import SIM, spy_launches
 from reference import backward, forward, running_update, tol
 
 # (shape, feature axis): both regimes (inner > 1, inner == 1), awkward sizes
@@ -28,21 +28,8 @@ KERNELS = [f"{p}_onepass_cuda_{r}" for p in ("forward", "backward") for r in ("i
 
 
 def _launched(monkeypatch):
-    """Names of the CUDA kernels launched, recorded while the test runs."""
-    seen = []
-    for name in KERNELS:
-        kernel = getattr(onepass, name)
-
-        class Spy:
-            def __init__(self, k=kernel, n=name):
-                self.k, self.n = k, n
-
-            def __getitem__(self, config):
-                seen.append(self.n)
-                return self.k[config]
-
-        monkeypatch.setattr(onepass, name, Spy())
-    return seen
+    """Names of the one-launch kernels launched, recorded while the test runs."""
+    return spy_launches(monkeypatch, onepass, KERNELS)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])

@@ -1,5 +1,6 @@
 """Every CUDA kernel compiles for real hardware (sm_80, sm_90), even without a GPU,
-without local memory (compile_ptx.py exits 1 when a kernel's PTX has a stack frame)."""
+without local memory (compile_ptx.py exits 1 when a kernel's PTX has a stack frame),
+and the 16-byte-load kernels with ld/st.global.v4.f32 (exit 1 without them)."""
 
 import os
 import subprocess
@@ -28,12 +29,14 @@ CUDA_KERNELS = [
     "backward_onepass_cuda_inner",
     "backward_onepass_cuda_channels",
 ]
+#: float32 kernels with 16-byte loads: compiled once, their PTX must hold v4 instructions
+VECTOR_KERNELS = ["scale_shift_cuda_vec4"]
 
 
 def test_kernel_list_is_complete():
     """The compile check covers every CUDA kernel the package exports."""
     exported = sorted(name for name in dir(K) if "_cuda" in name and hasattr(getattr(K, name), "py_func"))
-    assert exported == sorted(CUDA_KERNELS)
+    assert exported == sorted(CUDA_KERNELS + VECTOR_KERNELS)
 
 
 @pytest.mark.parametrize("cc", ["8.0", "9.0"])
@@ -46,6 +49,8 @@ def test_kernels_compile_to_ptx(cc):
         pytest.skip(f"no CUDA compiler installed ({proc.stdout.strip()}); install the cu13 extra")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 3 * len(CUDA_KERNELS)
+    assert len(lines) == 3 * len(CUDA_KERNELS) + len(VECTOR_KERNELS)
     for name in CUDA_KERNELS:
         assert sum(line.startswith(name + " ") for line in lines) == 3
+    for name in VECTOR_KERNELS:
+        assert sum(line.startswith(name + " ") and line.endswith("v4 loads/stores") for line in lines) == 1
