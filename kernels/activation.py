@@ -24,7 +24,7 @@ import math
 import numba
 from numba import cuda, prange
 
-from .common import JIT, JIT_STREAM, channel_parts, cpu_kernel, task_channels
+from .common import JIT, JIT_STREAM, channel_parts, cpu_kernel, gpu_kernel, task_channels
 from .half import bits, narrow, widen
 from .normalize import elementwise_launch_config
 from .stats import BIAS, MEAN, SCALE
@@ -141,7 +141,7 @@ def launch_scale_shift_act_cpu(x, z, coef, act, residual, y):
 # CUDA kernels
 
 
-@cuda.jit
+@gpu_kernel
 def scale_shift_act_cuda_inner(
     x,  # (outer, C, inner) input
     z,  # (outer, C, inner) residual (x itself when residual is False)
@@ -168,7 +168,7 @@ def scale_shift_act_cuda_inner(
             y[o, c, i] = activate(v, act)
 
 
-@cuda.jit
+@gpu_kernel
 def scale_shift_act_cuda_channels(
     x,  # (outer, C, 1) input, channels contiguous
     z,  # (outer, C, 1) residual (x itself when residual is False)

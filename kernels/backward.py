@@ -49,6 +49,7 @@ from .common import (
     coherent,
     cpu_kernel,
     fold_rows,
+    gpu_kernel,
     last_block,
     part_of,
     reduction_config,
@@ -372,7 +373,7 @@ def launch_backward_cpu(
     # CUDA kernels
 
 
-@cuda.jit
+@gpu_kernel
 def backward_sums_cuda_inner(
     dy,  # (outer, C, inner) upstream gradient
     x,  # (outer, C, inner) forward input
@@ -433,7 +434,7 @@ def backward_sums_cuda_inner(
             finish_backward_channel_cuda(c, n, a1[0], a2[0], coef, training, bcoef, dgamma, dbeta)
 
 
-@cuda.jit
+@gpu_kernel
 def backward_sums_cuda_channels(
     dy,  # (outer, C, 1) upstream gradient, channels contiguous
     x,  # (outer, C, 1) forward input
@@ -497,7 +498,7 @@ def backward_sums_cuda_channels(
             finish_backward_channel_cuda(c, n, a1[tx], a2[tx], coef, training, bcoef, dgamma, dbeta)
 
 
-@cuda.jit
+@gpu_kernel
 def input_grad_cuda_inner(
     dy,  # (outer, C, inner) upstream gradient
     x,  # (outer, C, inner) forward input
@@ -530,7 +531,7 @@ def input_grad_cuda_inner(
             dx[o, c, i] = g
 
 
-@cuda.jit
+@gpu_kernel
 def input_grad_cuda_channels(
     dy,  # (outer, C, 1) upstream gradient
     x,  # (outer, C, 1) forward input

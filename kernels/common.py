@@ -90,6 +90,32 @@ def cpu_kernel(fn):
     return CPUKernel(fn)
 
 
+class NoneAsNull:
+    """A numba-cuda launch extension: a None argument is passed as a null
+    pointer-sized parameter.
+
+    A kernel compiled with a None argument (an optional array left out: no
+    mask, no activation, no residual) takes one ``.u64`` parameter for it
+    (NoneType's data model is an opaque pointer), but numba-cuda 0.30's
+    launcher has no case for None and raises ``NotImplementedError(none,
+    None)`` at every launch on a real GPU (the simulator never packs
+    parameters).  ``tests/test_ptx.py`` checks the packing against the PTX.
+    """
+
+    def prepare_args(self, ty, val, stream=0, retr=None):
+        if ty == nbtypes.none:
+            return nbtypes.uint64, 0
+        return ty, val
+
+
+def gpu_kernel(fn):
+    """``cuda.jit`` for every CUDA kernel of the package: None arguments
+    passed as null parameters (``NoneAsNull``; the simulator needs none)."""
+    if CUDASIM:
+        return cuda.jit(fn)
+    return cuda.jit(extensions=[NoneAsNull()])(fn)
+
+
 #: Threads per CUDA block.  The simulator runs one Python thread per CUDA thread,
 #: so it gets small blocks (still two levels of every tree reduction).
 MAX_THREADS = 32 if CUDASIM else 256

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
-from .common import JIT, block_shape, channel_parts, cpu_kernel, sm_count, task_channels, twin
+from .common import JIT, block_shape, channel_parts, cpu_kernel, gpu_kernel, sm_count, task_channels, twin
 from .half import bits, narrow, widen
 from .stats import BIAS, INVSTD, MEAN, SCALE, VAR
 from .vector import aligned16, load4, store4
@@ -51,7 +51,7 @@ def affine_coefficients_cpu(mean, var, gamma, beta, eps, coef):
         affine_channel_cpu(c, mean, var, gamma, beta, eps, coef)
 
 
-@cuda.jit
+@gpu_kernel
 def affine_coefficients_cuda(
     mean,  # (C,) mean to normalize with
     var,  # (C,) biased variance
@@ -104,7 +104,7 @@ def scale_shift_cpu(x, coef, y):
         scale_shift_channels_cpu(x[:, :, 0], coef, y[:, :, 0])
 
 
-@cuda.jit
+@gpu_kernel
 def scale_shift_cuda_inner(
     x,  # (outer, C, inner) input
     coef,  # (5, C) per-channel MEAN, SCALE, BIAS (accumulation dtype)
@@ -124,7 +124,7 @@ def scale_shift_cuda_inner(
             y[o, c, i] = (x[o, c, i] - m) * s + b
 
 
-@cuda.jit
+@gpu_kernel
 def scale_shift_cuda_channels(
     x,  # (outer, C, 1) input, channels contiguous
     coef,  # (5, C) per-channel MEAN, SCALE, BIAS
@@ -142,7 +142,7 @@ def scale_shift_cuda_channels(
             y[o, c, 0] = (x[o, c, 0] - m) * s + b
 
 
-@cuda.jit
+@gpu_kernel
 def scale_shift_cuda_vec4(
     x,  # (outer * C * inner,) float32 input: the C-contiguous view, flat, 16-byte aligned
     coef,  # (5, C) float32 per-channel MEAN, SCALE, BIAS

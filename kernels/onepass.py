@@ -46,7 +46,7 @@ from numba import cuda
 from . import common
 from .activation import activate, launch_scale_shift_act_cpu, launch_scale_shift_act_cuda
 from .backward import B_CONST, B_DY, B_X, dv_cuda, finish_backward_channel_cuda, launch_backward_cuda
-from .common import CUDASIM, MAX_THREADS, block_shape, next_pow2, tree_sum2
+from .common import CUDASIM, MAX_THREADS, block_shape, gpu_kernel, next_pow2, tree_sum2
 from .normalize import launch_scale_shift_cpu, launch_scale_shift_cuda
 from .stats import BIAS, MEAN, SCALE, finish_channel_cuda, launch_stats_cpu, launch_stats_cuda
 
@@ -89,7 +89,7 @@ def one_pass_config(shape):
 # forward
 
 
-@cuda.jit
+@gpu_kernel
 def forward_onepass_cuda_inner(
     x,  # (outer, C, inner) input, float16/32/64
     mask,  # None, or (outer, inner) bool: only True positions give the statistics
@@ -161,7 +161,7 @@ def forward_onepass_cuda_inner(
                 y[o, c, i] = activate(v, act)
 
 
-@cuda.jit
+@gpu_kernel
 def forward_onepass_cuda_channels(
     x,  # (outer, C, 1) input, channels contiguous
     mask,  # None, or (outer, 1) bool: only True rows give the statistics
@@ -237,7 +237,7 @@ def forward_onepass_cuda_channels(
 # backward
 
 
-@cuda.jit
+@gpu_kernel
 def backward_onepass_cuda_inner(
     dy,  # (outer, C, inner) upstream gradient
     x,  # (outer, C, inner) forward input
@@ -294,7 +294,7 @@ def backward_onepass_cuda_inner(
             dx[o, c, i] = g
 
 
-@cuda.jit
+@gpu_kernel
 def backward_onepass_cuda_channels(
     dy,  # (outer, C, 1) upstream gradient, channels contiguous
     x,  # (outer, C, 1) forward input

@@ -53,6 +53,7 @@ from .common import (
     cpu_kernel,
     finalize_channel,
     fold_rows,
+    gpu_kernel,
     last_block,
     merge_moments,
     merge_rows,
@@ -374,7 +375,7 @@ def launch_stats_cpu(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, m
     # CUDA kernels
 
 
-@cuda.jit
+@gpu_kernel
 def batch_stats_cuda_inner(
     x,  # (outer, C, inner) input, float16/32/64
     mask,  # None, or (outer, inner) bool: only True positions count
@@ -444,7 +445,7 @@ def batch_stats_cuda_inner(
             finish_channel_cuda(c, sn[0], base + sm[0], sq[0], coef, gamma, beta, rmean, rvar, eps, momentum, update)
 
 
-@cuda.jit
+@gpu_kernel
 def batch_stats_cuda_channels(
     x,  # (outer, C, 1) input, channels contiguous
     mask,  # None, or (outer, 1) bool: only True rows count

@@ -4,15 +4,78 @@ Run in a process without the simulator (NUMBA_ENABLE_CUDASIM=0): the simulator
 checks what kernels do, this checks that the real compiler takes them (types,
 float16 loads and stores, shared memory, atomics) for a given compute capability.
 Prints one line per kernel and dtype; exit 1 when a kernel's PTX uses local
-memory (a stack frame: spilled or addressed locals, slow on every GPU), exit 2
-when no CUDA compiler is installed.
+memory (a stack frame: spilled or addressed locals, slow on every GPU) or when
+the parameters numba-cuda's launcher packs for the signature (``_prepare_args``,
+run here without a GPU) differ from those the PTX entry takes, exit 2 when no
+CUDA compiler is installed.
 
     NUMBA_ENABLE_CUDASIM=0 python tests/compile_ptx.py [--cc 9.0]
 """
 
 import argparse
+import ctypes
+import re
 import sys
 import types as pytypes
+
+#: bytes of a kernel parameter by its PTX type
+PTX_BYTES = {"u64": 8, "s64": 8, "b64": 8, "f64": 8, "u32": 4, "s32": 4, "b32": 4, "f32": 4}
+PTX_BYTES.update({"u16": 2, "s16": 2, "b16": 2, "f16": 2, "u8": 1, "s8": 1, "b8": 1})
+
+
+def ptx_parameters(ptx):
+    """Bytes of each parameter of the PTX's one kernel entry, in order."""
+    start = ptx.index(".entry")
+    params = ptx[start : ptx.index(")", start)]
+    return [PTX_BYTES[t] for t in re.findall(r"\.param \.(\w+)", params)]
+
+
+def packed_parameters(kernel, sig):
+    """Bytes of each launch parameter numba-cuda's own launcher
+    (``_Kernel._prepare_args``, through the kernel's extensions) packs for
+    arguments of ``sig``: what a launch on a GPU hands the driver.  Arrays are
+    stand-ins with the attributes it reads; cuda.core passes a Python int as
+    an intptr_t, a bool as a C++ bool, a ctypes value as itself."""
+    from numba.cuda import dispatcher
+    from numba.cuda.args import ArgHint
+    from numba.np.numpy_support import as_dtype
+
+    class DeviceArray(ArgHint):
+        def to_device(self, retr, stream=0):
+            ty = self.value
+            shape = (3,) * ty.ndim
+            itemsize = as_dtype(ty.dtype).itemsize
+            strides = tuple(itemsize * 3 ** (ty.ndim - 1 - k) for k in range(ty.ndim))
+            layout = pytypes.SimpleNamespace(strides_in_bytes=strides)
+            return pytypes.SimpleNamespace(
+                size=3**ty.ndim, dtype=as_dtype(ty.dtype), ptr=4096, shape=shape, _layout=layout
+            )
+
+    def example(ty):
+        if isinstance(ty, types.Array):
+            return DeviceArray(ty)
+        if ty == types.none:
+            return None
+        if ty == types.boolean:
+            return True
+        return 3 if isinstance(ty, types.Integer) else 1.5
+
+    launcher = pytypes.SimpleNamespace(extensions=kernel.extensions)
+    args = []
+    for ty in sig:
+        dispatcher._Kernel._prepare_args(launcher, ty, example(ty), 0, [], args)
+    sizes = []
+    for a in args:
+        if isinstance(a, bool):
+            sizes.append(1)
+        elif isinstance(a, (int, float)):
+            sizes.append(8)
+        else:
+            sizes.append(ctypes.sizeof(a))
+    return sizes
+
+
+from numba import types  # noqa: E402
 
 
 def main():
@@ -20,7 +83,7 @@ def main():
     ap.add_argument("--cc", default="9.0")
     cc = tuple(int(v) for v in ap.parse_args().cc.split("."))
 
-    from numba import cuda, types
+    from numba import cuda
     from numba.cuda import dispatcher
 
     import gpubn.kernels as K
@@ -71,6 +134,14 @@ def main():
                 if ".local" in ptx:
                     print(f"{kernel.py_func.__name__} {xt} {concrete}: uses local memory")
                     status = 1
+                try:
+                    packed = packed_parameters(kernel, concrete)
+                except NotImplementedError as exc:
+                    packed = f"NotImplementedError{exc.args}"
+                takes = ptx_parameters(ptx)
+                if packed != takes:
+                    print(f"{kernel.py_func.__name__} {xt} {concrete}: launch packs {packed}, PTX takes {takes}")
+                    status = 1
             print(f"{kernel.py_func.__name__:28s} {str(xt):8s} sm_{cc[0]}{cc[1]} {' / '.join(sizes)} chars of PTX")
 
     # float32 only: 16-byte loads and stores (kernels/vector.py), which must be
@@ -79,7 +150,7 @@ def main():
     for kernel, sig in {K.scale_shift_cuda_vec4: (f1, m2, f1, types.int64)}.items():
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
         vector = all(op in ptx for op in ("ld.global.v4.f32", "st.global.v4.f32"))
-        if not vector or ".local" in ptx:
+        if not vector or ".local" in ptx or packed_parameters(kernel, sig) != ptx_parameters(ptx):
             print(f"{kernel.py_func.__name__}: v4 loads and stores {vector}, local memory {'.local' in ptx}")
             status = 1
         print(f"{kernel.py_func.__name__:28s} float32  sm_{cc[0]}{cc[1]} {len(ptx):7d} chars of PTX, v4 loads/stores")

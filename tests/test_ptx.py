@@ -1,6 +1,9 @@
 """Every CUDA kernel compiles for real hardware (sm_80, sm_90), even without a GPU,
 without local memory (compile_ptx.py exits 1 when a kernel's PTX has a stack frame),
-and the 16-byte-load kernels with ld/st.global.v4.f32 (exit 1 without them)."""
+the 16-byte-load kernels with ld/st.global.v4.f32 (exit 1 without them), and
+numba-cuda's launcher packs exactly the parameters each PTX entry takes, None
+arguments included (exit 1 otherwise: before ``common.NoneAsNull`` every kernel
+given a None raised NotImplementedError at launch on a real GPU)."""
 
 import os
 import subprocess
