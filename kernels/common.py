@@ -109,11 +109,16 @@ class NoneAsNull:
 
 
 def gpu_kernel(fn):
-    """``cuda.jit`` for every CUDA kernel of the package: None arguments
-    passed as null parameters (``NoneAsNull``; the simulator needs none)."""
+    """``cuda.jit`` for every CUDA kernel of the package, launched through the
+    driver with a parameter block built once (``launch.Kernel``; numba's
+    dispatcher with ``GPUBN_LAUNCH=numba``, None arguments then passed as
+    null parameters by ``NoneAsNull``).  The simulator gets numba's own."""
     if CUDASIM:
         return cuda.jit(fn)
-    return cuda.jit(extensions=[NoneAsNull()])(fn)
+    from .launch import LAUNCH, Kernel
+
+    dispatcher = cuda.jit(extensions=[NoneAsNull()])(fn)
+    return Kernel(dispatcher) if LAUNCH == "driver" else dispatcher
 
 
 #: Threads per CUDA block.  The simulator runs one Python thread per CUDA thread,

@@ -13,10 +13,12 @@ CUDA compiler is installed.
 """
 
 import argparse
-import ctypes
 import re
+import struct
 import sys
 import types as pytypes
+
+import numpy as np
 
 #: bytes of a kernel parameter by its PTX type
 PTX_BYTES = {"u64": 8, "s64": 8, "b64": 8, "f64": 8, "u32": 4, "s32": 4, "b32": 4, "f32": 4}
@@ -33,46 +35,57 @@ def ptx_parameters(ptx):
 def packed_parameters(kernel, sig):
     """Bytes of each launch parameter numba-cuda's own launcher
     (``_Kernel._prepare_args``, through the kernel's extensions) packs for
-    arguments of ``sig``: what a launch on a GPU hands the driver.  Arrays are
-    stand-ins with the attributes it reads; cuda.core passes a Python int as
-    an intptr_t, a bool as a C++ bool, a ctypes value as itself."""
+    arguments of ``sig``: what a launch through numba hands the driver.
+    Arrays are stand-ins with the attributes it reads; cuda.core passes a
+    Python int as an intptr_t, a bool as a C++ bool, a ctypes value as itself.
+    gpubn's own parameter block (``kernels/launch.py``) for the same values
+    must hold the same bytes, one parameter per 8-byte slot (AssertionError
+    otherwise)."""
     from numba.cuda import dispatcher
     from numba.cuda.args import ArgHint
     from numba.np.numpy_support import as_dtype
 
+    from gpubn.kernels import launch
+
     class DeviceArray(ArgHint):
         def to_device(self, retr, stream=0):
-            ty = self.value
-            shape = (3,) * ty.ndim
-            itemsize = as_dtype(ty.dtype).itemsize
-            strides = tuple(itemsize * 3 ** (ty.ndim - 1 - k) for k in range(ty.ndim))
-            layout = pytypes.SimpleNamespace(strides_in_bytes=strides)
-            return pytypes.SimpleNamespace(
-                size=3**ty.ndim, dtype=as_dtype(ty.dtype), ptr=4096, shape=shape, _layout=layout
-            )
+            return self.value
 
-    def example(ty):
+    def example(k, ty):
+        """A distinct value of type ty for argument k (arrays: a stand-in of
+        what numba's launcher reads, and what gpubn's reads)."""
         if isinstance(ty, types.Array):
-            return DeviceArray(ty)
+            dtype = as_dtype(ty.dtype)
+            shape = tuple(3 + k + j for j in range(ty.ndim))
+            strides = tuple(dtype.itemsize * int(np.prod(shape[j + 1 :])) for j in range(ty.ndim))
+            layout = pytypes.SimpleNamespace(strides_in_bytes=strides)
+            fields = dict(size=int(np.prod(shape)), dtype=dtype, shape=shape, strides=strides, _layout=layout)
+            return pytypes.SimpleNamespace(ptr=4096 * (k + 1), **fields)
         if ty == types.none:
             return None
         if ty == types.boolean:
-            return True
-        return 3 if isinstance(ty, types.Integer) else 1.5
+            return k % 2 == 0
+        return 3 + k if isinstance(ty, types.Integer) else 1.5 + k
 
+    values = [example(k, ty) for k, ty in enumerate(sig)]
     launcher = pytypes.SimpleNamespace(extensions=kernel.extensions)
     args = []
-    for ty in sig:
-        dispatcher._Kernel._prepare_args(launcher, ty, example(ty), 0, [], args)
-    sizes = []
+    for ty, v in zip(sig, values, strict=True):
+        hinted = DeviceArray(v) if isinstance(ty, types.Array) else v
+        dispatcher._Kernel._prepare_args(launcher, ty, hinted, 0, [], args)
+    numba_bytes = []  # each parameter as cuda.core passes it to the driver
     for a in args:
         if isinstance(a, bool):
-            sizes.append(1)
-        elif isinstance(a, (int, float)):
-            sizes.append(8)
+            numba_bytes.append(struct.pack("<?", a))
+        elif isinstance(a, int):
+            numba_bytes.append(struct.pack("<q", a))
         else:
-            sizes.append(ctypes.sizeof(a))
-    return sizes
+            numba_bytes.append(bytes(a))
+    block = struct.pack(launch.parameter_format(sig), *launch.parameter_values(sig, values, lambda a: a.ptr))
+    ours = [block[8 * k : 8 * k + len(b)] for k, b in enumerate(numba_bytes)]
+    if len(block) != 8 * len(numba_bytes) or ours != numba_bytes:
+        raise AssertionError(f"gpubn's parameter block {block.hex()} differs from numba's {numba_bytes}")
+    return [len(b) for b in numba_bytes]
 
 
 from numba import types  # noqa: E402
@@ -136,8 +149,8 @@ def main():
                     status = 1
                 try:
                     packed = packed_parameters(kernel, concrete)
-                except NotImplementedError as exc:
-                    packed = f"NotImplementedError{exc.args}"
+                except (NotImplementedError, AssertionError) as exc:
+                    packed = f"{type(exc).__name__}{exc.args}"
                 takes = ptx_parameters(ptx)
                 if packed != takes:
                     print(f"{kernel.py_func.__name__} {xt} {concrete}: launch packs {packed}, PTX takes {takes}")
