@@ -8,12 +8,14 @@ constants and applies them, re-reading its channels from L1/L2 instead of
 handing partials to another launch.  Forward (training), for channel c with
 its n counted values (the True positions of a mask, or all of them):
 
-    1.  S    = sum(x - K)                      K: one counted value of the channel
-        mean = K + S / n                       (S per thread in the compute
-                                                dtype, float64 across threads)
-    2.  D = sum(x - mean),  Q = sum((x - mean)**2)
-        M2 = Q - D**2 / n                      the corrected two-pass variance:
-                                               no cancellation at any offset
+    1.  S = sum(x - K)                         K: one counted value of the channel
+        m = K + S / n, rounded to the          (S per thread in the compute
+            compute dtype                       dtype, float64 across threads)
+    2.  D = sum(x - m),  Q = sum((x - m)**2)   x - m exact wherever x is within
+                                               a factor 2 of m (Sterbenz)
+        mean = m + D / n,  M2 = Q - D**2 / n   the corrected two-pass variance:
+                                               exact algebra for any m, no
+                                               cancellation at any offset
         then one thread: coef[:, c] and the running statistics
         (``stats.finish_channel``, the split path's own finalize)
     3.  y = g((x - mean) * scale + bias (+ z))  (y None: statistics only)
@@ -128,7 +130,7 @@ def forward_onepass_cuda_inner(
     a2[t] = 0.0
     cuda.syncthreads()
     tree_sum2(a1, a2, t, 0, 1, TX * TY)
-    dm = acc(a1[0] / n)  # mean - K
+    m = acc(numba.float64(k) + a1[0] / n)  # the mean, rounded to the compute dtype
     cuda.syncthreads()  # every thread has read a1[0]
 
     d1 = acc(0)
@@ -136,7 +138,7 @@ def forward_onepass_cuda_inner(
     for o in range(ty, outer, TY):
         for i in range(tx, inner, TX):
             if mask is None or mask[o, i]:
-                d = (acc(x[o, c, i]) - k) - dm
+                d = acc(x[o, c, i]) - m  # exact where x is within 2x of m (Sterbenz)
                 d1 += d
                 d2 += d * d
     a1[t] = d1
@@ -144,9 +146,9 @@ def forward_onepass_cuda_inner(
     cuda.syncthreads()
     tree_sum2(a1, a2, t, 0, 1, TX * TY)
     if t == 0:
-        q = a1[0] / n
-        mean = (numba.float64(k) + numba.float64(dm)) + q
-        finish_channel_cuda(c, n, mean, a2[0] - a1[0] * q, coef, gamma, beta, rmean, rvar, eps, momentum, update)
+        q = a1[0] / n  # what m's rounding left of the mean
+        m2 = a2[0] - a1[0] * q
+        finish_channel_cuda(c, n, numba.float64(m) + q, m2, coef, gamma, beta, rmean, rvar, eps, momentum, update)
     cuda.syncthreads()  # coef[:, c] written (visible to the block after the barrier)
 
     if y is not None:
@@ -201,7 +203,7 @@ def forward_onepass_cuda_channels(
     a2[t] = 0.0
     cuda.syncthreads()
     tree_sum2(a1, a2, ty, tx, TX, TY)
-    dm = acc(a1[tx] / n)  # mean - K
+    m = acc(numba.float64(k) + a1[tx] / n)
     cuda.syncthreads()
 
     d1 = acc(0)
@@ -209,7 +211,7 @@ def forward_onepass_cuda_channels(
     if c < C:
         for o in range(ty, outer, TY):
             if mask is None or mask[o, 0]:
-                d = (acc(x[o, c, 0]) - k) - dm
+                d = acc(x[o, c, 0]) - m
                 d1 += d
                 d2 += d * d
     a1[t] = d1
@@ -218,8 +220,8 @@ def forward_onepass_cuda_channels(
     tree_sum2(a1, a2, ty, tx, TX, TY)
     if ty == 0 and c < C:
         q = a1[tx] / n
-        mean = (numba.float64(k) + numba.float64(dm)) + q
-        finish_channel_cuda(c, n, mean, a2[tx] - a1[tx] * q, coef, gamma, beta, rmean, rvar, eps, momentum, update)
+        m2 = a2[tx] - a1[tx] * q
+        finish_channel_cuda(c, n, numba.float64(m) + q, m2, coef, gamma, beta, rmean, rvar, eps, momentum, update)
     cuda.syncthreads()
 
     if y is not None and c < C:
