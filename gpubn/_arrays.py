@@ -3,6 +3,7 @@
 import functools
 import math
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
@@ -15,13 +16,108 @@ BFLOAT16_BITS = np.dtype(np.int16)
 
 
 def is_device_array(a) -> bool:
-    """Numba device arrays and anything with ``__cuda_array_interface__``."""
-    return bool(getattr(a, "__cuda_ndarray__", False)) or hasattr(a, "__cuda_array_interface__")
+    """Numba device arrays, PyTorch CUDA tensors and anything with ``__cuda_array_interface__``."""
+    if getattr(a, "__cuda_ndarray__", False) or hasattr(a, "__cuda_array_interface__"):
+        return True
+    return _is_torch_cuda(a)
 
 
-def device_view(a):
-    """A numba device array over ``a``'s memory (zero-copy)."""
-    return a if getattr(a, "__cuda_ndarray__", False) else cuda.as_cuda_array(a)
+def _is_torch_cuda(a) -> bool:
+    return type(a).__module__.startswith("torch") and bool(getattr(a, "is_cuda", False))
+
+
+def array_library(a) -> str:
+    """Which library a device array belongs to: "torch", "cupy", "numba", or
+    "cai" (any other ``__cuda_array_interface__`` object); results are
+    returned as the same library's arrays (``deliver``)."""
+    if getattr(a, "__cuda_ndarray__", False):
+        return "numba"
+    module = type(a).__module__
+    if module.startswith("torch"):
+        return "torch"
+    if module.startswith("cupy"):
+        return "cupy"
+    return "cai"
+
+
+#: typestr of the dtypes read from torch tensors without their interface dict
+_TORCH_TYPESTR = {}
+
+
+def _torch_interface(t) -> dict:
+    """``__cuda_array_interface__`` of a torch CUDA tensor from data_ptr() and
+    stride() (reading torch's own dict costs ~2.4 us; this ~0.5 us), and the
+    stream that torch's current stream on its device is."""
+    import torch
+
+    if not _TORCH_TYPESTR:
+        _TORCH_TYPESTR.update({torch.float16: "<f2", torch.float32: "<f4", torch.float64: "<f8", torch.bool: "|b1"})
+        _TORCH_TYPESTR.update({torch.int16: "<i2", torch.int32: "<i4", torch.int64: "<i8"})
+    typestr = _TORCH_TYPESTR.get(t.dtype)
+    if typestr is None:  # torch's own dict, and its own error for dtypes it cannot export (bfloat16)
+        desc = dict(t.__cuda_array_interface__)
+    else:
+        size = t.element_size()
+        desc = {
+            "shape": tuple(t.shape),
+            "strides": tuple(size * s for s in t.stride()),
+            "typestr": typestr,
+            "data": (t.data_ptr(), False),
+            "version": 3,
+        }
+    desc["stream"] = torch.cuda.current_stream(t.device).cuda_stream
+    return desc
+
+
+def device_interface(a) -> dict:
+    """The ``__cuda_array_interface__`` dict of a device array (torch tensors
+    read without building torch's own); its "stream" is the stream the caller
+    works on (None where it says none)."""
+    if _is_torch_cuda(a):
+        return _torch_interface(a)
+    return dict(a.__cuda_array_interface__)
+
+
+def launch_stream(desc) -> int:
+    """The stream handle kernels for this array launch on: the interface's
+    ``stream`` (None and 1, the legacy default stream, are handle 0; 2 is the
+    per-thread default stream, a handle the driver takes as it is)."""
+    stream = desc.get("stream")
+    return 0 if stream in (None, 1) else int(stream)
+
+
+def device_view(a, desc=None):
+    """A numba device array over ``a``'s memory: zero-copy, and without
+    synchronizing anything (numba's ``as_cuda_array`` synchronizes on the
+    interface's stream; here the kernels run on that stream instead).
+
+    Under the simulator an interface object's pointer is host memory (a
+    stand-in for a device array, as in the tests): the view is a simulator
+    array over that memory, so it too is used in place.
+    """
+    if getattr(a, "__cuda_ndarray__", False):
+        return a
+    desc = dict(device_interface(a) if desc is None else desc)
+    desc.pop("stream", None)  # recorded by the caller (launch_stream), not synchronized on
+    if cuda.config.ENABLE_CUDASIM:
+        return _simulated_view(desc)
+    return cuda.from_cuda_array_interface(desc, owner=a, sync=False)
+
+
+def _simulated_view(desc):
+    """A simulator device array over the host memory an interface dict points to."""
+    import ctypes
+
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    dtype = np.dtype(desc["typestr"])
+    shape = tuple(desc["shape"])
+    strides = desc.get("strides") or None
+    if strides is None:
+        strides = tuple(int(np.prod(shape[k + 1 :])) * dtype.itemsize for k in range(len(shape)))
+    span = dtype.itemsize + sum((n - 1) * s for n, s in zip(shape, strides, strict=True)) if all(shape) else 0
+    buffer = (ctypes.c_char * max(span, 1)).from_address(desc["data"][0])
+    return FakeCUDAArray(np.ndarray(shape, dtype, buffer=buffer, strides=strides))
 
 
 def acc_dtype(dtype) -> np.dtype:
@@ -86,23 +182,74 @@ def canonical_shape(shape, axis: int) -> tuple:
     return outer, int(shape[axis]), inner
 
 
-def as_input(x, name: str, backend: str):
-    """(array, on_device): a NumPy array, or for the CUDA backend a numba device
-    array viewing the caller's device memory (zero-copy)."""
+class Source(NamedTuple):
+    """An input as the kernels read it, and where its results go back."""
+
+    arr: object  # a NumPy array, or a numba device array over the caller's memory
+    on_device: bool
+    library: str  # "numpy", or array_library() of the caller's device array
+    stream: int  # the stream handle the kernels launch on (0: the default stream)
+    owner: object  # the caller's object itself
+
+
+def read_input(x, name: str, backend: str) -> Source:
+    """A validated input: a NumPy array, or for the CUDA backend a numba
+    device array viewing the caller's device memory (zero-copy, no
+    synchronization), with the caller's library and stream."""
     if is_device_array(x):
         if backend != "cuda":
             raise TypeError(
                 f"{name}: a device array cannot be used with backend {backend!r}; "
                 "pass a NumPy array or use backend='cuda'"
             )
-        return device_view(x), True
+        if getattr(x, "__cuda_ndarray__", False):
+            return Source(x, True, "numba", 0, x)
+        desc = device_interface(x)
+        return Source(device_view(x, desc), True, array_library(x), launch_stream(desc), x)
     if isinstance(x, np.ndarray):
-        return x, False
+        return Source(x, False, "numpy", 0, x)
     try:
         arr = np.asarray(x)
     except Exception as exc:  # ragged lists and the like
         raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
-    return arr, False
+    return Source(arr, False, "numpy", 0, x)
+
+
+def as_input(x, name: str, backend: str):
+    """(array, on_device) of ``read_input``."""
+    src = read_input(x, name, backend)
+    return src.arr, src.on_device
+
+
+def empty_like_library(shape, dtype, library: str, owner):
+    """A new device array of ``shape``/``dtype`` allocated by the caller's
+    library (torch's caching allocator on the tensor's device, CuPy's pool),
+    as a numba view for the kernels; None for other libraries."""
+    if library == "torch":
+        import torch
+
+        t = torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device=owner.device)
+        return device_view(t)
+    if library == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(owner.device.id):
+            return device_view(cupy.empty(shape, dtype))
+    return None
+
+
+def deliver_as(arr, library: str, owner):
+    """A numba device array result as the caller's library's array (zero-copy):
+    a torch tensor on the input's device, a CuPy array, or the numba array."""
+    if library == "torch":
+        import torch
+
+        return torch.as_tensor(arr, device=owner.device)
+    if library == "cupy":
+        import cupy
+
+        return cupy.asarray(arr)
+    return arr
 
 
 def to_canonical(arr, shape3, on_device: bool):

@@ -29,6 +29,9 @@ from ._arrays import (
     check_bool,
     check_float,
     check_scalar,
+    deliver_as,
+    empty_like_library,
+    read_input,
     to_canonical,
 )
 from ._backend import resolve_backend
@@ -69,6 +72,9 @@ class _Input:
     shape3: tuple  # (outer, C, inner)
     acc: np.dtype  # statistics dtype
     view: object = None  # (outer, C, inner) on the backend's side, set by _materialize
+    library: str = "numpy"  # results go back as this library's arrays (_arrays.deliver_as)
+    stream: int = 0  # the caller's stream: every kernel of the call launches on it
+    owner: object = None  # the caller's array object (a torch tensor: its device)
 
     @property
     def C(self) -> int:
@@ -85,18 +91,27 @@ class _Input:
             shape, dtype = (rows, self.C), self.acc
         else:
             shape, dtype = self.shape, self.dtype
-        return device_empty(shape, dtype) if self.backend == "cuda" else host_empty(shape, dtype)
+        if self.backend != "cuda":
+            return host_empty(shape, dtype)
+        out = empty_like_library(shape, dtype, self.library, self.owner)
+        return device_empty(shape, dtype) if out is None else out
+
+    @property
+    def launch(self) -> dict:
+        """The CUDA launchers' keyword arguments: the caller's stream (none on the CPU)."""
+        return {"stream": self.stream} if self.backend == "cuda" else {}
 
     def deliver(self, arr):
-        """Results go back where the input came from."""
+        """Results go back where the input came from, as its library's arrays."""
         if self.backend == "cuda" and not self.on_device:
             return arr.copy_to_host()
-        return arr
+        return deliver_as(arr, self.library, self.owner)
 
 
 def _prepare(x, axis, backend, name="x", bfloat16=False, allow_empty=False) -> _Input:
     be = resolve_backend(backend)
-    arr, on_device = as_input(x, name, be)
+    src = read_input(x, name, be)
+    arr, on_device = src.arr, src.on_device
     if bfloat16:  # int16 bits of bfloat16 values (BFLOAT16_BITS), CPU kernels only
         if arr.dtype != BFLOAT16_BITS or be != "cpu":
             raise TypeError(f"{name}: bfloat16 data must be int16 bits on the CPU backend")
@@ -107,7 +122,10 @@ def _prepare(x, axis, backend, name="x", bfloat16=False, allow_empty=False) -> _
     shape3 = canonical_shape(arr.shape, ax)
     if 0 in arr.shape and not (allow_empty and shape3[1] > 0):
         raise ValueError(f"{name}: empty input of shape {tuple(arr.shape)}")
-    return _Input(be, on_device, tuple(arr.shape), dtype, ax, arr, shape3, acc_dtype(dtype))
+    return _Input(
+        be, on_device, tuple(arr.shape), dtype, ax, arr, shape3, acc_dtype(dtype),
+        library=src.library, stream=src.stream, owner=src.owner,
+    )  # fmt: skip
 
 
 @dataclass
@@ -200,7 +218,9 @@ def _stats_of(inp: _Input, mask=None):
     coef = inp.empty(rows=5)
     unused = inp.empty(rows=2)  # the running statistics' place (update=False: never written)
     eng = _ENGINES[inp.backend]
-    eng.forward_train(inp.view, coef, ones, zeros, unused[0], unused[1], 0.0, 0.0, False, None, **_mask_args(mask))
+    eng.forward_train(
+        inp.view, coef, ones, zeros, unused[0], unused[1], 0.0, 0.0, False, None, **_mask_args(mask), **inp.launch
+    )
     return coef[_st.MEAN], coef[_st.VAR]
 
 
@@ -231,9 +251,9 @@ def normalize(x, mean, var, gamma=None, beta=None, eps: float = 1e-5, axis: int 
     inp = _materialize(inp)
     eng = _ENGINES[inp.backend]
     coef = inp.empty(rows=5)
-    eng.affine(*vec, eps, coef)
+    eng.affine(*vec, eps, coef, **inp.launch)
     y = inp.empty()
-    eng.normalize(inp.view, coef, y.reshape(*inp.shape3))
+    eng.normalize(inp.view, coef, y.reshape(*inp.shape3), **inp.launch)
     return inp.deliver(y)
 
 
@@ -368,14 +388,14 @@ def batch_norm_forward(
         eng.forward_train(
             inp.view, coef, g, b,
             rm.work if update else unused[0], rv.work if update else unused[1],
-            eps, momentum if update else 0.0, update, y3, act=act, z=z, **_mask_args(m),
+            eps, momentum if update else 0.0, update, y3, act=act, z=z, **_mask_args(m), **inp.launch,
         )  # fmt: skip
         if update:
             rm.commit()
             rv.commit()
     else:
-        eng.affine(rm.work, rv.work, g, b, eps, coef)
-        eng.normalize(inp.view, coef, y3, act, z)
+        eng.affine(rm.work, rv.work, g, b, eps, coef, **inp.launch)
+        eng.normalize(inp.view, coef, y3, act, z, **inp.launch)
     return inp.deliver(y), ForwardCache(inp, coef, training, act, z, m)
 
 
@@ -459,7 +479,8 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None, _reduce=None):
     elif dres is not None:  # no activation: dv is dy
         _copy_into(dres, dyv, inp)
     dx3 = dx.reshape(*inp.shape3)
-    _ENGINES[inp.backend].backward(dyv, inp.view, cache.coef, cache.training, bcoef, grads[0], grads[1], dx3, **options)
+    eng = _ENGINES[inp.backend]
+    eng.backward(dyv, inp.view, cache.coef, cache.training, bcoef, grads[0], grads[1], dx3, **options, **inp.launch)
     out = (inp.deliver(dx), inp.deliver(grads[0]), inp.deliver(grads[1]))
     return out if dres is None else (*out, inp.deliver(dres))
 

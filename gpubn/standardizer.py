@@ -110,7 +110,7 @@ class Standardizer:
                 raise ValueError(f"X: empty input of shape {tuple(X.shape)}")
             return int(m.count[0]), m.mean, m.var()
         mean, var = batch_stats(X, axis=self.axis, backend=backend)
-        shape = tuple(X.shape)
+        shape = _shape(X)
         n = int(np.prod(shape, dtype=np.int64)) // shape[check_axis(self.axis, len(shape))]
         return n, _host(mean).astype(np.float64), _host(var).astype(np.float64)
 
@@ -160,7 +160,7 @@ class Standardizer:
     def _check_features(self, X, name: str = "X"):
         if getattr(self, "mean_", None) is None:
             raise ValueError(f"{name}: this Standardizer is not fitted yet; call fit() or partial_fit() first")
-        shape = tuple(X.shape)
+        shape = _shape(X)
         C = shape[check_axis(self.axis, len(shape))]
         if C != self.n_features_in_:
             raise ValueError(
@@ -242,6 +242,13 @@ def _as_data(X, name: str = "X"):
     if arr.dtype.kind in "biu":
         arr = arr.astype(np.float64)
     return arr
+
+
+def _shape(X) -> tuple:
+    """X's shape, also for a bare ``__cuda_array_interface__`` object."""
+    if hasattr(X, "shape"):
+        return tuple(X.shape)
+    return tuple(X.__cuda_array_interface__["shape"])
 
 
 def _host(a):

@@ -115,10 +115,9 @@ def gpu_kernel(fn):
     null parameters by ``NoneAsNull``).  The simulator gets numba's own."""
     if CUDASIM:
         return cuda.jit(fn)
-    from .launch import LAUNCH, Kernel
+    from .launch import Kernel
 
-    dispatcher = cuda.jit(extensions=[NoneAsNull()])(fn)
-    return Kernel(dispatcher) if LAUNCH == "driver" else dispatcher
+    return Kernel(cuda.jit(extensions=[NoneAsNull()])(fn))
 
 
 #: Threads per CUDA block.  The simulator runs one Python thread per CUDA thread,

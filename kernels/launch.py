@@ -30,8 +30,9 @@ syntax and launches through the driver:
 Nothing else is done per call: no device-array wrapping, no synchronization
 (the launch is asynchronous on the given stream, so it can be captured in a
 CUDA graph) and no occupancy warnings.  ``GPUBN_LAUNCH=numba`` sends every
-launch through numba's dispatcher instead (for comparison, or as a way out);
-under the simulator the dispatcher is always used.
+launch through numba's dispatcher instead (for comparison, or as a way out;
+stream handles become numba streams); under the simulator the dispatcher is
+always used.
 """
 
 import ctypes
@@ -250,5 +251,24 @@ class Kernel:
         return spec
 
     def launch(self, grid, block, stream, args):
+        if LAUNCH == "numba":
+            self.dispatcher[grid, block, _numba_stream(stream)](*args)
+            return
         argtypes = tuple(argument_type(a) for a in args)
         self.specialization(argtypes).launch(grid, block, stream, args)
+
+
+_NUMBA_STREAMS = {}
+
+
+def _numba_stream(stream):
+    """A stream as numba's dispatcher takes it: 0, or a numba Stream object
+    (one per external handle, made once)."""
+    if not isinstance(stream, int) or stream == 0:
+        return stream
+    s = _NUMBA_STREAMS.get(stream)
+    if s is None:
+        from numba import cuda
+
+        s = _NUMBA_STREAMS[stream] = cuda.external_stream(stream)
+    return s

@@ -1,0 +1,209 @@
+"""Device arrays from other libraries through every public function: used in
+place (no copy, no synchronization), results in the caller's library, the
+caller's stream for every launch.
+
+Under the simulator a bare ``__cuda_array_interface__`` object stands for a
+device array from another library: its pointer is host memory, which the
+simulator's kernels read and write in place.  On a GPU the same tests run on
+device memory, and torch tensors (and CuPy arrays where installed) too.
+"""
+
+import numpy as np
+import pytest
+
+import gpubn
+from gpubn import functional
+
+from conftest import SIM
+from reference import backward, forward, running_update, tol
+
+pytestmark = pytest.mark.skipif("cuda" not in gpubn.available_backends(), reason="backend 'cuda' not available")
+
+
+class Interface:
+    """Nothing but ``__cuda_array_interface__`` (version 3) over ``memory``:
+    a NumPy array under the simulator, a numba device array on a GPU."""
+
+    def __init__(self, memory, stream=None):
+        self.memory = memory  # keeps the memory alive
+        if SIM:
+            data, strides = memory.ctypes.data, memory.strides
+        else:
+            desc = memory.__cuda_array_interface__
+            data, strides = desc["data"][0], memory.strides
+        self.__cuda_array_interface__ = {
+            "shape": tuple(memory.shape),
+            "strides": tuple(strides),
+            "typestr": memory.dtype.str,
+            "data": (data, False),
+            "version": 3,
+            "stream": stream,
+        }
+
+    def host(self) -> np.ndarray:
+        return np.array(self.memory) if SIM else self.memory.copy_to_host()
+
+
+def device(a, stream=None) -> Interface:
+    if SIM:
+        return Interface(np.array(a), stream)
+    from numba import cuda
+
+    return Interface(cuda.to_device(np.ascontiguousarray(a)), stream)
+
+
+def host(result) -> np.ndarray:
+    return result.copy_to_host() if hasattr(result, "copy_to_host") else np.asarray(result)
+
+
+@pytest.mark.parametrize("shape,axis", [((5, 3, 6), 1), ((24, 4), 1), ((2, 3, 3, 4), -1)])
+def test_every_function_in_place_on_interface_objects(rng, shape, axis):
+    ax = axis % len(shape)
+    C = shape[ax]
+    x = (2 + rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    gamma, beta = (1 + 0.2 * rng.standard_normal(C)).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    rm0, rv0 = rng.standard_normal(C).astype(np.float32), (1 + rng.random(C)).astype(np.float32)
+    xd, dyd, gd, bd = device(x), device(dy), device(gamma), device(beta)
+    rmd, rvd = device(rm0), device(rv0)
+    t = tol(np.float32)
+    red = tuple(i for i in range(len(shape)) if i != ax)
+
+    mean, var = gpubn.batch_stats(xd, axis=axis, backend="cuda")
+    assert hasattr(mean, "copy_to_host")  # a bare interface object's results: numba device arrays
+    np.testing.assert_allclose(host(mean), x.astype(np.float64).mean(axis=red), **t)
+    np.testing.assert_allclose(host(var), x.astype(np.float64).var(axis=red), **t)
+
+    y = gpubn.normalize(xd, mean, var, gd, bd, axis=axis, backend="cuda")
+    np.testing.assert_allclose(host(y), forward(x, gamma, beta, axis)[0], **t)
+
+    y, cache = gpubn.batch_norm_forward(xd, gd, bd, axis=axis, running_mean=rmd, running_var=rvd, backend="cuda")
+    np.testing.assert_allclose(host(y), forward(x, gamma, beta, axis)[0], **t)
+    want_rm, want_rv = running_update(rm0, rv0, x, axis, 0.1)
+    np.testing.assert_allclose(rmd.host(), want_rm, **t)  # updated in the caller's memory
+    np.testing.assert_allclose(rvd.host(), want_rv, **t)
+    np.testing.assert_array_equal(xd.host(), x)
+
+    dx, dgamma, dbeta = gpubn.batch_norm_backward(dyd, cache)
+    for got, want in zip((dx, dgamma, dbeta), backward(dy, x, gamma, axis), strict=True):
+        np.testing.assert_allclose(host(got), want, atol=1e-3, rtol=1e-3)
+
+    y_eval, _ = gpubn.batch_norm_forward(
+        xd, gd, bd, axis=axis, training=False, running_mean=rmd, running_var=rvd, backend="cuda"
+    )
+    want, _ = forward(x, gamma, beta, axis, mean=want_rm, var=want_rv)
+    np.testing.assert_allclose(host(y_eval), want, **t)
+
+    m = gpubn.moments(xd, axis=axis, backend="cuda")
+    np.testing.assert_allclose(m.mean, x.astype(np.float64).mean(axis=red), **t)
+
+    bn = gpubn.BatchNorm(C, axis=axis, backend="cuda")
+    out = bn(xd)
+    np.testing.assert_allclose(host(out), forward(x, None, None, axis)[0], **t)
+    np.testing.assert_allclose(host(bn.backward(dyd)), backward(dy, x, None, axis)[0], atol=1e-3, rtol=1e-3)
+
+    sc = gpubn.Standardizer(axis=axis, backend="cuda").fit(xd)
+    np.testing.assert_allclose(host(sc.transform(xd)), forward(x, None, None, axis, eps=0.0)[0], **t)
+
+
+def test_a_refused_call_changes_nothing_in_the_callers_memory(rng):
+    x = rng.standard_normal((6, 3, 4)).astype(np.float32)
+    rm, rv = device(np.zeros(3, np.float32)), device(np.ones(3, np.float32))
+    bad = device(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="running_var: expected shape"):
+        gpubn.batch_norm_forward(device(x), running_mean=rm, running_var=bad, backend="cuda")
+    np.testing.assert_array_equal(rm.host(), 0)
+    with pytest.raises(TypeError, match="gamma: device array of dtype float64"):
+        gpubn.batch_norm_forward(device(x), device(np.ones(3)), running_mean=rm, running_var=rv, backend="cuda")
+    np.testing.assert_array_equal(rm.host(), 0)
+    np.testing.assert_array_equal(rv.host(), 1)
+
+
+@pytest.mark.parametrize("stream,handle", [(None, 0), (1, 0), (2, 2), (0x5EED, 0x5EED)])
+def test_kernels_launch_on_the_interfaces_stream(monkeypatch, rng, stream, handle):
+    """The interface's ``stream`` (CAI v3: None none given, 1 the legacy default
+    stream, 2 the per-thread default stream, else a handle) reaches every
+    launcher of the call; nothing synchronizes on it."""
+    if not SIM and stream == 0x5EED:
+        pytest.skip("not a real stream on a GPU")
+    seen = []
+    engine = functional._ENGINES["cuda"]
+
+    def spy(name, fn):
+        def launcher(*args, **kwargs):
+            seen.append((name, kwargs.get("stream")))
+            return fn(*args, **kwargs)
+
+        return launcher
+
+    for name in ("forward_train", "affine", "normalize", "backward"):
+        monkeypatch.setattr(engine, name, spy(name, getattr(engine, name)))
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    rm, rv = device(np.zeros(3, np.float32)), device(np.ones(3, np.float32))
+    y, cache = gpubn.batch_norm_forward(device(x, stream), running_mean=rm, running_var=rv, backend="cuda")
+    gpubn.batch_norm_backward(device(x, stream), cache)
+    gpubn.batch_norm_forward(device(x, stream), training=False, running_mean=rm, running_var=rv, backend="cuda")
+    assert [n for n, _ in seen] == ["forward_train", "backward", "affine", "normalize"]
+    assert all(s == handle for _, s in seen), seen
+
+
+# -- real GPU: torch tensors (and CuPy arrays) in, the same library out ----------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SIM, reason="needs a real GPU")
+def test_torch_tensors_in_torch_tensors_out(rng):
+    torch = pytest.importorskip("torch")
+    x = (2 + rng.standard_normal((8, 4, 5))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    xt, dyt = torch.from_numpy(x).cuda(), torch.from_numpy(dy).cuda()
+    rm, rv = torch.zeros(4, device="cuda"), torch.ones(4, device="cuda")
+    y, cache = gpubn.batch_norm_forward(xt, running_mean=rm, running_var=rv, backend="cuda")
+    assert isinstance(y, torch.Tensor) and y.device == xt.device and y.dtype == xt.dtype
+    np.testing.assert_allclose(y.cpu().numpy(), forward(x, None, None, 1)[0], **tol(np.float32))
+    np.testing.assert_allclose(rm.cpu().numpy(), running_update(np.zeros(4), np.ones(4), x, 1, 0.1)[0], atol=1e-5)
+    dx, dgamma, dbeta = gpubn.batch_norm_backward(dyt, cache)
+    assert all(isinstance(a, torch.Tensor) for a in (dx, dgamma, dbeta))
+    np.testing.assert_allclose(dx.cpu().numpy(), backward(dy, x, None, 1)[0], atol=1e-3, rtol=1e-3)
+    mean, var = gpubn.batch_stats(xt, backend="cuda")
+    assert isinstance(mean, torch.Tensor)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SIM, reason="needs a real GPU")
+def test_torch_side_stream_and_cuda_graph(rng):
+    """Calls on a side stream need no synchronization of their own, and a
+    forward + backward captured in a CUDA graph replays to the eager results."""
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy((1 + rng.standard_normal((16, 8, 12))).astype(np.float32)).cuda()
+    dy = torch.from_numpy(rng.standard_normal((16, 8, 12)).astype(np.float32)).cuda()
+    gamma, beta = torch.rand(8, device="cuda") + 0.5, torch.randn(8, device="cuda")
+    eager_y, eager_cache = gpubn.batch_norm_forward(x, gamma, beta, backend="cuda")
+    eager = (eager_y, *gpubn.batch_norm_backward(dy, eager_cache))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up on the side stream: compiles, workspaces
+            y, cache = gpubn.batch_norm_forward(x, gamma, beta, backend="cuda")
+            outs = (y, *gpubn.batch_norm_backward(dy, cache))
+    torch.cuda.current_stream().wait_stream(side)
+    for a, b in zip(outs, eager, strict=True):
+        torch.testing.assert_close(a, b)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, cache = gpubn.batch_norm_forward(x, gamma, beta, backend="cuda")
+        captured = (y, *gpubn.batch_norm_backward(dy, cache))
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SIM, reason="needs a real GPU")
+def test_cupy_in_cupy_out(rng):
+    cupy = pytest.importorskip("cupy")
+    x = (2 + rng.standard_normal((8, 4, 5))).astype(np.float32)
+    y, _ = gpubn.batch_norm_forward(cupy.asarray(x), backend="cuda")
+    assert isinstance(y, cupy.ndarray)
+    np.testing.assert_allclose(cupy.asnumpy(y), forward(x, None, None, 1)[0], **tol(np.float32))
