@@ -17,8 +17,13 @@ Minimum traffic, B = x.nbytes (design.md section 4):
     stats 1B (read x) | fwd-train 3B (stats pass + normalize pass) |
     eval 2B | backward 5B (dy and x read twice, dx written) |
     fwd+bwd: both, one Python call each, back to back (the launch-overhead case) |
+    layer: the same through ``gpubn.BatchNorm`` (forward, backward) against
+    ``torch.nn.BatchNorm*d`` through autograd |
     module: the same through autograd on torch tensors, gpubn.torch's
     BatchNorm*d module against torch's own (needs torch)
+
+On the CUDA backend gpubn is called with torch CUDA tensors in (and gets torch
+tensors out) when torch is installed (``--tensors numba``: numba device arrays).
 
 ``--cnn`` times a whole training step of a small CNN (torch convolutions, batch
 norm, SGD) with torch's BatchNorm2d, then after ``gpubn.torch.replace_batchnorm``.
@@ -56,6 +61,7 @@ GPU_SHAPES = [
     Shape("nchw-32x2048x7x7", (32, 2048, 7, 7), 1),
     Shape("nc-65536x1024", (65536, 1024), 1),
     Shape("nc-4096x512", (4096, 512), 1),
+    Shape("nc-64x16", (64, 16), 1),
     Shape("ncl-20x6x65536", (20, 6, 65536), 1),
 ]
 CPU_SHAPES = [
@@ -66,7 +72,7 @@ CPU_SHAPES = [
     Shape("nchw-64x64x56x56-f16", (64, 64, 56, 56), 1, "float16"),
 ]
 SHAPES = {s.name: s for s in GPU_SHAPES + CPU_SHAPES}
-TRAFFIC = {"stats": 1, "fwd-train": 3, "eval": 2, "backward": 5, "fwd+bwd": 8, "module": 8}
+TRAFFIC = {"stats": 1, "fwd-train": 3, "eval": 2, "backward": 5, "fwd+bwd": 8, "layer": 8, "module": 8}
 OPS = list(TRAFFIC)
 
 
@@ -179,10 +185,27 @@ def _reference(x, gamma, beta, axis, dy):
 
 
 def _host(a):
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    if type(a).__module__.startswith("torch"):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
 
 
-def bench_shape(spec, backend, ops, repeat, timer, floor_gbs, torch_mods, validate=True, numpy=False):
+def _device_arrays(arrays, tensors):
+    """The arrays on the GPU as gpubn's callers hold them: torch CUDA tensors or numba device arrays."""
+    if tensors == "torch":
+        import torch
+
+        return [torch.from_numpy(np.ascontiguousarray(a)).cuda() for a in arrays]
+    from numba import cuda
+
+    return [cuda.to_device(a) for a in arrays]
+
+
+def bench_shape(
+    spec, backend, ops, repeat, timer, floor_gbs, torch_mods, validate=True, numpy=False, tensors="numba"
+):  # fmt: skip
     rng = np.random.default_rng(0)
     dtype = np.dtype(spec.dtype)
     x = (0.5 + rng.standard_normal(spec.shape, np.float32)).astype(dtype)
@@ -192,10 +215,7 @@ def bench_shape(spec, backend, ops, repeat, timer, floor_gbs, torch_mods, valida
     beta = rng.standard_normal(C).astype(np.float32)
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
     if backend == "cuda":
-        from numba import cuda
-
-        xs, dys = cuda.to_device(x), cuda.to_device(dy)
-        gamma_b, beta_b, rm_b, rv_b = (cuda.to_device(a) for a in (gamma, beta, rm, rv))
+        xs, dys, gamma_b, beta_b, rm_b, rv_b = _device_arrays((x, dy, gamma, beta, rm, rv), tensors)
     else:
         xs, dys, gamma_b, beta_b, rm_b, rv_b = x, dy, gamma, beta, rm, rv
     kw = dict(axis=spec.axis, backend=backend)
@@ -229,10 +249,20 @@ def bench_shape(spec, backend, ops, repeat, timer, floor_gbs, torch_mods, valida
         "backward": lambda: gpubn.batch_norm_backward(dys, cache),
         "fwd+bwd": lambda: gpubn.batch_norm_backward(dys, fwd()[1]),
     }
+    layer = gpubn.BatchNorm(C, axis=spec.axis, backend=backend)
+    if backend == "cuda":
+        layer.to_device()
+
+    def layer_step():
+        layer(xs)
+        return layer.backward(dys)
+
+    fns["layer"] = layer_step
     torch_fns = _torch_fns(spec, x, dy, gamma, beta, backend, torch_mods) if torch_mods[0] else {}
     numpy_fns = _numpy_fns(spec, x, dy, gamma, beta) if numpy else {}
-    if "module" in ops and torch_mods[0] is not None:
+    if torch_mods[0] is not None and ("module" in ops or "layer" in ops):
         fns["module"], torch_fns["module"] = _module_fns(spec, x, dy, gamma, beta, backend, torch_mods[0])
+        torch_fns["layer"] = torch_fns["module"]  # torch.nn.BatchNorm*d, forward and backward
     rows = []
     for op in ops:
         if op not in fns:  # module rows without torch
@@ -609,6 +639,12 @@ def main(argv=None):
         help="time BN + ReLU (+ add) fused, unfused, and torch's ops; masked BN (half masked) against plain BN",
     )
     ap.add_argument(
+        "--tensors",
+        choices=["torch", "numba"],
+        default=None,
+        help="CUDA backend: what gpubn is called with (default torch CUDA tensors when torch is installed)",
+    )
+    ap.add_argument(
         "--rounds",
         type=int,
         default=None,
@@ -656,9 +692,12 @@ def main(argv=None):
     if numpy:
         header += f" {'numpy ms':>9s}"
     print(header)
+    tensors = args.tensors or ("torch" if torch_mods[0] is not None else "numba")
+    meta["tensors"] = tensors if backend == "cuda" else "numpy"
     rows = []
     for name in names:
-        for row in bench_shape(SHAPES[name], backend, args.ops, repeat, timer, floor, torch_mods, numpy=numpy):
+        spec = SHAPES[name]
+        for row in bench_shape(spec, backend, args.ops, repeat, timer, floor, torch_mods, numpy=numpy, tensors=tensors):
             rows.append(row)
             line = f"{row['shape']:24s} {row['op']:9s} {row['ms']:9.3f} {row['GB/s']:8.1f} {row['pct_floor']:5.0f}%"
             if "torch_ms" in row:

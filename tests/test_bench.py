@@ -36,7 +36,7 @@ def test_compare_alternates_series_after_warmup():
 # statistics read x; the forward reads x for them and again to write y; eval
 # reads x and writes y; the backward reads dy and x for its sums, then both
 # again to write dx; forward + backward is both.
-PASSES = {"stats": 1, "fwd-train": 1 + 2, "eval": 2, "backward": 2 + 3, "fwd+bwd": 3 + 5}
+PASSES = {"stats": 1, "fwd-train": 1 + 2, "eval": 2, "backward": 2 + 3, "fwd+bwd": 3 + 5, "layer": 3 + 5}
 
 
 @pytest.mark.parametrize("axis", [1, -1])
@@ -110,3 +110,11 @@ def test_half_mask(shape, axis):
     mask = bench.half_mask(shape, axis)
     assert mask.shape == shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
     assert mask.sum() * 2 == mask.size
+
+
+def test_layer_rows_time_the_layer_beside_torchs_module():
+    """The layer row: gpubn.BatchNorm forward + backward beside torch.nn.BatchNorm2d through autograd."""
+    spec = bench.Shape("tiny", (8, 6, 5, 4), 1)
+    (row,) = bench.bench_shape(spec, "cpu", ["layer"], 2, bench.HostTimer(), 10.0, bench._torch())
+    assert row["op"] == "layer" and row["ms"] > 0 and row["torch_ms"] > 0
+    assert row["bytes"] == 8 * 8 * 6 * 5 * 4 * 4
