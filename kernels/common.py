@@ -149,14 +149,36 @@ def chan_merge(na, ma, qa, nb, mb, qb):
     return n, ma + delta * w, qa + qb + delta * delta * na * w
 
 
+#: Values a CUDA thread sums around one shift before folding them into its
+#: running moments (``fold_chunk``): one division per chunk instead of
+#: Welford's one per value.  The simulator's threads see a few values each, so
+#: it folds every 2 (the fold runs in CI).
+SHIFT_CHUNK = 2 if CUDASIM else 32
+
+
 @numba.njit(**JIT)
-def welford_step(n, mean, m2, v):
-    """Add one value to a running (count, mean, M2), in the accumulators' dtype."""
-    n += 1
-    d = v - mean
-    mean += d / n
-    m2 += d * (v - mean)
-    return n, mean, m2
+def fold_chunk(n, mean, m2, cnt, k, s1, s2, one):
+    """A thread's running (count, mean, M2) merged with a chunk of ``cnt``
+    values v given by their sums around the shift ``k``: s1 = sum(v - k),
+    s2 = sum((v - k)**2).  Chan's formula, in the accumulators' dtype.
+
+    The chunk's own M2 = s2 - s1**2 / cnt is accurate to about
+    eps * (1 + cnt * (k - chunk mean)**2 / M2): the caller takes ``k`` = the
+    running mean (the first chunk: around the thread's first value), and the
+    chunk is short, so neither an offset nor an outlier costs digits.
+    ``one``: 1 in the accumulators' dtype (a Python 1 would promote float32
+    arithmetic to float64)."""
+    if cnt == 0:
+        return n, mean, m2
+    inv = one / cnt
+    mb = k + s1 * inv
+    qb = s2 - s1 * s1 * inv
+    if qb < 0:
+        qb = qb - qb
+    total = n + cnt
+    delta = mb - mean
+    w = cnt / total
+    return total, mean + delta * w, m2 + qb + delta * delta * n * w
 
 
 @numba.njit(**JIT)

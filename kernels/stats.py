@@ -24,10 +24,12 @@ inner > 1 over each contiguous (o, c) row; inner == 1 over blocks of rows,
 vectorised across channels.
 
 CUDA: one launch.  Each channel's reduction is split over many blocks; each
-thread runs Welford's update over its elements shifted by its first element
-(plain float32 Welford loses 2% of the variance at an offset of 1e6; plain
-shifted sums lose 5e-4 when the shift is a huge outlier; together neither),
-the block merges its threads' triples in shared memory, every block writes its
+thread shifts its values by its first one (an offset of 1e6 costs nothing),
+sums them around its running mean in chunks of ``SHIFT_CHUNK`` and folds each
+chunk into its running triple by Chan's formula (``common.fold_chunk``: one
+division per chunk, where Welford's update divides per value; short chunks
+around the running mean keep a huge outlier from costing digits), the block
+merges its threads' triples in shared memory, every block writes its
 partial triple to a workspace, and the last block of a channel column to finish
 (threadfence + atomic ticket) merges the partials and finalizes.  Two kernels,
 one per access regime of the view: ``batch_stats_cuda_inner`` (inner > 1:
@@ -46,12 +48,14 @@ from .common import (
     JIT,
     JIT_STREAM,
     MAX_THREADS,
+    SHIFT_CHUNK,
     block_slice,
     chan_merge,
     channel_parts,
     coherent,
     cpu_kernel,
     finalize_channel,
+    fold_chunk,
     fold_rows,
     gpu_kernel,
     last_block,
@@ -64,7 +68,6 @@ from .common import (
     task_channels,
     tree_merge,
     twin,
-    welford_step,
 )
 from .half import bits, compute_dtype, widen
 from .workspace import workspace
@@ -402,22 +405,36 @@ def batch_stats_cuda_inner(
     t = ty * TX + tx
     o0, o1, i0, i1 = block_slice(outer, inner, s, inner_splits)
 
-    # per-thread Welford on values shifted by the thread's first value: the
-    # shift makes large offsets exact, Welford survives a huge first value.
-    # Partial means are then taken relative to the channel's first value
-    # (float64), so merges never round an absolute mean at the data's offset.
+    # per thread: values shifted by the thread's first value (large offsets
+    # exact), summed around the running mean in chunks of SHIFT_CHUNK, one
+    # Chan fold per chunk (no division per value; fold_chunk).  Partial means
+    # are then taken relative to the channel's first value (float64), so
+    # merges never round an absolute mean at the data's offset.
     ob = origin // inner
     base = numba.float64(x[ob, c, origin - ob * inner])  # a counted value
+    zero = acc(0)
+    one = acc(1)
     n = acc(0)
     mean = acc(0)
     m2 = acc(0)
+    k = acc(0)
+    s1 = acc(0)
+    s2 = acc(0)
+    cnt = acc(0)
     shift = acc(base)
     if o0 + ty < o1 and i0 + tx < i1 and (mask is None or mask[o0 + ty, i0 + tx]):
         shift = acc(x[o0 + ty, c, i0 + tx])
     for o in range(o0 + ty, o1, TY):
         for i in range(i0 + tx, i1, TX):
             if mask is None or mask[o, i]:
-                n, mean, m2 = welford_step(n, mean, m2, acc(x[o, c, i]) - shift)
+                d = (acc(x[o, c, i]) - shift) - k
+                s1 += d
+                s2 += d * d
+                cnt += one
+                if cnt == SHIFT_CHUNK:
+                    n, mean, m2 = fold_chunk(n, mean, m2, cnt, k, s1, s2, one)
+                    k, s1, s2, cnt = mean, zero, zero, zero
+    n, mean, m2 = fold_chunk(n, mean, m2, cnt, k, s1, s2, one)
 
     sn = cuda.shared.array(MAX_THREADS, numba.float64)
     sm = cuda.shared.array(MAX_THREADS, numba.float64)
@@ -476,6 +493,8 @@ def batch_stats_cuda_channels(
     o0 = s * rows
     o1 = min(outer, o0 + rows)
 
+    zero = acc(0)
+    one = acc(1)
     n = acc(0)
     mean = acc(0)
     m2 = acc(0)
@@ -486,9 +505,20 @@ def batch_stats_cuda_channels(
         shift = acc(base)
         if o0 + ty < o1 and (mask is None or mask[o0 + ty, 0]):
             shift = acc(x[o0 + ty, c, 0])
+        k = acc(0)  # the shifted sums of batch_stats_cuda_inner
+        s1 = acc(0)
+        s2 = acc(0)
+        cnt = acc(0)
         for o in range(o0 + ty, o1, TY):
             if mask is None or mask[o, 0]:
-                n, mean, m2 = welford_step(n, mean, m2, acc(x[o, c, 0]) - shift)
+                d = (acc(x[o, c, 0]) - shift) - k
+                s1 += d
+                s2 += d * d
+                cnt += one
+                if cnt == SHIFT_CHUNK:
+                    n, mean, m2 = fold_chunk(n, mean, m2, cnt, k, s1, s2, one)
+                    k, s1, s2, cnt = mean, zero, zero, zero
+        n, mean, m2 = fold_chunk(n, mean, m2, cnt, k, s1, s2, one)
 
     sn = cuda.shared.array(MAX_THREADS, numba.float64)
     sm = cuda.shared.array(MAX_THREADS, numba.float64)

@@ -159,3 +159,25 @@ def test_simulated_tests_run_both_paths():
     assert onepass.one_pass((4, 3, 5)) and onepass.one_pass((13, 4, 1))
     for shape in [(16, 3, 40), (2, 2, 400), (200, 5, 1), (8, 3, 24)]:
         assert not onepass.one_pass(shape)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("test_large_offset_variance", 1e4),
+        ("test_large_offset_variance", 1e6),
+        ("test_tiny_variance_under_large_mean_float64",),
+        ("test_float16_whose_squares_overflow",),
+        ("test_nan_inf_confined_to_channel", np.nan),
+        ("test_nan_inf_confined_to_channel", np.inf),
+        ("test_single_huge_outlier",),
+    ],
+    ids=lambda c: "-".join(map(str, c)),
+)
+def test_numerics_on_both_paths(path, rng, case):
+    """design.md section 5's numerics tests (test_numerics.py), each run through
+    the one-launch kernels and through the split reduction."""
+    import test_numerics
+
+    name, *args = case
+    getattr(test_numerics, name)("cuda", rng, *args)
