@@ -40,6 +40,7 @@ from .backward import (
     input_grad_cpu,
     input_grad_cuda_channels,
     input_grad_cuda_inner,
+    input_grad_cuda_vec4,
     input_grad_inner_cpu,
     launch_backward_cpu,
     launch_backward_cuda,

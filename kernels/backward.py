@@ -60,8 +60,9 @@ from .common import (
     twin,
 )
 from .half import bits, compute_dtype, narrow, widen
-from .normalize import elementwise_launch_config
+from .normalize import elementwise_launch_config, vec4_fits
 from .stats import BIAS, INVSTD, MEAN, SCALE
+from .vector import load4, store4
 from .workspace import workspace
 
 B_MEAN, B_DY, B_X, B_CONST, B_BIAS = range(5)
@@ -562,6 +563,54 @@ def input_grad_cuda_channels(
             dx[o, c, 0] = g
 
 
+@gpu_kernel
+def input_grad_cuda_vec4(
+    dy,  # (outer * C * inner,) float32 upstream gradient: the C-contiguous view, flat, 16-byte aligned
+    x,  # (outer * C * inner,) float32 forward input, 16-byte aligned
+    bcoef,  # (5, C) float32 MEAN, A, B, K
+    dx,  # (outer * C * inner,) float32 out, 16-byte aligned
+    inner,  # int: a multiple of 4
+):
+    """dx = A * dy + B * (x - mean) + K with 16-byte loads and stores (plain
+    batch norm: no mask, no activation); the quads of scale_shift_cuda_vec4."""
+    C = bcoef.shape[1]
+    rows = x.shape[0] // inner
+    quads = inner // 4
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    for r in range(cuda.blockIdx.y * TY + ty, rows, cuda.gridDim.y * TY):
+        c = r - (r // C) * C
+        m = bcoef[B_MEAN, c]
+        a = bcoef[B_DY, c]
+        b = bcoef[B_X, c]
+        k = bcoef[B_CONST, c]
+        base = r * inner
+        for q in range(cuda.blockIdx.x * TX + tx, quads, cuda.gridDim.x * TX):
+            e = base + 4 * q
+            g0, g1, g2, g3 = load4(dy, e)
+            v0, v1, v2, v3 = load4(x, e)
+            store4(
+                dx, e,
+                a * g0 + (b * (v0 - m) + k), a * g1 + (b * (v1 - m) + k),
+                a * g2 + (b * (v2 - m) + k), a * g3 + (b * (v3 - m) + k),
+            )  # fmt: skip
+
+
+def launch_input_grad_cuda(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=None, stream=0):
+    """The elementwise backward pass: 16-byte loads for plain float32 batch
+    norm on aligned rows of a multiple of 4 (``normalize.vec4_fits``), else
+    the scalar kernel of the view's regime."""
+    outer, C, inner = x.shape
+    if inner > 1 and mask is None and act is None and vec4_fits(x, dx) and vec4_fits(dy, dx):
+        _, grid, block = elementwise_launch_config((outer, C, inner // 4))
+        size = outer * C * inner
+        input_grad_cuda_vec4[grid, block, stream](dy.reshape(size), x.reshape(size), bcoef, dx.reshape(size), inner)
+        return
+    regime, grid, block = elementwise_launch_config(x.shape)
+    kernel = input_grad_cuda_inner if regime == "inner" else input_grad_cuda_channels
+    kernel[grid, block, stream](dy, x, mask, bcoef, dx, act, z, dz)
+
+
 def launch_backward_cuda(
     dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0
 ):
@@ -582,6 +631,4 @@ def launch_backward_cuda(
         backward_sums_cuda_inner[grid, block, stream](*args, inner_splits)
     else:
         backward_sums_cuda_channels[grid, block, stream](*args)
-    regime, grid, block = elementwise_launch_config(x.shape)
-    kernel = input_grad_cuda_inner if regime == "inner" else input_grad_cuda_channels
-    kernel[grid, block, stream](dy, x, mask if training else None, bcoef, dx, act, z, dz)
+    launch_input_grad_cuda(dy, x, bcoef, dx, mask if training else None, act, z, dz, stream)

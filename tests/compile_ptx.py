@@ -160,7 +160,11 @@ def main():
     # float32 only: 16-byte loads and stores (kernels/vector.py), which must be
     # in the PTX as v4 instructions, not split into scalar ones
     f1, m2 = types.float32[::1], types.float32[:, ::1]
-    for kernel, sig in {K.scale_shift_cuda_vec4: (f1, m2, f1, types.int64)}.items():
+    vector_kernels = {
+        K.scale_shift_cuda_vec4: (f1, m2, f1, types.int64),
+        K.input_grad_cuda_vec4: (f1, f1, m2, f1, types.int64),
+    }
+    for kernel, sig in vector_kernels.items():
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
         vector = all(op in ptx for op in ("ld.global.v4.f32", "st.global.v4.f32"))
         if not vector or ".local" in ptx or packed_parameters(kernel, sig) != ptx_parameters(ptx):

@@ -70,3 +70,30 @@ def test_eval_forward_uses_it(launched, rng):
     y, _ = gpubn.batch_norm_forward(x, training=False, running_mean=rm, running_var=rv, backend="cuda")
     assert launched == ["scale_shift_cuda_vec4"]
     np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs,kernel",
+    [
+        ((3, 5, 40), {}, "input_grad_cuda_vec4"),  # the split path (more than ONE_PASS_MAX values a channel)
+        ((3, 5, 42), {}, "input_grad_cuda_inner"),  # inner % 4 != 0
+        ((3, 5, 40), {"activation": "relu"}, "input_grad_cuda_inner"),  # fused: the scalar kernel
+    ],
+)
+def test_backward_elementwise_pass(monkeypatch, rng, shape, kwargs, kernel):
+    """The backward's elementwise pass takes 16-byte loads for plain float32 batch norm."""
+    if "cuda" not in gpubn.available_backends():
+        pytest.skip("backend 'cuda' not available")
+    from gpubn.kernels import backward as bw
+    from gpubn.kernels import onepass
+
+    monkeypatch.setattr(onepass, "ONE_PASS_MAX", 0)  # the split passes (as on a GPU for large channels)
+    seen = spy_launches(monkeypatch, bw, ["input_grad_cuda_vec4", "input_grad_cuda_inner"])
+    x = (2 + rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    _, cache = gpubn.batch_norm_forward(x, backend="cuda", **kwargs)
+    _, cache_cpu = gpubn.batch_norm_forward(x, backend="cpu", **kwargs)
+    got, want = gpubn.batch_norm_backward(dy, cache), gpubn.batch_norm_backward(dy, cache_cpu)
+    assert seen == [kernel]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
