@@ -22,6 +22,7 @@ z is never read (the backward kernels take None).
 import math
 
 import numba
+import numpy as np
 from numba import cuda, prange
 
 from .common import JIT, JIT_STREAM, channel_parts, cpu_kernel, gpu_kernel, task_channels
@@ -33,14 +34,20 @@ NONE, RELU, SIGMOID, TANH = range(4)
 #: activation name -> the code the kernels take
 ACTIVATIONS = {None: NONE, "relu": RELU, "sigmoid": SIGMOID, "tanh": TANH}
 
+#: 0 and 1 as float32 constants: with a Python literal (0, 1.0) numba computes
+#: float32 values in float64 (float64 exp and division per element on a GPU);
+#: float32 constants keep float32 arithmetic float32 and float64 float64
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+
 
 @numba.njit(inline="always", **JIT)
 def activate(v, act):
     """g(v) for activation code ``act`` (NaN stays NaN)."""
     if act == RELU:
-        return v if v > 0 else v * 0
+        return v if v > 0 else v * _ZERO
     if act == SIGMOID:
-        return 1.0 / (1.0 + math.exp(-v))
+        return _ONE / (_ONE + math.exp(-v))
     if act == TANH:
         return math.tanh(v)
     return v
@@ -57,21 +64,21 @@ def act_token(code: int) -> tuple:
 @numba.njit(**JIT_STREAM)  # the flags of the CPU kernels that call it: cacheable
 def relu_slope(v):
     """relu'(v): 1 where v > 0 (1 and 0 are exact in float32: float32 arithmetic stays float32)."""
-    return numba.float32(1.0) if v > 0 else numba.float32(0.0)
+    return _ONE if v > 0 else _ZERO
 
 
 @numba.njit(**JIT_STREAM)  # the flags of the CPU kernels that call it: cacheable
 def sigmoid_slope(v):
     """sigmoid'(v) = s (1 - s), s = sigmoid(v)."""
-    s = 1.0 / (1.0 + math.exp(-v))
-    return s * (1.0 - s)
+    s = _ONE / (_ONE + math.exp(-v))
+    return s * (_ONE - s)
 
 
 @numba.njit(**JIT_STREAM)  # the flags of the CPU kernels that call it: cacheable
 def tanh_slope(v):
     """tanh'(v) = 1 - tanh(v)**2."""
     t = math.tanh(v)
-    return 1.0 - t * t
+    return _ONE - t * t
 
 
 @numba.njit(inline="always", **JIT)
@@ -87,7 +94,7 @@ def slope(v, act):
         return sigmoid_slope(v)
     if act == TANH:
         return tanh_slope(v)
-    return 1.0
+    return _ONE
 
 
 # ----------------------------------------------------------------------------

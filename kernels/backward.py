@@ -60,7 +60,7 @@ from .common import (
     twin,
 )
 from .half import bits, compute_dtype, narrow, widen
-from .normalize import elementwise_launch_config, vec4_fits
+from .normalize import elementwise_launch_config, vec4_launch
 from .stats import BIAS, INVSTD, MEAN, SCALE
 from .vector import load4, store4
 from .workspace import workspace
@@ -600,11 +600,11 @@ def launch_input_grad_cuda(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=Non
     """The elementwise backward pass: 16-byte loads for plain float32 batch
     norm on aligned rows of a multiple of 4 (``normalize.vec4_fits``), else
     the scalar kernel of the view's regime."""
-    outer, C, inner = x.shape
-    if inner > 1 and mask is None and act is None and vec4_fits(x, dx) and vec4_fits(dy, dx):
-        _, grid, block = elementwise_launch_config((outer, C, inner // 4))
-        size = outer * C * inner
-        input_grad_cuda_vec4[grid, block, stream](dy.reshape(size), x.reshape(size), bcoef, dx.reshape(size), inner)
+    vec = vec4_launch(x, dy, dx) if mask is None and act is None else None
+    if vec is not None:
+        grid, block, size = vec
+        flat = [a.reshape(size) for a in (dy, x, dx)]
+        input_grad_cuda_vec4[grid, block, stream](flat[0], flat[1], bcoef, flat[2], x.shape[2])
         return
     regime, grid, block = elementwise_launch_config(x.shape)
     kernel = input_grad_cuda_inner if regime == "inner" else input_grad_cuda_channels

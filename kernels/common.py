@@ -182,6 +182,23 @@ def fold_chunk(n, mean, m2, cnt, k, s1, s2, one):
 
 
 @numba.njit(**JIT)
+def shifted_add(v, n, mean, m2, k, s1, s2, cnt, one):
+    """One value ``v`` into a CUDA thread's statistics: the state is its
+    running (n, mean, M2) and the open chunk's sums around ``k`` (s1, s2, cnt);
+    a full chunk (SHIFT_CHUNK values) is folded (``fold_chunk``) and the next
+    one summed around the new running mean.  Returns the new state; every
+    argument in the accumulators' dtype (``one`` = 1 in it)."""
+    d = v - k
+    s1 += d
+    s2 += d * d
+    cnt += one
+    if cnt == SHIFT_CHUNK:
+        n, mean, m2 = fold_chunk(n, mean, m2, cnt, k, s1, s2, one)
+        return n, mean, m2, mean, s1 - s1, s2 - s2, cnt - cnt
+    return n, mean, m2, k, s1, s2, cnt
+
+
+@numba.njit(**JIT)
 def shifted_to_moments(n, shift, s1, s2):
     """(count, mean, M2) from sums shifted by ``shift``: s1 = sum(x - shift),
     s2 = sum((x - shift)**2).  Exact algebra; stable while |shift - mean| is

@@ -169,6 +169,17 @@ def scale_shift_cuda_vec4(
             store4(y, k, (v0 - m) * s + b, (v1 - m) * s + b, (v2 - m) * s + b, (v3 - m) * s + b)
 
 
+def vec4_launch(x, *others):
+    """(grid, block, size) of a 16-byte-load elementwise kernel over the
+    (outer, C, inner) view x and the arrays of its shape beside it (``vec4_fits``
+    for each, inner > 1), or None where the scalar kernel must run."""
+    outer, C, inner = x.shape
+    if inner == 1 or not all(vec4_fits(x, a) for a in others):
+        return None
+    _, grid, block = elementwise_launch_config((outer, C, inner // 4))
+    return grid, block, outer * C * inner
+
+
 def vec4_fits(x, y) -> bool:
     """Whether ``scale_shift_cuda_vec4`` can take x and y (outer, C, inner):
     float32, C-contiguous, inner a multiple of 4, both 16-byte aligned."""
@@ -215,11 +226,10 @@ def launch_scale_shift_cuda(x, coef, y, stream=0):
     x, y: (outer, C, inner) device arrays (float16/32/64; y may be x for in place);
     coef: (5, C) device array of the accumulation dtype.
     """
-    outer, C, inner = x.shape
-    if inner > 1 and vec4_fits(x, y):  # quads of four along inner: 16-byte loads
-        _, grid, block = elementwise_launch_config((outer, C, inner // 4))
-        size = outer * C * inner
-        scale_shift_cuda_vec4[grid, block, stream](x.reshape(size), coef, y.reshape(size), inner)
+    vec = vec4_launch(x, y)
+    if vec is not None:  # quads of four along inner: 16-byte loads
+        grid, block, size = vec
+        scale_shift_cuda_vec4[grid, block, stream](x.reshape(size), coef, y.reshape(size), x.shape[2])
         return
     regime, grid, block = elementwise_launch_config(x.shape)
     kernel = scale_shift_cuda_inner if regime == "inner" else scale_shift_cuda_channels

@@ -48,7 +48,6 @@ from .common import (
     JIT,
     JIT_STREAM,
     MAX_THREADS,
-    SHIFT_CHUNK,
     block_slice,
     chan_merge,
     channel_parts,
@@ -64,6 +63,7 @@ from .common import (
     reduction_config,
     repeat_groups,
     row_blocks,
+    shifted_add,
     shifted_to_moments,
     task_channels,
     tree_merge,
@@ -412,7 +412,6 @@ def batch_stats_cuda_inner(
     # merges never round an absolute mean at the data's offset.
     ob = origin // inner
     base = numba.float64(x[ob, c, origin - ob * inner])  # a counted value
-    zero = acc(0)
     one = acc(1)
     n = acc(0)
     mean = acc(0)
@@ -427,13 +426,7 @@ def batch_stats_cuda_inner(
     for o in range(o0 + ty, o1, TY):
         for i in range(i0 + tx, i1, TX):
             if mask is None or mask[o, i]:
-                d = (acc(x[o, c, i]) - shift) - k
-                s1 += d
-                s2 += d * d
-                cnt += one
-                if cnt == SHIFT_CHUNK:
-                    n, mean, m2 = fold_chunk(n, mean, m2, cnt, k, s1, s2, one)
-                    k, s1, s2, cnt = mean, zero, zero, zero
+                n, mean, m2, k, s1, s2, cnt = shifted_add(acc(x[o, c, i]) - shift, n, mean, m2, k, s1, s2, cnt, one)
     n, mean, m2 = fold_chunk(n, mean, m2, cnt, k, s1, s2, one)
 
     sn = cuda.shared.array(MAX_THREADS, numba.float64)
@@ -493,7 +486,6 @@ def batch_stats_cuda_channels(
     o0 = s * rows
     o1 = min(outer, o0 + rows)
 
-    zero = acc(0)
     one = acc(1)
     n = acc(0)
     mean = acc(0)
@@ -511,13 +503,7 @@ def batch_stats_cuda_channels(
         cnt = acc(0)
         for o in range(o0 + ty, o1, TY):
             if mask is None or mask[o, 0]:
-                d = (acc(x[o, c, 0]) - shift) - k
-                s1 += d
-                s2 += d * d
-                cnt += one
-                if cnt == SHIFT_CHUNK:
-                    n, mean, m2 = fold_chunk(n, mean, m2, cnt, k, s1, s2, one)
-                    k, s1, s2, cnt = mean, zero, zero, zero
+                n, mean, m2, k, s1, s2, cnt = shifted_add(acc(x[o, c, 0]) - shift, n, mean, m2, k, s1, s2, cnt, one)
         n, mean, m2 = fold_chunk(n, mean, m2, cnt, k, s1, s2, one)
 
     sn = cuda.shared.array(MAX_THREADS, numba.float64)

@@ -4,7 +4,8 @@ Run in a process without the simulator (NUMBA_ENABLE_CUDASIM=0): the simulator
 checks what kernels do, this checks that the real compiler takes them (types,
 float16 loads and stores, shared memory, atomics) for a given compute capability.
 Prints one line per kernel and dtype; exit 1 when a kernel's PTX uses local
-memory (a stack frame: spilled or addressed locals, slow on every GPU) or when
+memory (a stack frame: spilled or addressed locals, slow on every GPU), when
+float32 data is computed in float64 (``float32_arithmetic``), or when
 the parameters numba-cuda's launcher packs for the signature (``_prepare_args``,
 run here without a GPU) differ from those the PTX entry takes, exit 2 when no
 CUDA compiler is installed.
@@ -30,6 +31,25 @@ def ptx_parameters(ptx):
     start = ptx.index(".entry")
     params = ptx[start : ptx.index(")", start)]
     return [PTX_BYTES[t] for t in re.findall(r"\.param \.(\w+)", params)]
+
+
+def float32_arithmetic(kernel, ptx) -> bool:
+    """Whether float32 data is computed in float32: no float64 arithmetic at all
+    in the elementwise kernels, and more float32 than float64 operations in the
+    statistics kernels (whose float64 is the merges and finalize; the other
+    reductions' per-value loops are a few float32 operations beside a float64
+    epilogue, so a count says nothing there).  A Python literal in a kernel
+    (``n += 1``, ``1.0 / x``) silently promotes float32 to float64: the
+    statistics loop did so (a float64 division per value), and the fused
+    sigmoid (float64 exp and division)."""
+    f64 = len(re.findall(r"\b(?:add|sub|mul|fma|div)\.(?:rn\.)?f64", ptx))
+    f32 = len(re.findall(r"\b(?:add|sub|mul|fma|div)\.(?:rn\.)?f32", ptx))
+    name = kernel.py_func.__name__
+    if name.startswith(("scale_shift", "input_grad")):
+        return f64 == 0
+    if name.startswith("batch_stats"):
+        return f32 > f64
+    return True
 
 
 def packed_parameters(kernel, sig):
@@ -151,6 +171,9 @@ def main():
                     packed = packed_parameters(kernel, concrete)
                 except (NotImplementedError, AssertionError) as exc:
                     packed = f"{type(exc).__name__}{exc.args}"
+                if xt == types.float32 and not float32_arithmetic(kernel, ptx):
+                    print(f"{kernel.py_func.__name__} {xt} {concrete}: float32 values computed in float64")
+                    status = 1
                 takes = ptx_parameters(ptx)
                 if packed != takes:
                     print(f"{kernel.py_func.__name__} {xt} {concrete}: launch packs {packed}, PTX takes {takes}")
