@@ -45,6 +45,7 @@ from .common import (
     JIT_STREAM,
     MAX_THREADS,
     block_slice,
+    block_sum2,
     channel_parts,
     coherent,
     cpu_kernel,
@@ -413,10 +414,7 @@ def backward_sums_cuda_inner(
     a1 = cuda.shared.array(MAX_THREADS, numba.float64)
     a2 = cuda.shared.array(MAX_THREADS, numba.float64)
     flag = cuda.shared.array(1, numba.int32)
-    a1[t] = s1
-    a2[t] = s2
-    cuda.syncthreads()
-    tree_sum2(a1, a2, t, 0, 1, TX * TY)
+    block_sum2(a1, a2, s1, s2, t, TX * TY)
     if t == 0:
         work[0, s, c] = a1[0]
         work[1, s, c] = a2[0]
@@ -427,10 +425,7 @@ def backward_sums_cuda_inner(
         for j in range(t, splits, TX * TY):
             t1 += coherent(work, 0, j, c)
             t2 += coherent(work, 1, j, c)
-        a1[t] = t1
-        a2[t] = t2
-        cuda.syncthreads()
-        tree_sum2(a1, a2, t, 0, 1, TX * TY)
+        block_sum2(a1, a2, t1, t2, t, TX * TY)
         if t == 0:
             finish_backward_channel_cuda(c, n, a1[0], a2[0], coef, training, bcoef, dgamma, dbeta)
 

@@ -299,6 +299,99 @@ def tree_sum2(s1, s2, lane, base, stride, count):
         step //= 2
 
 
+@cuda.jit(device=True)
+def _warp_sum2(a, b):
+    """Sums of a and b over the 32 lanes of a warp, in lane 0 (shuffles)."""
+    off = 16
+    while off > 0:
+        a += cuda.shfl_down_sync(0xFFFFFFFF, a, off)
+        b += cuda.shfl_down_sync(0xFFFFFFFF, b, off)
+        off //= 2
+    return a, b
+
+
+@cuda.jit(device=True)
+def _warp_merge(n, m, q):
+    """The Chan merge of the 32 lanes' (count, mean, M2) triples, in lane 0."""
+    off = 16
+    while off > 0:
+        nb = cuda.shfl_down_sync(0xFFFFFFFF, n, off)
+        mb = cuda.shfl_down_sync(0xFFFFFFFF, m, off)
+        qb = cuda.shfl_down_sync(0xFFFFFFFF, q, off)
+        n, m, q = chan_merge(n, m, q, nb, mb, qb)
+        off //= 2
+    return n, m, q
+
+
+if CUDASIM:  # the simulator runs no warp shuffles: the shared-memory trees
+
+    @cuda.jit(device=True)
+    def block_sum2(a1, a2, s1, s2, t, count):
+        """Sums of every thread's s1, s2 over the block (``count`` threads, a
+        power of two; thread t): in a1[0], a2[0] for every thread on return.
+        a1, a2: float64 shared arrays of at least ``count``; every thread calls."""
+        a1[t] = s1
+        a2[t] = s2
+        cuda.syncthreads()
+        tree_sum2(a1, a2, t, 0, 1, count)
+
+    @cuda.jit(device=True)
+    def block_merge(sn, sm, sq, n, m, q, t, count):
+        """The Chan merge of every thread's (n, m, q) over the block: in sn[0],
+        sm[0], sq[0] for every thread on return (as block_sum2)."""
+        sn[t] = n
+        sm[t] = m
+        sq[t] = q
+        cuda.syncthreads()
+        tree_merge(sn, sm, sq, t, 0, 1, count)
+
+else:  # warp shuffles, then one shared-memory step across the warps
+
+    @cuda.jit(device=True)
+    def block_sum2(a1, a2, s1, s2, t, count):
+        """Sums of every thread's s1, s2 over the block (``count`` threads, a
+        multiple of 32; thread t): in a1[0], a2[0] for every thread on return.
+        a1, a2: float64 shared arrays; every thread calls."""
+        w1, w2 = _warp_sum2(numba.float64(s1), numba.float64(s2))
+        lane = t % 32
+        warp = t // 32
+        if lane == 0:
+            a1[warp] = w1
+            a2[warp] = w2
+        cuda.syncthreads()
+        if warp == 0:
+            v1 = a1[lane] if lane < count // 32 else 0.0
+            v2 = a2[lane] if lane < count // 32 else 0.0
+            v1, v2 = _warp_sum2(v1, v2)
+            if lane == 0:
+                a1[0] = v1
+                a2[0] = v2
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def block_merge(sn, sm, sq, n, m, q, t, count):
+        """The Chan merge of every thread's (n, m, q) over the block: in sn[0],
+        sm[0], sq[0] for every thread on return (as block_sum2)."""
+        wn, wm, wq = _warp_merge(numba.float64(n), numba.float64(m), numba.float64(q))
+        lane = t % 32
+        warp = t // 32
+        if lane == 0:
+            sn[warp] = wn
+            sm[warp] = wm
+            sq[warp] = wq
+        cuda.syncthreads()
+        if warp == 0:
+            vn, vm, vq = 0.0, 0.0, 0.0
+            if lane < count // 32:
+                vn, vm, vq = sn[lane], sm[lane], sq[lane]
+            vn, vm, vq = _warp_merge(vn, vm, vq)
+            if lane == 0:
+                sn[0] = vn
+                sm[0] = vm
+                sq[0] = vq
+        cuda.syncthreads()
+
+
 def part_of(a, index):
     """(in CPU kernels) ``a[index]``, or None where ``a`` is None: an optional
     array's part, typed as an array or as None, never Optional (a plain njit

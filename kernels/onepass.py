@@ -48,7 +48,7 @@ from numba import cuda
 from . import common
 from .activation import activate, launch_scale_shift_act_cpu, launch_scale_shift_act_cuda
 from .backward import B_CONST, B_DY, B_X, dv_cuda, finish_backward_channel_cuda, launch_backward_cuda
-from .common import CUDASIM, MAX_THREADS, block_shape, gpu_kernel, next_pow2, tree_sum2
+from .common import CUDASIM, MAX_THREADS, block_shape, block_sum2, gpu_kernel, next_pow2, tree_sum2
 from .normalize import launch_scale_shift_cpu, launch_scale_shift_cuda
 from .stats import BIAS, MEAN, SCALE, finish_channel_cuda, launch_stats_cpu, launch_stats_cuda
 
@@ -126,10 +126,7 @@ def forward_onepass_cuda_inner(
         for i in range(tx, inner, TX):
             if mask is None or mask[o, i]:
                 s += acc(x[o, c, i]) - k
-    a1[t] = s
-    a2[t] = 0.0
-    cuda.syncthreads()
-    tree_sum2(a1, a2, t, 0, 1, TX * TY)
+    block_sum2(a1, a2, s, 0.0, t, TX * TY)
     m = acc(numba.float64(k) + a1[0] / n)  # the mean, rounded to the compute dtype
     cuda.syncthreads()  # every thread has read a1[0]
 
@@ -141,10 +138,7 @@ def forward_onepass_cuda_inner(
                 d = acc(x[o, c, i]) - m  # exact where x is within 2x of m (Sterbenz)
                 d1 += d
                 d2 += d * d
-    a1[t] = d1
-    a2[t] = d2
-    cuda.syncthreads()
-    tree_sum2(a1, a2, t, 0, 1, TX * TY)
+    block_sum2(a1, a2, d1, d2, t, TX * TY)
     if t == 0:
         q = a1[0] / n  # what m's rounding left of the mean
         m2 = a2[0] - a1[0] * q
@@ -274,10 +268,7 @@ def backward_onepass_cuda_inner(
             s2 += g * d
     a1 = cuda.shared.array(MAX_THREADS, numba.float64)
     a2 = cuda.shared.array(MAX_THREADS, numba.float64)
-    a1[t] = s1
-    a2[t] = s2
-    cuda.syncthreads()
-    tree_sum2(a1, a2, t, 0, 1, TX * TY)
+    block_sum2(a1, a2, s1, s2, t, TX * TY)
     if t == 0:
         finish_backward_channel_cuda(c, n, a1[0], a2[0], coef, training, bcoef, dgamma, dbeta)
     cuda.syncthreads()  # bcoef[:, c] written

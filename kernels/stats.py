@@ -48,6 +48,7 @@ from .common import (
     JIT,
     JIT_STREAM,
     MAX_THREADS,
+    block_merge,
     block_slice,
     chan_merge,
     channel_parts,
@@ -433,9 +434,7 @@ def batch_stats_cuda_inner(
     sm = cuda.shared.array(MAX_THREADS, numba.float64)
     sq = cuda.shared.array(MAX_THREADS, numba.float64)
     flag = cuda.shared.array(1, numba.int32)
-    sn[t], sm[t], sq[t] = n, (numba.float64(shift) - base) + numba.float64(mean), m2
-    cuda.syncthreads()
-    tree_merge(sn, sm, sq, t, 0, 1, TX * TY)
+    block_merge(sn, sm, sq, n, (numba.float64(shift) - base) + numba.float64(mean), m2, t, TX * TY)
     if t == 0:
         work[0, s, c] = sn[0]
         work[1, s, c] = sm[0]
@@ -448,9 +447,7 @@ def batch_stats_cuda_inner(
             n2, m2, q2 = chan_merge(
                 n2, m2, q2, coherent(work, 0, j, c), coherent(work, 1, j, c), coherent(work, 2, j, c)
             )
-        sn[t], sm[t], sq[t] = n2, m2, q2
-        cuda.syncthreads()
-        tree_merge(sn, sm, sq, t, 0, 1, TX * TY)
+        block_merge(sn, sm, sq, n2, m2, q2, t, TX * TY)
         if t == 0:
             finish_channel_cuda(c, sn[0], base + sm[0], sq[0], coef, gamma, beta, rmean, rvar, eps, momentum, update)
 

@@ -5,7 +5,8 @@ checks what kernels do, this checks that the real compiler takes them (types,
 float16 loads and stores, shared memory, atomics) for a given compute capability.
 Prints one line per kernel and dtype; exit 1 when a kernel's PTX uses local
 memory (a stack frame: spilled or addressed locals, slow on every GPU), when
-float32 data is computed in float64 (``float32_arithmetic``), or when
+float32 data is computed in float64 (``float32_arithmetic``), when a kernel of
+WARP_SHUFFLES has no ``shfl.sync.down``, or when
 the parameters numba-cuda's launcher packs for the signature (``_prepare_args``,
 run here without a GPU) differ from those the PTX entry takes, exit 2 when no
 CUDA compiler is installed.
@@ -21,6 +22,14 @@ import types as pytypes
 
 import numpy as np
 
+#: kernels whose block reductions run on warp shuffles (common.block_sum2 / block_merge)
+WARP_SHUFFLES = {
+    "batch_stats_cuda_inner",
+    "backward_sums_cuda_inner",
+    "forward_onepass_cuda_inner",
+    "backward_onepass_cuda_inner",
+}
+
 #: bytes of a kernel parameter by its PTX type
 PTX_BYTES = {"u64": 8, "s64": 8, "b64": 8, "f64": 8, "u32": 4, "s32": 4, "b32": 4, "f32": 4}
 PTX_BYTES.update({"u16": 2, "s16": 2, "b16": 2, "f16": 2, "u8": 1, "s8": 1, "b8": 1})
@@ -35,20 +44,17 @@ def ptx_parameters(ptx):
 
 def float32_arithmetic(kernel, ptx) -> bool:
     """Whether float32 data is computed in float32: no float64 arithmetic at all
-    in the elementwise kernels, and more float32 than float64 operations in the
-    statistics kernels (whose float64 is the merges and finalize; the other
-    reductions' per-value loops are a few float32 operations beside a float64
-    epilogue, so a count says nothing there).  A Python literal in a kernel
-    (``n += 1``, ``1.0 / x``) silently promotes float32 to float64: the
-    statistics loop did so (a float64 division per value), and the fused
-    sigmoid (float64 exp and division)."""
-    f64 = len(re.findall(r"\b(?:add|sub|mul|fma|div)\.(?:rn\.)?f64", ptx))
-    f32 = len(re.findall(r"\b(?:add|sub|mul|fma|div)\.(?:rn\.)?f32", ptx))
+    in the elementwise kernels, and the statistics kernels' per-value step
+    ``s2 += d * d`` a float32 FMA (``fma.rn.f32``; their float64 is the merges
+    and the finalize).  A Python literal in a kernel (``n += 1``, ``1.0 / x``)
+    silently promotes float32 to float64: the statistics loop did so (a
+    float64 division per value; no float32 FMA at all), and the fused sigmoid
+    (float64 exp and division)."""
     name = kernel.py_func.__name__
     if name.startswith(("scale_shift", "input_grad")):
-        return f64 == 0
+        return not re.search(r"\b(?:add|sub|mul|fma|div)\.(?:rn\.)?f64", ptx)
     if name.startswith("batch_stats"):
-        return f32 > f64
+        return "fma.rn.f32" in ptx
     return True
 
 
@@ -171,6 +177,9 @@ def main():
                     packed = packed_parameters(kernel, concrete)
                 except (NotImplementedError, AssertionError) as exc:
                     packed = f"{type(exc).__name__}{exc.args}"
+                if kernel.py_func.__name__ in WARP_SHUFFLES and "shfl.sync.down" not in ptx:
+                    print(f"{kernel.py_func.__name__} {xt} {concrete}: no warp shuffles (common.block_sum2)")
+                    status = 1
                 if xt == types.float32 and not float32_arithmetic(kernel, ptx):
                     print(f"{kernel.py_func.__name__} {xt} {concrete}: float32 values computed in float64")
                     status = 1
