@@ -229,7 +229,9 @@ def empty_like_library(shape, dtype, library: str, owner):
         import torch
 
         t = torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device=owner.device)
-        return device_view(t)
+        view = device_view(t)
+        view.gpubn_tensor = t  # deliver_as hands back the tensor itself
+        return view
     if library == "cupy":
         import cupy
 
@@ -244,7 +246,8 @@ def deliver_as(arr, library: str, owner):
     if library == "torch":
         import torch
 
-        return torch.as_tensor(arr, device=owner.device)
+        tensor = getattr(arr, "gpubn_tensor", None)  # allocated by empty_like_library
+        return tensor if tensor is not None else torch.as_tensor(arr, device=owner.device)
     if library == "cupy":
         import cupy
 
