@@ -61,12 +61,17 @@ from .stats import BIAS, MEAN, SCALE, finish_channel_cuda, launch_stats_cpu, lau
 #: test shapes run both paths.
 ONE_PASS_MAX_GPU = 1 << 14
 ONE_PASS_MAX = 64 if CUDASIM else ONE_PASS_MAX_GPU
+#: ... and most bytes of x: the re-reads must hit L2 (50 MB on an H100, 60 MB
+#: on an H200, with y or dx beside x), else one launch reads x from DRAM three
+#: times where the split passes read it twice.
+ONE_PASS_MAX_BYTES = 32 << 20
 
 
-def one_pass(shape) -> bool:
-    """Whether a canonical view (outer, C, inner) takes the one-launch kernels."""
-    outer, _, inner = shape
-    return outer * inner <= ONE_PASS_MAX
+def one_pass(shape, itemsize: int = 4) -> bool:
+    """Whether a canonical view (outer, C, inner) of ``itemsize``-byte values
+    takes the one-launch kernels."""
+    outer, C, inner = shape
+    return outer * inner <= ONE_PASS_MAX and outer * C * inner * itemsize <= ONE_PASS_MAX_BYTES
 
 
 def one_pass_config(shape):
@@ -400,7 +405,7 @@ def launch_forward_train_cuda(
             True positions; origin: flat index of one of them; count: how many.
     """
     outer, C, inner = x.shape
-    if not one_pass(x.shape):
+    if not one_pass(x.shape, x.dtype.itemsize):
         launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask, origin, stream)
         if y is not None:
             launch_normalize_cuda(x, coef, y, act, z, stream)
@@ -420,7 +425,7 @@ def launch_backward_any_cuda(
     """The backward on the GPU: one launch where a channel fits a block
     (``one_pass``), else ``backward.launch_backward_cuda`` (two launches).
     Args as launch_backward_cuda."""
-    if not one_pass(x.shape):
+    if not one_pass(x.shape, x.dtype.itemsize):
         launch_backward_cuda(dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask, count, act, z, dz, stream)
         return
     outer, C, inner = x.shape

@@ -146,6 +146,9 @@ def test_the_choice_follows_the_values_per_channel(monkeypatch):
     monkeypatch.setattr(onepass, "ONE_PASS_MAX", onepass.ONE_PASS_MAX_GPU)
     for shape, want in [((4096, 512, 1), True), ((32, 2048, 49), True), ((64, 16, 1), True), ((64, 256, 784), False)]:
         assert onepass.one_pass(shape) == want, shape
+    # few values a channel but too many bytes for L2: the split passes
+    assert onepass.one_pass((16384, 512, 1), 4) and not onepass.one_pass((16384, 1024, 1), 4)
+    assert onepass.one_pass((16384, 1024, 1), 2)
     regime, grid, block = onepass.one_pass_config((4096, 512, 1))
     assert regime == "channels" and block[0] == min(32, common.MAX_THREADS) and grid == (512 // block[0],)
     regime, grid, block = onepass.one_pass_config((32, 2048, 49))
