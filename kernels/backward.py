@@ -617,8 +617,8 @@ def launch_backward_cuda(
     """
     outer, C, inner = x.shape
     grid, block, inner_splits, splits, columns = reduction_config(x.shape)[1:]
-    work = workspace("backward.work", (2, splits, C), np.float64)
-    counter = workspace("backward.counter", (columns,), np.int32, zero=True)
+    work = workspace("backward.work", (2, splits, C), np.float64, stream=stream)
+    counter = workspace("backward.counter", (columns,), np.int32, zero=True, stream=stream)
     n = float(outer * inner if mask is None else count)
     act = len(act) or None  # the CUDA kernels take the code (None: plain batch norm, the branch removed)
     args = [dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), n, act, z]

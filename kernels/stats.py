@@ -555,8 +555,8 @@ def launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, 
     acc = gamma.dtype
     kernel, grid, block, inner_splits, splits, columns = stats_launch_config(x.shape)
     C = x.shape[1]
-    work = workspace("stats.work", (3, splits, C), np.float64)
-    counter = workspace("stats.counter", (columns,), np.int32, zero=True)
+    work = workspace("stats.work", (3, splits, C), np.float64, stream=stream)
+    counter = workspace("stats.counter", (columns,), np.int32, zero=True, stream=stream)
     args = [x, mask, int(origin), work, counter, coef, gamma, beta, rmean, rvar]
     args += [acc.type(eps), acc.type(momentum), bool(update)]
     if inner_splits is not None:

@@ -2,10 +2,14 @@
 
 Device: no device allocation in the hot path.
 
-Workspaces are per Python thread (two threads never share a partials buffer)
-and keyed by (name, shape, dtype); a handful of shapes live at once, the least
-recently used is dropped beyond ``MAX_ENTRIES``.  Counters are created zeroed
-and every kernel that uses one leaves it zeroed.
+Workspaces are per Python thread and per stream (two launches that may run at
+the same time never share a partials buffer or a ticket counter: kernels run on
+the caller's stream, and one thread may use several) and keyed by (name,
+shape, dtype); a handful of shapes live at once, the least recently used is
+dropped beyond ``MAX_ENTRIES``.  Counters are created zeroed and every kernel
+that uses one leaves it zeroed.  A workspace is allocated (and a counter
+zeroed, synchronously) on its first use for a stream: to capture the split
+passes in a CUDA graph, make one call on the capture stream first.
 """
 
 import math
@@ -22,12 +26,13 @@ MAX_ENTRIES = 64
 _local = threading.local()
 
 
-def workspace(name, shape, dtype, zero=False):
-    """A device array of ``shape``/``dtype`` owned by this thread, reused across calls."""
+def workspace(name, shape, dtype, zero=False, stream=0):
+    """A device array of ``shape``/``dtype`` owned by this thread for launches
+    on ``stream`` (a handle), reused across calls."""
     cache = getattr(_local, "cache", None)
     if cache is None:
         cache = _local.cache = OrderedDict()
-    key = (name, tuple(shape), np.dtype(dtype).str)
+    key = (name, tuple(shape), np.dtype(dtype).str, stream if isinstance(stream, int) else id(stream))
     arr = cache.get(key)
     if arr is None:
         if zero:

@@ -68,3 +68,16 @@ def test_device_output_reused_only_after_every_view_is_gone_cuda():
     c.copy_to_device(np.arange(np.prod(shape), dtype=np.float32).reshape(shape))
     np.testing.assert_array_equal(c.copy_to_host().ravel(), np.arange(np.prod(shape)))
     cuda.synchronize()
+
+
+def test_workspaces_are_per_stream():
+    """Two launches on different streams may run at once: they never share a
+    partials buffer or a ticket counter (one thread, one stream: one workspace)."""
+    if "cuda" not in gpubn.available_backends():
+        pytest.skip("backend 'cuda' not available")
+    a = workspace.workspace("test.work", (3, 4), np.float64, stream=0)
+    b = workspace.workspace("test.work", (3, 4), np.float64, stream=0x5EED)
+    assert a is not b
+    assert workspace.workspace("test.work", (3, 4), np.float64, stream=0) is a
+    counter = workspace.workspace("test.counter", (5,), np.int32, zero=True, stream=0x5EED)
+    np.testing.assert_array_equal(counter.copy_to_host(), 0)
