@@ -24,6 +24,7 @@ from .activation import (
     launch_scale_shift_act_cuda,
     scale_shift_act_cuda_channels,
     scale_shift_act_cuda_inner,
+    scale_shift_act_cuda_vec4,
 )
 from .backward import (
     B_BIAS,

@@ -27,8 +27,9 @@ from numba import cuda, prange
 
 from .common import JIT, JIT_STREAM, channel_parts, cpu_kernel, gpu_kernel, task_channels
 from .half import bits, narrow, widen
-from .normalize import elementwise_launch_config
+from .normalize import elementwise_launch_config, vec4_launch
 from .stats import BIAS, MEAN, SCALE
+from .vector import load4, store4
 
 NONE, RELU, SIGMOID, TANH = range(4)
 #: activation name -> the code the kernels take
@@ -200,8 +201,48 @@ def scale_shift_act_cuda_channels(
             y[o, c, 0] = activate(v, act)
 
 
+@gpu_kernel
+def scale_shift_act_cuda_vec4(
+    x,  # (outer * C * inner,) float32 input: the C-contiguous view, flat, 16-byte aligned
+    z,  # (outer * C * inner,) float32 residual (x itself when residual is False), 16-byte aligned
+    coef,  # (5, C) float32 per-channel MEAN, SCALE, BIAS
+    act,  # int: an ACTIVATIONS code
+    residual,  # bool: add z
+    y,  # (outer * C * inner,) float32 out, 16-byte aligned
+    inner,  # int: a multiple of 4
+):
+    """scale_shift_act_cuda_inner with 16-byte loads and stores (the quads of
+    normalize.scale_shift_cuda_vec4)."""
+    C = coef.shape[1]
+    rows = x.shape[0] // inner
+    quads = inner // 4
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    for r in range(cuda.blockIdx.y * TY + ty, rows, cuda.gridDim.y * TY):
+        c = r - (r // C) * C
+        m = coef[MEAN, c]
+        s = coef[SCALE, c]
+        b = coef[BIAS, c]
+        base = r * inner
+        for q in range(cuda.blockIdx.x * TX + tx, quads, cuda.gridDim.x * TX):
+            k = base + 4 * q
+            v0, v1, v2, v3 = load4(x, k)
+            v0, v1, v2, v3 = (v0 - m) * s + b, (v1 - m) * s + b, (v2 - m) * s + b, (v3 - m) * s + b
+            if residual:
+                z0, z1, z2, z3 = load4(z, k)
+                v0, v1, v2, v3 = v0 + z0, v1 + z1, v2 + z2, v3 + z3
+            store4(y, k, activate(v0, act), activate(v1, act), activate(v2, act), activate(v3, act))
+
+
 def launch_scale_shift_act_cuda(x, z, coef, act, residual, y, stream=0):
-    """launch_scale_shift_act_cpu on device arrays: one launch."""
+    """launch_scale_shift_act_cpu on device arrays: one launch (16-byte loads
+    for float32 rows of a multiple of 4 starting 16-byte aligned)."""
+    vec = vec4_launch(x, z, y)
+    if vec is not None:
+        grid, block, size = vec
+        flat = [a.reshape(size) for a in (x, z, y)]
+        scale_shift_act_cuda_vec4[grid, block, stream](flat[0], flat[1], coef, act, bool(residual), flat[2], x.shape[2])
+        return
     regime, grid, block = elementwise_launch_config(x.shape)
     kernel = scale_shift_act_cuda_inner if regime == "inner" else scale_shift_act_cuda_channels
     kernel[grid, block, stream](x, z, coef, act, bool(residual), y)

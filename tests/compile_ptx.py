@@ -195,12 +195,17 @@ def main():
     vector_kernels = {
         K.scale_shift_cuda_vec4: (f1, m2, f1, types.int64),
         K.input_grad_cuda_vec4: (f1, f1, m2, f1, types.int64),
+        K.scale_shift_act_cuda_vec4: (f1, f1, m2, types.int64, types.boolean, f1, types.int64),
     }
     for kernel, sig in vector_kernels.items():
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
         vector = all(op in ptx for op in ("ld.global.v4.f32", "st.global.v4.f32"))
-        if not vector or ".local" in ptx or packed_parameters(kernel, sig) != ptx_parameters(ptx):
-            print(f"{kernel.py_func.__name__}: v4 loads and stores {vector}, local memory {'.local' in ptx}")
+        packed_ok = packed_parameters(kernel, sig) == ptx_parameters(ptx)
+        if not vector or ".local" in ptx or not packed_ok or not float32_arithmetic(kernel, ptx):
+            print(
+                f"{kernel.py_func.__name__}: v4 loads and stores {vector}, local memory {'.local' in ptx}, "
+                f"packing {packed_ok}, float32 {float32_arithmetic(kernel, ptx)}"
+            )
             status = 1
         print(f"{kernel.py_func.__name__:28s} float32  sm_{cc[0]}{cc[1]} {len(ptx):7d} chars of PTX, v4 loads/stores")
     return status
