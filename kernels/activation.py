@@ -29,7 +29,7 @@ from .common import JIT, JIT_STREAM, channel_parts, cpu_kernel, gpu_kernel, task
 from .half import bits, narrow, widen
 from .normalize import elementwise_launch_config, vec4_launch
 from .stats import BIAS, MEAN, SCALE
-from .vector import load4, store4
+from .vector import load4, quad_grid, store4
 
 NONE, RELU, SIGMOID, TANH = range(4)
 #: activation name -> the code the kernels take
@@ -214,18 +214,14 @@ def scale_shift_act_cuda_vec4(
     """scale_shift_act_cuda_inner with 16-byte loads and stores (the quads of
     normalize.scale_shift_cuda_vec4)."""
     C = coef.shape[1]
-    rows = x.shape[0] // inner
-    quads = inner // 4
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    TX, TY = cuda.blockDim.x, cuda.blockDim.y
-    for r in range(cuda.blockIdx.y * TY + ty, rows, cuda.gridDim.y * TY):
+    rows, quads, row0, drow, quad0, dquad = quad_grid(x.shape[0], inner)
+    for r in range(row0, rows, drow):
         c = r - (r // C) * C
         m = coef[MEAN, c]
         s = coef[SCALE, c]
         b = coef[BIAS, c]
-        base = r * inner
-        for q in range(cuda.blockIdx.x * TX + tx, quads, cuda.gridDim.x * TX):
-            k = base + 4 * q
+        for q in range(quad0, quads, dquad):
+            k = r * inner + 4 * q
             v0, v1, v2, v3 = load4(x, k)
             v0, v1, v2, v3 = (v0 - m) * s + b, (v1 - m) * s + b, (v2 - m) * s + b, (v3 - m) * s + b
             if residual:

@@ -63,7 +63,7 @@ from .common import (
 from .half import bits, compute_dtype, narrow, widen
 from .normalize import elementwise_launch_config, vec4_launch
 from .stats import BIAS, INVSTD, MEAN, SCALE
-from .vector import load4, store4
+from .vector import load4, quad_grid, store4
 from .workspace import workspace
 
 B_MEAN, B_DY, B_X, B_CONST, B_BIAS = range(5)
@@ -569,19 +569,15 @@ def input_grad_cuda_vec4(
     """dx = A * dy + B * (x - mean) + K with 16-byte loads and stores (plain
     batch norm: no mask, no activation); the quads of scale_shift_cuda_vec4."""
     C = bcoef.shape[1]
-    rows = x.shape[0] // inner
-    quads = inner // 4
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    TX, TY = cuda.blockDim.x, cuda.blockDim.y
-    for r in range(cuda.blockIdx.y * TY + ty, rows, cuda.gridDim.y * TY):
+    rows, quads, row0, drow, quad0, dquad = quad_grid(x.shape[0], inner)
+    for r in range(row0, rows, drow):
         c = r - (r // C) * C
         m = bcoef[B_MEAN, c]
         a = bcoef[B_DY, c]
         b = bcoef[B_X, c]
         k = bcoef[B_CONST, c]
-        base = r * inner
-        for q in range(cuda.blockIdx.x * TX + tx, quads, cuda.gridDim.x * TX):
-            e = base + 4 * q
+        for q in range(quad0, quads, dquad):
+            e = r * inner + 4 * q
             g0, g1, g2, g3 = load4(dy, e)
             v0, v1, v2, v3 = load4(x, e)
             store4(

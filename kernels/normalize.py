@@ -25,7 +25,7 @@ from numba import cuda, prange
 from .common import JIT, block_shape, channel_parts, cpu_kernel, gpu_kernel, sm_count, task_channels, twin
 from .half import bits, narrow, widen
 from .stats import BIAS, INVSTD, MEAN, SCALE, VAR
-from .vector import aligned16, load4, store4
+from .vector import aligned16, load4, quad_grid, store4
 
 # ----------------------------------------------------------------------------
 # per-channel constants from given statistics
@@ -153,18 +153,14 @@ def scale_shift_cuda_vec4(
     takes quads of four values along a row (grid.x over quads, grid.y over
     rows), each one ``ld.global.v4.f32`` and one ``st.global.v4.f32``."""
     C = coef.shape[1]
-    rows = x.shape[0] // inner
-    quads = inner // 4
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    TX, TY = cuda.blockDim.x, cuda.blockDim.y
-    for r in range(cuda.blockIdx.y * TY + ty, rows, cuda.gridDim.y * TY):
+    rows, quads, row0, drow, quad0, dquad = quad_grid(x.shape[0], inner)
+    for r in range(row0, rows, drow):
         c = r - (r // C) * C
         m = coef[MEAN, c]
         s = coef[SCALE, c]
         b = coef[BIAS, c]
-        base = r * inner
-        for q in range(cuda.blockIdx.x * TX + tx, quads, cuda.gridDim.x * TX):
-            k = base + 4 * q
+        for q in range(quad0, quads, dquad):
+            k = r * inner + 4 * q
             v0, v1, v2, v3 = load4(x, k)
             store4(y, k, (v0 - m) * s + b, (v1 - m) * s + b, (v2 - m) * s + b, (v3 - m) * s + b)
 

@@ -18,6 +18,18 @@ from numba import cuda, types
 CUDASIM = bool(cuda.config.ENABLE_CUDASIM)
 
 
+@cuda.jit(device=True)
+def quad_grid(size, inner):
+    """Where a thread of a 16-byte-load elementwise kernel works, over ``size``
+    values in C-contiguous rows of ``inner`` (a multiple of 4): (rows, quads per
+    row, first row, row step, first quad, quad step); grid.y strides over rows,
+    grid.x over the quads of a row."""
+    TX, TY = cuda.blockDim.x, cuda.blockDim.y
+    row0 = cuda.blockIdx.y * TY + cuda.threadIdx.y
+    quad0 = cuda.blockIdx.x * TX + cuda.threadIdx.x
+    return size // inner, inner // 4, row0, cuda.gridDim.y * TY, quad0, cuda.gridDim.x * TX
+
+
 def device_address(a) -> int:
     """The device address of a numba device array's first element."""
     if CUDASIM:  # the simulator's arrays wrap NumPy arrays
