@@ -215,6 +215,21 @@ def read_input(x, name: str, backend: str) -> Source:
     return Source(arr, False, "numpy", 0, x)
 
 
+def host_copy(src: Source) -> np.ndarray:
+    """A host NumPy array of an input's values: the array itself when it is
+    one, else a copy of the device array made on the caller's stream (after
+    the work queued there; the host waits for it)."""
+    if not src.on_device:
+        return src.arr
+    from .kernels.launch import numba_stream
+
+    stream = numba_stream(src.stream)
+    host = src.arr.copy_to_host(stream=stream)
+    if stream:
+        stream.synchronize()
+    return host
+
+
 def as_input(x, name: str, backend: str):
     """(array, on_device) of ``read_input``."""
     src = read_input(x, name, backend)

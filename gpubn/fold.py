@@ -8,6 +8,8 @@ so a linear or convolution layer ``z = W a + b`` followed by it is one layer
 with ``W' = W * s`` (s along W's output-channel axis) and ``b' = b * s + t``.
 """
 
+import warnings
+
 import numpy as np
 
 from ._arrays import check_axis
@@ -18,7 +20,7 @@ def _host64(a):
     if a is None:
         return None
     if hasattr(a, "detach"):
-        a = a.detach().cpu().numpy()
+        a = a.detach().cpu().double().numpy()  # bfloat16 has no NumPy dtype
     elif hasattr(a, "copy_to_host"):
         a = a.copy_to_host()
     return np.asarray(a, np.float64)
@@ -55,6 +57,9 @@ def fold(weight, bias, bn, axis: int = 0):
     Returns:
         (weight', bias'): weight's shape and dtype, bias' (out,) of that dtype;
         torch tensors when weight is one.  Computed in float64.
+    Warns:
+        UserWarning when ``bn`` is in training mode: the folded layer uses its
+        running statistics, which is what ``bn`` computes only in eval mode.
     """
     is_torch = hasattr(weight, "detach")
     w = np.asarray(weight.detach().cpu().numpy() if is_torch else weight)
@@ -68,6 +73,13 @@ def fold(weight, bias, bn, axis: int = 0):
     b = np.zeros(C) if bias is None else np.asarray(bias.detach().cpu().numpy() if hasattr(bias, "detach") else bias)
     if b.shape != (C,):
         raise ValueError(f"bias: expected shape ({C},) for {C} output channels, got {b.shape}")
+    if getattr(bn, "training", False):
+        warnings.warn(
+            f"bn: {type(bn).__name__} is in training mode; fold() uses its running statistics "
+            "(what it computes in eval mode); call bn.eval() first",
+            UserWarning,
+            stacklevel=2,
+        )
     s = gamma / np.sqrt(rv + eps)
     shape = [1] * w.ndim
     shape[ax] = C

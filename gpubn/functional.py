@@ -19,6 +19,7 @@ from numba import cuda
 
 from ._arrays import (
     BFLOAT16_BITS,
+    Source,
     StateVector,
     acc_dtype,
     as_input,
@@ -31,6 +32,7 @@ from ._arrays import (
     check_scalar,
     deliver_as,
     empty_like_library,
+    host_copy,
     read_input,
     to_canonical,
 )
@@ -191,9 +193,16 @@ def batch_stats(x, axis: int = 1, backend=None, mask=None):
     return inp.deliver(mean), inp.deliver(var)
 
 
-def batch_stats_moments(x, axis: int = 1, backend=None, mask=None):
+def batch_stats_moments(x, axis: int = 1, backend=None, mask=None, float64: bool = False):
     """gpubn.moments: the per-channel Moments of x (see gpubn/moments.py).
-    An input with no values per channel (or none True in the mask) gives count 0."""
+    An input with no values per channel (or none True in the mask) gives count 0.
+
+    float64=True: every value is widened to float64 before it is summed
+    (gpubn.moments, the Standardizer: squares of |x| > 1.8e19 overflow
+    float32); on the CUDA backend a float16/32 device array is then copied to
+    the host once (on its stream) and reduced by the CPU kernels.  False: the
+    kernels' own accumulation (float32 sums per chunk, float64 across chunks
+    on the CPU; float32 ``var * n`` on CUDA), as synchronized batch norm uses."""
     from .moments import Moments
 
     inp = _prepare(x, axis, backend, allow_empty=True)
@@ -201,9 +210,16 @@ def batch_stats_moments(x, axis: int = 1, backend=None, mask=None):
     if inp.count == 0 or (m is not None and m.count == 0):
         return Moments.empty(inp.C)
     inp = _materialize(inp)
-    if inp.backend == "cpu":
+    view = inp.view
+    if float64 and inp.backend == "cuda" and inp.dtype != np.float64:
+        view = host_copy(Source(view, True, inp.library, inp.stream, inp.owner))
+        mask_view = None if m is None else m.view.copy_to_host()
+    else:
+        mask_view = None if m is None else m.view
+    if isinstance(view, np.ndarray):
         out = np.empty((3, inp.C))
-        _st.channel_moments_cpu(_bits(inp.view), out, None if m is None else m.view)
+        view = np.asarray(view, np.float64) if float64 else _bits(view)
+        _st.channel_moments_cpu(view, out, mask_view)
         return Moments.from_array(out)
     mean, var = _stats_of(inp, m)
     n = float(inp.count if m is None else m.count)
@@ -332,8 +348,13 @@ def batch_norm_forward(
             (e.g. (N, L) for (N, C, L) sequences): in training the statistics,
             and the running statistics (unbiased with the count of True
             positions), come from the True positions only; every position is
-            still normalized with them (Flax's semantics), and the backward is
-            the exact gradient of that function.  Ignored (but checked) when
+            still normalized with them (Flax's semantics).  The backward
+            treats the positions outside the mask as padding: whatever x and
+            dy hold there, they never enter its sums (dgamma, dbeta and the
+            statistics' terms come from the True positions only) and dx (and
+            dresidual) is 0 there; that is the exact gradient when dy is 0
+            outside the mask (a masked loss), and NaN padding gives the same
+            gradients as zero padding.  Ignored (but checked) when
             training=False.  At least 2 True positions when training.
         _coef: (internal) a (5, C) array to hold the per-channel constants,
             so that a layer reuses one buffer instead of allocating per call.

@@ -365,9 +365,16 @@ class BatchNorm:
 
     def load_state_dict(self, state: dict) -> None:
         """Load a state_dict.  Wrong keys, shapes or values raise ValueError
-        (TypeError for wrong types) and change nothing."""
+        (TypeError for wrong types) and change nothing.
+
+        gpubn's keys (gamma, beta, running_mean, running_var,
+        num_batches_tracked) or torch's (``torch.nn.BatchNorm*d.state_dict()``:
+        weight, bias, ...; tensors on any device and of any float dtype, the
+        counter a 0-d tensor; a torch checkpoint without num_batches_tracked,
+        as older torch versions saved, loads with the counter at 0)."""
         if not isinstance(state, dict):
             raise TypeError(f"state: expected a dict, got {type(state).__name__}")
+        state = _gpubn_names(state, self.track_running_stats)
         expected = self._expected_keys()
         if sorted(state) != sorted(expected):
             missing = sorted(set(expected) - set(state))
@@ -378,7 +385,7 @@ class BatchNorm:
             if key == "num_batches_tracked":
                 continue
             value = state[key]
-            arr = _host(value) if is_device_array(value) else np.asarray(value)
+            arr = _host(value)
             if arr.dtype.kind != "f":
                 raise TypeError(f"state: {key} has dtype {arr.dtype}, expected floats")
             if arr.shape != (self.num_features,):
@@ -417,7 +424,36 @@ class BatchNorm:
 
 
 def _host(a):
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+    """A NumPy array of a host or device array, or of a torch tensor (any
+    device; bfloat16 widened to float32)."""
+    if type(a).__module__.startswith("torch"):
+        t = a.detach().cpu()
+        return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
+    if is_device_array(a):
+        return device_view(a).copy_to_host()
+    return np.asarray(a)
+
+
+#: torch.nn.BatchNorm*d's state_dict keys that gpubn names otherwise
+_TORCH_KEYS = {"weight": "gamma", "bias": "beta"}
+
+
+def _gpubn_names(state: dict, tracked: bool) -> dict:
+    """A state dict under gpubn's key names: torch's ``weight``/``bias``
+    renamed; a torch state without num_batches_tracked gets 0 (as torch's own
+    load does for checkpoints saved before the counter existed)."""
+    if not any(k in state for k in _TORCH_KEYS):
+        return state
+    clash = sorted(k for k, v in _TORCH_KEYS.items() if k in state and v in state)
+    if clash:
+        raise ValueError(f"state: both torch's and gpubn's names for the same entry: {clash}")
+    renamed = {_TORCH_KEYS.get(k, k): v for k, v in state.items()}
+    if tracked and "running_mean" in renamed and "num_batches_tracked" not in renamed:
+        renamed["num_batches_tracked"] = 0
+    count = renamed.get("num_batches_tracked")
+    if type(count).__module__.startswith("torch"):
+        renamed["num_batches_tracked"] = _host(count)
+    return renamed
 
 
 __all__ = ["BatchNorm"]

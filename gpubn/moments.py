@@ -129,13 +129,15 @@ def moments(x, axis: int = 1, backend=None, mask=None) -> Moments:
     """The per-channel Moments of x (feature axis ``axis``), from the statistics kernels;
     of its True positions only with a ``mask`` (bool, x's shape without the feature axis).
 
-    On the CPU the kernels' own float64 (count, mean, M2) partials, merged: no
-    extra pass.  On the CUDA backend, from the statistics kernel's mean and
-    biased variance (M2 = var * n): float32 for float16/32 input.
+    Computed in float64 whatever x's dtype (each value widened before it is
+    summed: float32 data with |x| ~ 1e19 keeps its M2, which fits in float64
+    though its squares overflow float32), by the CPU statistics kernels; on
+    the CUDA backend a float64 device array is reduced on the device, and a
+    float16/32 one is copied to the host once (on its stream) first.
     """
     from .functional import batch_stats_moments
 
-    return batch_stats_moments(x, axis, backend, mask)
+    return batch_stats_moments(x, axis, backend, mask, float64=True)
 
 
 @contextlib.contextmanager

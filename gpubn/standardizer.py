@@ -22,9 +22,10 @@ import numbers
 
 import numpy as np
 
-from ._arrays import check_axis, check_bool, is_device_array
+from ._arrays import canonical_shape, check_axis, check_bool, host_copy, is_device_array, read_input
 from ._backend import resolve_backend
-from .functional import batch_stats, normalize
+from .functional import normalize
+from .moments import Moments, moments
 
 _PARAMS = ("axis", "with_mean", "with_std", "backend")
 
@@ -43,10 +44,18 @@ class Standardizer:
     CUDA backend); integer and bool input is converted to float64, as
     scikit-learn does.  Results have the (converted) input's shape and dtype.
 
+    Fitting computes in float64 whatever the input dtype (fit runs once: a
+    device array is copied to the host for it, on its stream).  NaN values are
+    left out of the statistics, feature by feature, and stay NaN in transform
+    (scikit-learn's behaviour); +-inf in fitted data raises ValueError.
+
     Attributes after fitting: ``mean_``, ``var_`` ((C,) float64 NumPy arrays,
     biased variance; computed whatever with_mean/with_std say), ``scale_``
     ((C,) float64, 1 for constant features; None when with_std=False),
-    ``n_samples_seen_`` (values per feature seen so far), ``n_features_in_`` (C).
+    ``n_samples_seen_`` (values per feature seen so far: an int, or an (C,)
+    int64 array when NaNs made the features' counts differ),
+    ``n_features_in_`` (C).  Transforming before fitting raises
+    scikit-learn's ``NotFittedError`` (a ValueError) when scikit-learn is installed.
     """
 
     def __init__(self, *, axis: int = 1, with_mean: bool = True, with_std: bool = True, backend: str | None = None):
@@ -82,42 +91,42 @@ class Standardizer:
         X may be a Dask array: each block's moments are computed in a Dask
         task (the CPU kernels inside it) and merged exactly."""
         X = _as_data(X)
-        n, mean, var = self._chunk_stats(X)
-        self._set_stats(n, mean, var)
+        self._set_stats(self._chunk_moments(X))
         return self
 
     def partial_fit(self, X, y=None) -> "Standardizer":
-        """Merge X's statistics into those seen so far (exact, Chan's formula).  y is ignored."""
+        """Merge X's statistics into those seen so far (exact, Chan's formula;
+        per-feature counts where values are NaN).  y is ignored."""
         X = _as_data(X)
         if getattr(self, "mean_", None) is None:
             return self.fit(X)
         self._check_features(X)
-        n_b, mean_b, var_b = self._chunk_stats(X)
-        n_a = self.n_samples_seen_
-        n = n_a + n_b
-        delta = mean_b - self.mean_
-        mean = self.mean_ + delta * (n_b / n)
-        m2 = self.var_ * n_a + var_b * n_b + delta * delta * (n_a * n_b / n)
-        self._set_stats(n, mean, m2 / n)
+        seen = Moments(self.n_samples_seen_, self.mean_, self.var_ * self.n_samples_seen_)
+        self._set_stats(seen.merge(self._chunk_moments(X)))
         return self
 
-    def _chunk_stats(self, X):
+    def _chunk_moments(self, X) -> Moments:
+        """X's per-feature Moments in float64, NaN values left out."""
         backend = resolve_backend(self.backend)
         _check_params(self.axis, self.with_mean, self.with_std, self.backend)
+        axis = check_axis(self.axis, len(_shape(X)))
         if _is_dask(X):
-            m = _dask_moments(X, check_axis(self.axis, X.ndim), backend)
-            if not np.all(m.count == m.count[0]) or m.count[0] == 0:
-                raise ValueError(f"X: empty input of shape {tuple(X.shape)}")
-            return int(m.count[0]), m.mean, m.var()
-        mean, var = batch_stats(X, axis=self.axis, backend=backend)
-        shape = _shape(X)
-        n = int(np.prod(shape, dtype=np.int64)) // shape[check_axis(self.axis, len(shape))]
-        return n, _host(mean).astype(np.float64), _host(var).astype(np.float64)
+            m = _dask_moments(X, axis)
+        else:
+            m = feature_moments(_host_data(X, backend), axis)
+        if not np.any(m.count):
+            raise ValueError(f"X: empty input of shape {tuple(_shape(X))} (or every value NaN)")
+        return m
 
-    def _set_stats(self, n, mean, var):
-        self.n_samples_seen_, self.mean_, self.var_ = n, mean, var
-        self.n_features_in_ = mean.shape[0]
-        self.scale_ = _scale(var, mean, n) if self.with_std else None
+    def _set_stats(self, m: Moments):
+        count = m.count.astype(np.int64)
+        # scikit-learn's convention: an int, or a per-feature array where NaNs made the counts differ
+        self.n_samples_seen_ = int(count[0]) if np.all(count == count[0]) else count
+        self.mean_ = m.mean
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.var_ = np.where(m.count > 0, m.m2 / np.maximum(m.count, 1), np.nan)
+        self.n_features_in_ = m.mean.shape[0]
+        self.scale_ = _scale(self.var_, self.mean_, m.count) if self.with_std else None
 
     # -- applying -----------------------------------------------------------------
 
@@ -159,7 +168,7 @@ class Standardizer:
 
     def _check_features(self, X, name: str = "X"):
         if getattr(self, "mean_", None) is None:
-            raise ValueError(f"{name}: this Standardizer is not fitted yet; call fit() or partial_fit() first")
+            raise _not_fitted(f"{name}: this Standardizer is not fitted yet; call fit() or partial_fit() first")
         shape = _shape(X)
         C = shape[check_axis(self.axis, len(shape))]
         if C != self.n_features_in_:
@@ -183,6 +192,15 @@ def _check_params(axis, with_mean, with_std, backend):
     resolve_backend(backend)
 
 
+def _not_fitted(message: str) -> ValueError:
+    """scikit-learn's NotFittedError (a ValueError) when scikit-learn is installed."""
+    try:
+        from sklearn.exceptions import NotFittedError
+    except ImportError:
+        return ValueError(message)
+    return NotFittedError(message)
+
+
 def _scale(var, mean, n):
     """sqrt(var), 1 for features indistinguishable from constant (scikit-learn's test)."""
     eps = np.finfo(np.float64).eps
@@ -190,28 +208,53 @@ def _scale(var, mean, n):
     return np.where(constant, 1.0, np.sqrt(var))
 
 
+def feature_moments(X: np.ndarray, axis: int) -> Moments:
+    """Per-feature Moments of a host array in float64, NaN values left out
+    (per-feature counts, as scikit-learn's ``allow_nan``); +-inf refused.
+
+    Without NaN: ``gpubn.moments`` (the CPU statistics kernels, every value
+    widened to float64).  With NaN: two float64 passes over the values that
+    are not NaN (mean, then the squared deviations from it)."""
+    x = np.asarray(X, np.float64)
+    if np.isinf(x).any():
+        raise ValueError("X: contains infinity; NaN values are left out of the statistics, +-inf are refused")
+    missing = np.isnan(x)
+    if not missing.any():
+        return moments(x, axis, "cpu")
+    outer, C, inner = canonical_shape(x.shape, axis)
+    keep = ~missing.reshape(outer, C, inner)
+    v = np.where(keep, x.reshape(outer, C, inner), 0.0)
+    count = keep.sum(axis=(0, 2))
+    mean = v.sum(axis=(0, 2)) / np.maximum(count, 1)
+    d = np.where(keep, v - mean[None, :, None], 0.0)
+    shift = d.sum(axis=(0, 2)) / np.maximum(count, 1)  # the first mean's rounding, corrected
+    m2 = (d * d).sum(axis=(0, 2)) - shift * shift * count
+    return Moments(count, mean + shift, np.maximum(m2, 0.0))
+
+
+def _host_data(X, backend: str) -> np.ndarray:
+    """X's values on the host (a device array copied once, on its stream)."""
+    return host_copy(read_input(X, "X", backend))
+
+
 def _is_dask(X) -> bool:
     return type(X).__module__.startswith("dask") and hasattr(X, "to_delayed")
 
 
-def _block_moments(block, axis, backend):
+def _block_moments(block, axis):
     """(3, C_block) moments of one Dask block (runs inside a Dask task)."""
-    from .moments import moments
-
-    return moments(np.asarray(block), axis, backend).to_array()
+    return feature_moments(np.asarray(block), axis).to_array()
 
 
-def _dask_moments(X, axis, backend):
+def _dask_moments(X, axis):
     """Moments of a Dask array: one task per block, merged exactly per channel block."""
     import dask
-
-    from .moments import Moments
 
     blocks = X.to_delayed()
     task = dask.delayed(_block_moments, pure=True)
     parts = {}
     for idx in np.ndindex(blocks.shape):
-        parts.setdefault(idx[axis], []).append(task(blocks[idx], axis, backend))
+        parts.setdefault(idx[axis], []).append(task(blocks[idx], axis))
     (computed,) = dask.compute(parts)
     merged = [Moments.merge_all(np.stack(computed[j])) for j in sorted(computed)]
     return Moments(*(np.concatenate([getattr(m, f) for m in merged]) for f in ("count", "mean", "m2")))
@@ -249,10 +292,6 @@ def _shape(X) -> tuple:
     if hasattr(X, "shape"):
         return tuple(X.shape)
     return tuple(X.__cuda_array_interface__["shape"])
-
-
-def _host(a):
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
 
 
 __all__ = ["Standardizer"]

@@ -36,6 +36,9 @@ RELIABILITY.md); a gradient of the gradient (double backward) raises.
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -114,24 +117,50 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
     x, axis, perm = _layout(input)
     via_float = x.is_cuda and x.dtype == torch.bfloat16  # no bfloat16 CUDA kernels yet
     bits = x.dtype == torch.bfloat16 and not via_float
+    # bfloat16 parameters and buffers (a module cast with .to(torch.bfloat16)):
+    # the kernels take float32 (C,) vectors; the buffers' float32 copies are
+    # written back, rounded, after the call
+    rounded = running_mean is not None and running_mean.dtype == torch.bfloat16
+    rm, rv = (running_mean.float(), running_var.float()) if rounded else (running_mean, running_var)
     y, cache = _F.batch_norm_forward(
         _array(x.float() if via_float else x),
-        _array(weight),
-        _array(bias),
+        _array(_widened(weight)),
+        _array(_widened(bias)),
         axis=axis,
         eps=eps,
         training=training,
-        running_mean=_array(running_mean),
-        running_var=_array(running_var),
+        running_mean=_array(rm),
+        running_var=_array(rv),
         momentum=momentum,
         backend=backend,
         activation=activation,
         _bfloat16=bits,
     )
+    if rounded and training:
+        with torch.no_grad():
+            running_mean.copy_(rm)
+            running_var.copy_(rv)
     y = _restore(_tensor(y, input.device, bits), perm)
     if via_float:
         y = y.to(torch.bfloat16)
     return y, _tensor(cache.coef, input.device)
+
+
+def _widened(t: Tensor | None) -> Tensor | None:
+    """A bfloat16 (C,) parameter as float32 (the kernels' vectors); others as they are."""
+    return t.float() if t is not None and t.dtype == torch.bfloat16 else t
+
+
+def _empty_batch(input, weight, bias) -> Tensor:
+    """torch's result for a batch with no values (N = 0): an empty tensor like
+    input, differentiable (weight and bias get zero gradients), nothing updated."""
+    shape = (1, input.shape[1]) + (1,) * (input.dim() - 2)
+    y = input
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y.to(input.dtype)
 
 
 def _backward(grad_output, input, coef, training, activation=None):
@@ -201,8 +230,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         x32 = x.float() if x.dtype == torch.bfloat16 else x  # no bfloat16 in the synchronized path
         y, cache = batch_norm_forward_sync(
             _array(x32),
-            _array(weight),
-            _array(bias),
+            _array(_widened(weight)),
+            _array(_widened(bias)),
             comm,
             axis=axis,
             eps=eps,
@@ -326,6 +355,7 @@ def batch_norm(
             g(batch_norm(...)) in the same elementwise pass.
     Returns:
         A tensor like input (same shape, dtype, device and memory format).
+        An empty batch (N = 0) gives an empty tensor and updates nothing, as torch's.
     Raises:
         The exception types torch's raises (RuntimeError for a wrong channel
         count, dtype or device, ValueError for one value per channel in
@@ -333,6 +363,8 @@ def batch_norm(
     """
     _check(input, running_mean, running_var, weight, bias, training)
     check_activation(activation)
+    if input.numel() == 0:  # an empty batch (N = 0): torch returns an empty tensor, updates nothing
+        return _empty_batch(input, weight, bias)
     args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
     if not torch.compiler.is_compiling():
         return _BatchNorm.apply(*args, activation)  # running statistics updated in place by the kernels
@@ -369,7 +401,7 @@ def _check(input, running_mean, running_var, weight, bias, training):
         raise RuntimeError("running_mean, running_var: give both or neither")
     if not training and running_mean is None:
         raise RuntimeError("running_mean, running_var: required when training=False")
-    if training and (C == 0 or input.numel() // C <= 1):
+    if training and input.numel() > 0 and (C == 0 or input.numel() // C <= 1):
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
@@ -486,22 +518,67 @@ def replace_batchnorm(module: torch.nn.Module, sync=None) -> torch.nn.Module:
     The new modules hold the very same parameter and buffer tensors (an
     optimizer built before the swap keeps working) and the same train/eval
     mode.  Subclasses of torch's modules (which may change forward) and
-    ``SyncBatchNorm`` are left alone.  ``sync``: a torch.distributed process
-    group (or mpi4py communicator) that the new modules synchronize their
-    training statistics over (``process_group=``).  Returns ``module`` (or its
-    replacement, when ``module`` itself is a batch-norm module).
+    ``SyncBatchNorm`` are left alone.  ``LazyBatchNorm*d`` modules are
+    replaced once materialized (after a first forward they are plain
+    ``BatchNorm*d``); one not yet materialized has no parameters to share, so
+    it is left alone with a UserWarning naming it.  ``sync``: a
+    torch.distributed process group (or mpi4py communicator) that the new
+    modules synchronize their training statistics over (``process_group=``).
+    Each replacement is logged at debug level (logger ``gpubn.torch``).
+    Returns ``module`` (or its replacement, when ``module`` itself is a
+    batch-norm module).
+
+    gpubn's modules run gpubn's kernels from Python, which ``torch.jit.script``
+    and ``torch.onnx.export`` cannot trace into: for those, swap them back
+    with ``restore_batchnorm``.
     """
+    return _replace(module, sync, "")
+
+
+def restore_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """The inverse of ``replace_batchnorm``: every gpubn ``BatchNorm1d/2d/3d``
+    in ``module`` becomes torch's, in place, holding the same tensors (for
+    ``torch.jit.script``, ``torch.onnx.export`` or torch's own kernels).
+    A synchronized gpubn module becomes a plain torch one (torch's
+    SyncBatchNorm takes a torch.distributed group; swap it yourself if
+    needed), a fused activation raises ValueError (torch's modules have none).
+    Returns ``module`` (or its replacement)."""
+    back = _TORCH_MODULES.get(type(module))
+    if back is not None:
+        if module.activation is not None:
+            raise ValueError(f"module: a gpubn module with activation={module.activation!r} has no torch equivalent")
+        return _swap(module, back)
+    for name, child in module.named_children():
+        new = restore_batchnorm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _replace(module, sync, path):
     cls = _REPLACEMENTS.get(type(module))
     if cls is not None:
+        _log.debug("replace_batchnorm: %s (%s) -> gpubn.torch.%s", path or "<root>", type(module).__name__, cls.__name__)
         return _swap(module, cls, sync)
+    if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and isinstance(
+        module, torch.nn.modules.batchnorm._BatchNorm
+    ):
+        warnings.warn(
+            f"module {path or '<root>'}: {type(module).__name__} is not materialized yet and was not replaced; "
+            "run one forward pass first, then call replace_batchnorm",
+            UserWarning,
+            stacklevel=3,
+        )
+        return module
     for name, child in module.named_children():
-        new = replace_batchnorm(child, sync)
+        new = _replace(child, sync, f"{path}.{name}" if path else name)
         if new is not child:
             setattr(module, name, new)
     return module
 
 
 def _swap(bn, cls, sync=None):
+    kwargs = {"process_group": sync} if issubclass(cls, _GpubnBatchNorm) else {}
     new = cls(
         bn.num_features,
         bn.eps,
@@ -510,7 +587,7 @@ def _swap(bn, cls, sync=None):
         bn.track_running_stats,
         device="meta",
         dtype=torch.float32,
-        process_group=sync,
+        **kwargs,
     )
     for name in ("weight", "bias"):
         setattr(new, name, getattr(bn, name))
@@ -519,4 +596,8 @@ def _swap(bn, cls, sync=None):
     return new.train(bn.training)
 
 
-__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "replace_batchnorm"]
+_TORCH_MODULES = {gpubn: torch_cls for torch_cls, gpubn in _REPLACEMENTS.items()}
+_log = logging.getLogger("gpubn.torch")
+
+
+__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "replace_batchnorm", "restore_batchnorm"]

@@ -17,9 +17,12 @@ Training (mean and invstd are functions of x):
 Inference (running statistics are constants): ``dx = A * dy`` (B = K = 0).
 
 Masked batch norm (statistics from the n positions where a mask w is True,
-every position normalized with them): the sums still run over every position
-(each y depends on gamma and beta), n counts the True positions, and only those
-carry the statistics' terms: ``dx = A * dy + w * (B * (x - mean) + K)``.
+every position normalized with them): positions outside the mask are padding.
+The backward takes their dy as 0 whatever dy and x hold there: they never
+enter the sums (dgamma, dbeta, B and K come from the True positions only), and
+dx (and the residual's gradient) is 0 there.  That is the exact gradient when
+dy is 0 outside the mask, as a masked loss gives; NaN padding and zero padding
+give the same gradients.
 
 Fused with an activation (y = g(v), v = BN(x) (+ z)), dy above becomes
 dv = dy * g'(v), v recomputed from x (and z) where dy is read: every kernel
@@ -136,20 +139,22 @@ def _dv(dy, x, z, i, m, s, b, act):
 
 
 @numba.njit(**JIT_STREAM)
-def _run_sums(dy, x, z, m, s, b, act):
-    """sum(dv) and sum(dv * (x - m)) of 1-D runs dy, x (and z), in their compute dtype."""
+def _run_sums(dy, x, z, keep, m, s, b, act):
+    """sum(dv) and sum(dv * (x - m)) of 1-D runs dy, x (and z), in their compute
+    dtype, over the positions where ``keep`` is True (None: all of them)."""
     s1 = compute_dtype(dy)(0)
     s2 = compute_dtype(dy)(0)
     for i in range(dy.shape[0]):
-        g, d = _dv(dy, x, z, i, m, s, b, act)
-        s1 += g
-        s2 += g * d
+        if keep is None or keep[i]:
+            g, d = _dv(dy, x, z, i, m, s, b, act)
+            s1 += g
+            s2 += g * d
     return s1, s2
 
 
 @cpu_kernel
-def backward_sums_inner_cpu(dy, x, coef, out, act, z):
-    """backward_sums_cpu for inner > 1: dy, x, z (outer, C, inner)."""
+def backward_sums_inner_cpu(dy, x, coef, out, act, z, mask):
+    """backward_sums_cpu for inner > 1: dy, x, z (outer, C, inner); mask None or (outer, inner)."""
     outer, C, inner = x.shape
     part = np.empty((2, outer, C))
     parts = channel_parts(outer, C)
@@ -163,7 +168,7 @@ def backward_sums_inner_cpu(dy, x, coef, out, act, z):
             for start in range(0, inner, CHUNK):
                 stop = min(start + CHUNK, inner)
                 run = (o, c, slice(start, stop))
-                s1, s2 = _run_sums(dy[run], x[run], part_of(z, run), m, s, b, act)
+                s1, s2 = _run_sums(dy[run], x[run], part_of(z, run), part_of(mask, (o, run[2])), m, s, b, act)
                 t1 += s1
                 t2 += s2
             part[0, o, c] = t1
@@ -185,10 +190,19 @@ def _terms(dy, x, z, coef, o, c, act):
 
 
 @numba.njit(**JIT_STREAM)
-def _rows_sums(dy, x, z, coef, o0, o1, s1, s2, act):
+def _rows_sums(dy, x, z, coef, o0, o1, s1, s2, act, rows):
     """s1 += sum(dv), s2 += sum(dv * (x - mean)) over rows [o0, o1) of 2-D dy, x, z
-    (vectorised across the C contiguous channels; s1, s2: (C,))."""
+    (vectorised across the C contiguous channels; s1, s2: (C,)); only the rows
+    where ``rows`` (outer,) bool is True when it is given (masked batch norm)."""
     C = x.shape[1]
+    if rows is not None:
+        for o in range(o0, o1):
+            if rows[o]:
+                for c in range(C):
+                    g, h = _terms(dy, x, z, coef, o, c, act)
+                    s1[c] += g
+                    s2[c] += h
+        return
     quads = o0 + (o1 - o0) // 4 * 4
     for o in range(o0, quads, 4):  # four rows a step: s1, s2, in memory, updated once
         for c in range(C):
@@ -206,9 +220,9 @@ def _rows_sums(dy, x, z, coef, o0, o1, s1, s2, act):
 
 
 @cpu_kernel
-def backward_sums_channels_cpu(dy, x, coef, out, act, z):
+def backward_sums_channels_cpu(dy, x, coef, out, act, z, rows):
     """backward_sums_cpu for inner == 1: dy, x, z (outer, C), channels contiguous;
-    coef (5, C) the forward constants."""
+    coef (5, C) the forward constants; rows None or (outer,) bool (the mask)."""
     outer, C = x.shape
     # rows of C contiguous values: a few row blocks per thread, float64
     # running sums per channel fed by input-dtype sums over cache-sized
@@ -223,7 +237,7 @@ def backward_sums_channels_cpu(dy, x, coef, out, act, z):
         for o0 in range(k * rows_per, end, sub):
             s1[:] = 0
             s2[:] = 0
-            _rows_sums(dy, x, z, coef, o0, min(end, o0 + sub), s1, s2, act)
+            _rows_sums(dy, x, z, coef, o0, min(end, o0 + sub), s1, s2, act, rows)
             for c in range(C):
                 part[0, k, c] += s1[c]
                 part[1, k, c] += s2[c]
@@ -236,15 +250,20 @@ def backward_sums_channels_cpu(dy, x, coef, out, act, z):
         out[1, c] = t2
 
 
-def backward_sums_cpu(dy, x, coef, out, act=(), z=None):
+def backward_sums_cpu(dy, x, coef, out, act=(), z=None, mask=None):
     """out (2, C) float64 <- sum(dv) and sum(dv * (x - mean)) per channel.
 
     dy, x (and z): (outer, C, inner), same float dtype; coef: (5, C) forward
     constants; dv = dy, or dy * g'(v) with ``act`` (an ACTIVATIONS code).
+    mask: None, or (outer, inner) bool: only its True positions are summed.
     Partial sums in the input's dtype over bounded pieces, combined in float64.
     """
     if x.shape[2] > 1:
-        backward_sums_inner_cpu(dy, x, coef, out, act, z)
+        backward_sums_inner_cpu(dy, x, coef, out, act, z, mask)
+        return
+    if mask is not None:  # only some rows: no folding
+        z2 = None if z is None else z[:, :, 0]
+        backward_sums_channels_cpu(dy[:, :, 0], x[:, :, 0], coef, out, act, z2, mask[:, 0])
         return
     # a 2-D view: the compiler then knows the channels are contiguous; narrow
     # rows folded side by side (common.fold_rows), the f partial sums added
@@ -257,7 +276,7 @@ def backward_sums_cpu(dy, x, coef, out, act=(), z=None):
         f = 1
     part = out if f == 1 else np.empty((2, arrays[1].shape[1]))
     z2 = None if z is None else arrays[2]
-    backward_sums_channels_cpu(arrays[0], arrays[1], repeat_groups(coef, f), part, act, z2)
+    backward_sums_channels_cpu(arrays[0], arrays[1], repeat_groups(coef, f), part, act, z2, None)
     if f > 1:
         out[...] = part.reshape(2, f, -1).sum(axis=1)
 
@@ -270,16 +289,18 @@ def finish_backward_cpu(sums, n, coef, training, bcoef, dgamma, dbeta):
 
 @numba.njit(**JIT_STREAM)
 def _run_grad(dy, x, z, keep, m, a, b, k, beta, dx, dz, act):
-    """dx = A * dv + w * (B * (x - m) + K) on 1-D runs (w: keep, or 1 when None);
-    dv = dy, or dy * g'(v) (v = (x - m) * A + beta (+ z)), also written to dz when given."""
+    """dx = A * dv + B * (x - m) + K on 1-D runs, 0 where ``keep`` (None: all
+    kept) is False; dv = dy, or dy * g'(v) (v = (x - m) * A + beta (+ z)),
+    also written to dz when given (0 where not kept)."""
     for i in range(dy.shape[0]):
-        g, d = _dv(dy, x, z, i, m, a, beta, act)
+        g = compute_dtype(dy)(0)
+        r = compute_dtype(dy)(0)
+        if keep is None or keep[i]:  # padding's values are never read
+            g, d = _dv(dy, x, z, i, m, a, beta, act)
+            r = a * g + (b * d + k)
         if dz is not None:
             dz[i] = narrow(g, dz)
-        if keep is None or keep[i]:
-            dx[i] = narrow(a * g + (b * d + k), dx)
-        else:
-            dx[i] = narrow(a * g, dx)
+        dx[i] = narrow(r, dx)
 
 
 @cpu_kernel
@@ -299,15 +320,17 @@ def input_grad_inner_cpu(dy, x, mask, bcoef, dx, act, z, dz):
 
 @numba.njit(**JIT_STREAM)
 def _row_grad(dy, x, z, keep, bcoef, dx, dz, act):
-    """One row of C contiguous channels: _run_grad with per-channel constants (keep: a bool)."""
+    """One row of C contiguous channels: _run_grad with per-channel constants
+    (keep: a bool; a row outside the mask gets dx = dz = 0)."""
     for c in range(x.shape[0]):
-        g, d = _dv(dy, x, z, c, bcoef[B_MEAN, c], bcoef[B_DY, c], bcoef[B_BIAS, c], act)
+        g = compute_dtype(dy)(0)
+        r = compute_dtype(dy)(0)
+        if keep:  # padding's values are never read
+            g, d = _dv(dy, x, z, c, bcoef[B_MEAN, c], bcoef[B_DY, c], bcoef[B_BIAS, c], act)
+            r = bcoef[B_DY, c] * g + (bcoef[B_X, c] * d + bcoef[B_CONST, c])
         if dz is not None:
             dz[c] = narrow(g, dz)
-        g = bcoef[B_DY, c] * g
-        if keep:
-            g += bcoef[B_X, c] * d + bcoef[B_CONST, c]
-        dx[c] = narrow(g, dx)
+        dx[c] = narrow(r, dx)
 
 
 @cpu_kernel
@@ -319,9 +342,9 @@ def input_grad_channels_cpu(dy, x, mask, bcoef, dx, act, z, dz):
 
 
 def input_grad_cpu(dy, x, bcoef, dx, mask=None, act=(), z=None, dz=None):
-    """dx = A * dv + w * (B * (x - mean) + K) on (outer, C, inner) views;
-    w = mask (outer, inner) bool, or 1 everywhere (None); dv = dy, or
-    dy * g'(v) with ``act``, written to dz when given (the residual's gradient)."""
+    """dx = A * dv + B * (x - mean) + K on (outer, C, inner) views, 0 outside
+    ``mask`` (outer, inner) bool (None: everywhere); dv = dy, or dy * g'(v)
+    with ``act``, written to dz when given (the residual's gradient; 0 outside the mask)."""
     if x.shape[2] > 1:
         input_grad_inner_cpu(dy, x, mask, bcoef, dx, act, z, dz)
     else:  # a 2-D view: the compiler then knows the channels are contiguous
@@ -348,6 +371,7 @@ def launch_backward_cpu(
             share (their sum over processes is the global gradient).
         mask: None, or the forward's (outer, inner) bool mask (training only:
             its True positions gave the statistics); count: its True positions.
+            Positions outside it are padding: left out of the sums, dx = 0 there.
         act: the forward's activation as a token (``activation.act_token``; () for none): dy is
             then the gradient w.r.t. g(v), v = BN(x) (+ z), z the forward's
             residual (None without one); dz: None, or like x, out: dy * g'(v).
@@ -358,7 +382,7 @@ def launch_backward_cpu(
     z = None if z is None else bits(z)
     sums = np.empty((2, C))
     if outer * inner:
-        backward_sums_cpu(dy, x, coef, sums, act, z)
+        backward_sums_cpu(dy, x, coef, sums, act, z, mask if training else None)
     else:  # an empty share of a synchronized batch
         sums[...] = 0.0
     if reduce is None:
@@ -389,6 +413,7 @@ def backward_sums_cuda_inner(
     n,  # float: values per channel the statistics came from
     act,  # None, or an ACTIVATIONS code: dy is the gradient w.r.t. g(v)
     z,  # None, or (outer, C, inner) the forward's residual (with act)
+    mask,  # None, or (outer, inner) bool: only True positions are summed
     inner_splits,  # splits along inner; gridDim.y = outer splits * inner_splits
 ):
     """Grid (C, splits), block (TX, TY), the same slicing as batch_stats_cuda_inner."""
@@ -407,9 +432,10 @@ def backward_sums_cuda_inner(
     s2 = acc(0)
     for o in range(o0 + ty, o1, TY):
         for i in range(i0 + tx, i1, TX):
-            g, d = dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act)
-            s1 += g
-            s2 += g * d
+            if mask is None or mask[o, i]:
+                g, d = dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act)
+                s1 += g
+                s2 += g * d
 
     a1 = cuda.shared.array(MAX_THREADS, numba.float64)
     a2 = cuda.shared.array(MAX_THREADS, numba.float64)
@@ -444,6 +470,7 @@ def backward_sums_cuda_channels(
     n,  # float: values per channel the statistics came from
     act,  # None, or an ACTIVATIONS code
     z,  # None, or (outer, C, 1) the forward's residual (with act)
+    mask,  # None, or (outer, 1) bool: only True rows are summed
 ):
     """Grid (ceil(C / TX), splits), block (TX, TY), as batch_stats_cuda_channels."""
     outer, C, _ = x.shape
@@ -465,9 +492,10 @@ def backward_sums_cuda_channels(
         sc = coef[SCALE, c]
         b = coef[BIAS, c]
         for o in range(o0 + ty, o1, TY):
-            g, d = dv_cuda(dy, x, z, o, c, 0, coef, m, sc, b, act)
-            s1 += g
-            s2 += g * d
+            if mask is None or mask[o, 0]:
+                g, d = dv_cuda(dy, x, z, o, c, 0, coef, m, sc, b, act)
+                s1 += g
+                s2 += g * d
 
     a1 = cuda.shared.array(MAX_THREADS, numba.float64)
     a2 = cuda.shared.array(MAX_THREADS, numba.float64)
@@ -505,7 +533,7 @@ def input_grad_cuda_inner(
     z,  # None, or (outer, C, inner) the forward's residual (with act)
     dz,  # None, or (outer, C, inner) out: dv, the residual's gradient
 ):
-    """dx = A * dy + w * (B * (x - mean) + K); the grid of scale_shift_cuda_inner."""
+    """dx = A * dv + B * (x - mean) + K (0 outside the mask); the grid of scale_shift_cuda_inner."""
     outer, C, inner = x.shape
     tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
     TX, TY = cuda.blockDim.x, cuda.blockDim.y
@@ -518,13 +546,15 @@ def input_grad_cuda_inner(
         k = bcoef[B_CONST, c]
         beta = bcoef[B_BIAS, c]
         for i in range(cuda.blockIdx.x * TX + tx, inner, cuda.gridDim.x * TX):
-            g, d = dv_cuda(dy, x, z, o, c, i, bcoef, m, a, beta, act)
-            if dz is not None:
-                dz[o, c, i] = g
-            g = a * g
             if mask is None or mask[o, i]:
-                g += b * d + k
-            dx[o, c, i] = g
+                g, d = dv_cuda(dy, x, z, o, c, i, bcoef, m, a, beta, act)
+                if dz is not None:
+                    dz[o, c, i] = g
+                dx[o, c, i] = a * g + (b * d + k)
+            else:  # padding: its values are never read
+                if dz is not None:
+                    dz[o, c, i] = 0
+                dx[o, c, i] = 0
 
 
 @gpu_kernel
@@ -538,7 +568,7 @@ def input_grad_cuda_channels(
     z,  # None, or (outer, C, 1) the forward's residual (with act)
     dz,  # None, or (outer, C, 1) out: dv, the residual's gradient
 ):
-    """dx = A * dy + w * (B * (x - mean) + K); the grid of scale_shift_cuda_channels."""
+    """dx = A * dv + B * (x - mean) + K (0 outside the mask); the grid of scale_shift_cuda_channels."""
     outer, C, _ = x.shape
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < C:
@@ -549,13 +579,15 @@ def input_grad_cuda_channels(
         beta = bcoef[B_BIAS, c]
         TY = cuda.blockDim.y
         for o in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, outer, cuda.gridDim.y * TY):
-            g, d = dv_cuda(dy, x, z, o, c, 0, bcoef, m, a, beta, act)
-            if dz is not None:
-                dz[o, c, 0] = g
-            g = a * g
             if mask is None or mask[o, 0]:
-                g += b * d + k
-            dx[o, c, 0] = g
+                g, d = dv_cuda(dy, x, z, o, c, 0, bcoef, m, a, beta, act)
+                if dz is not None:
+                    dz[o, c, 0] = g
+                dx[o, c, 0] = a * g + (b * d + k)
+            else:  # padding: its values are never read
+                if dz is not None:
+                    dz[o, c, 0] = 0
+                dx[o, c, 0] = 0
 
 
 @gpu_kernel
@@ -617,9 +649,10 @@ def launch_backward_cuda(
     counter = workspace("backward.counter", (columns,), np.int32, zero=True, stream=stream)
     n = float(outer * inner if mask is None else count)
     act = len(act) or None  # the CUDA kernels take the code (None: plain batch norm, the branch removed)
-    args = [dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), n, act, z]
+    mask = mask if training else None
+    args = [dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), n, act, z, mask]
     if inner_splits is not None:
         backward_sums_cuda_inner[grid, block, stream](*args, inner_splits)
     else:
         backward_sums_cuda_channels[grid, block, stream](*args)
-    launch_input_grad_cuda(dy, x, bcoef, dx, mask if training else None, act, z, dz, stream)
+    launch_input_grad_cuda(dy, x, bcoef, dx, mask, act, z, dz, stream)

@@ -252,7 +252,7 @@ class Kernel:
 
     def launch(self, grid, block, stream, args):
         if LAUNCH == "numba":
-            self.dispatcher[grid, block, _numba_stream(stream)](*args)
+            self.dispatcher[grid, block, numba_stream(stream)](*args)
             return
         argtypes = tuple(argument_type(a) for a in args)
         self.specialization(argtypes).launch(grid, block, stream, args)
@@ -261,7 +261,7 @@ class Kernel:
 _NUMBA_STREAMS = {}
 
 
-def _numba_stream(stream):
+def numba_stream(stream):
     """A stream as numba's dispatcher takes it: 0, or a numba Stream object
     (one per external handle, made once)."""
     if not isinstance(stream, int) or stream == 0:

@@ -268,9 +268,10 @@ def backward_onepass_cuda_inner(
     s2 = acc(0)
     for o in range(ty, outer, TY):
         for i in range(tx, inner, TX):
-            g, d = dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act)
-            s1 += g
-            s2 += g * d
+            if mask is None or mask[o, i]:  # padding never enters the sums
+                g, d = dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act)
+                s1 += g
+                s2 += g * d
     a1 = cuda.shared.array(MAX_THREADS, numba.float64)
     a2 = cuda.shared.array(MAX_THREADS, numba.float64)
     block_sum2(a1, a2, s1, s2, t, TX * TY)
@@ -283,13 +284,15 @@ def backward_onepass_cuda_inner(
     kc = bcoef[B_CONST, c]
     for o in range(ty, outer, TY):
         for i in range(tx, inner, TX):
-            g, d = dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act)
-            if dz is not None:
-                dz[o, c, i] = g
-            g = a * g
             if mask is None or mask[o, i]:
-                g += bx * d + kc
-            dx[o, c, i] = g
+                g, d = dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act)
+                if dz is not None:
+                    dz[o, c, i] = g
+                dx[o, c, i] = a * g + (bx * d + kc)
+            else:  # padding: its values are never read
+                if dz is not None:
+                    dz[o, c, i] = 0
+                dx[o, c, i] = 0
 
 
 @gpu_kernel
@@ -325,9 +328,10 @@ def backward_onepass_cuda_channels(
         sc = coef[SCALE, c]
         b = coef[BIAS, c]
         for o in range(ty, outer, TY):
-            g, d = dv_cuda(dy, x, z, o, c, 0, coef, m, sc, b, act)
-            s1 += g
-            s2 += g * d
+            if mask is None or mask[o, 0]:  # padding never enters the sums
+                g, d = dv_cuda(dy, x, z, o, c, 0, coef, m, sc, b, act)
+                s1 += g
+                s2 += g * d
     a1 = cuda.shared.array(MAX_THREADS, numba.float64)
     a2 = cuda.shared.array(MAX_THREADS, numba.float64)
     a1[t] = s1
@@ -343,13 +347,15 @@ def backward_onepass_cuda_channels(
         bx = bcoef[B_X, c]
         kc = bcoef[B_CONST, c]
         for o in range(ty, outer, TY):
-            g, d = dv_cuda(dy, x, z, o, c, 0, coef, m, sc, b, act)
-            if dz is not None:
-                dz[o, c, 0] = g
-            g = a * g
             if mask is None or mask[o, 0]:
-                g += bx * d + kc
-            dx[o, c, 0] = g
+                g, d = dv_cuda(dy, x, z, o, c, 0, coef, m, sc, b, act)
+                if dz is not None:
+                    dz[o, c, 0] = g
+                dx[o, c, 0] = a * g + (bx * d + kc)
+            else:  # padding: its values are never read
+                if dz is not None:
+                    dz[o, c, 0] = 0
+                dx[o, c, 0] = 0
 
 
 # ----------------------------------------------------------------------------

@@ -79,3 +79,16 @@ def test_bad_inputs(rng):
         gpubn.fold(np.ones((5, 3)), None, bn, axis=2)
     with pytest.raises(ValueError, match="no running statistics"):
         gpubn.fold(np.ones((5, 3)), None, gpubn.BatchNorm(5, track_running_stats=False))
+
+
+def test_training_mode_layer_warns(rng):
+    """fold() uses the running statistics: a layer in training mode normalizes otherwise."""
+    W = rng.standard_normal((5, 3))
+    for bn in (trained_bn(5, rng).train(), gt.BatchNorm1d(5).train(), torch.nn.BatchNorm1d(5)):
+        with pytest.warns(UserWarning, match="training mode"):
+            gpubn.fold(W, None, bn)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpubn.fold(W, None, trained_bn(5, rng))  # eval mode: silent

@@ -272,3 +272,41 @@ def test_optimizer_step_between_forward_and_backward(backend, rng):
     np.testing.assert_allclose(dx, rdx, atol=1e-10)
     np.testing.assert_allclose(host(bn.grads["gamma"]), rdg, atol=1e-10)
     np.testing.assert_allclose(host(bn.grads["beta"]), rdb, atol=1e-10)
+
+
+def test_loads_a_torch_state_dict(backend, rng):
+    """torch's key names (weight, bias, ...), tensors (bfloat16 too), the counter
+    as a 0-d tensor, and an old checkpoint without num_batches_tracked."""
+    torch = pytest.importorskip("torch")
+    C = 4
+    t = torch.nn.BatchNorm1d(C)
+    with torch.no_grad():
+        t.weight.copy_(torch.tensor(1 + 0.3 * rng.standard_normal(C)))
+        t.bias.copy_(torch.tensor(rng.standard_normal(C)))
+    t(torch.tensor(rng.standard_normal((16, C)) * 2 + 1, dtype=torch.float32))
+    bn = gpubn.BatchNorm(C, backend=backend)
+    bn.load_state_dict(t.state_dict())
+    got = bn.state_dict()
+    assert set(got) == {"gamma", "beta", "running_mean", "running_var", "num_batches_tracked"}
+    np.testing.assert_array_equal(got["gamma"], t.weight.detach().numpy())
+    np.testing.assert_array_equal(got["beta"], t.bias.detach().numpy())
+    np.testing.assert_array_equal(got["running_mean"], t.running_mean.numpy())
+    np.testing.assert_array_equal(got["running_var"], t.running_var.numpy())
+    assert got["num_batches_tracked"] == 1
+    x = rng.standard_normal((8, C)).astype(np.float32)
+    bn.eval()
+    t.eval()
+    np.testing.assert_allclose(bn(x), t(torch.from_numpy(x)).detach().numpy(), atol=1e-6)
+    old = {k: v for k, v in t.state_dict().items() if k != "num_batches_tracked"}
+    bn.load_state_dict(old)
+    assert bn.num_batches_tracked == 0
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.state_dict().items()}
+    bn.load_state_dict(half)
+    np.testing.assert_array_equal(bn.state_dict()["gamma"], t.weight.detach().to(torch.bfloat16).float().numpy())
+    before = bn.state_dict()
+    with pytest.raises(ValueError, match="both torch's and gpubn's names"):
+        bn.load_state_dict({**t.state_dict(), "gamma": np.ones(C)})
+    with pytest.raises(ValueError, match="shape"):
+        bn.load_state_dict({**t.state_dict(), "bias": torch.zeros(C + 1)})
+    for key, value in bn.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])

@@ -111,11 +111,13 @@ def test_cache_keeps_its_own_mask(backend, rng):
 
 @pytest.mark.parametrize("activation,with_residual", [(None, False), ("sigmoid", True)])
 def test_finite_differences(backend, rng, activation, with_residual):
-    """The exact gradient in general: dy nonzero at masked positions too (their
-    outputs depend on the statistics, hence on the unmasked inputs)."""
+    """The exact gradient when dy is 0 outside the mask (a masked loss): the
+    outputs at masked positions still depend on the statistics, but their dy
+    is 0; dx at a masked position is then 0 too."""
     shape = (3, 2, 4)
     mask = random_mask(rng, shape, 1)
-    x, w = rng.standard_normal(shape), rng.standard_normal(shape)
+    m3 = np.broadcast_to(mask[:, None, :], shape)
+    x, w = rng.standard_normal(shape), np.where(m3, rng.standard_normal(shape), 0.0)
     z = rng.standard_normal(shape) if with_residual else None
     gamma, beta = np.array([1.3, -0.6]), np.array([0.2, -0.1])
 
@@ -129,7 +131,6 @@ def test_finite_differences(backend, rng, activation, with_residual):
     for name, arr, grad in (("x", x, dx), ("gamma", gamma, dgamma), ("beta", beta, dbeta)):
         idxs = [np.unravel_index(k, arr.shape) for k in range(arr.size)] if name != "x" else None
         if name == "x":  # a masked and an unmasked position
-            m3 = np.broadcast_to(mask[:, None, :], shape)
             idxs = [tuple(np.argwhere(m3)[0]), tuple(np.argwhere(~m3)[0])]
         for idx in idxs:
             args = {"x": x, "gamma": gamma, "beta": beta}
@@ -138,6 +139,42 @@ def test_finite_differences(backend, rng, activation, with_residual):
             minus[idx] -= h
             num = (loss(**{**args, name: plus}) - loss(**{**args, name: minus})) / (2 * h)
             assert abs(num - grad[idx]) < 1e-6, (name, idx, num, grad[idx])
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 3, 5), 1), ((9, 3), 1)])
+@pytest.mark.parametrize("activation,with_residual", [(None, False), ("relu", True)])
+def test_padding_values_never_reach_the_gradient(backend, rng, shape, axis, activation, with_residual):
+    """NaN padding and zero padding give the same gradients, whatever dy holds
+    at the padding (0 from a masked loss, or not): positions outside the mask
+    never enter the backward's sums, and their dx (and dresidual) is 0."""
+    mask = random_mask(rng, shape, axis)
+    pad = np.broadcast_to(np.expand_dims(~mask, axis), shape)
+    x = rng.standard_normal(shape)
+    z = rng.standard_normal(shape) if with_residual else None
+    gamma, beta = np.array([1.3, -0.6, 0.4]), np.array([0.2, -0.1, 0.3])
+    for dy_at_padding in (0.0, np.nan, 5.0):
+        dy = np.where(pad, dy_at_padding, rng.standard_normal(shape))
+        grads = []
+        for fill in (0.0, np.nan):
+            xp = np.where(pad, fill, x)
+            zp = None if z is None else np.where(pad, fill, z)
+            _, cache = gpubn.batch_norm_forward(
+                xp, gamma, beta, mask=mask, activation=activation, residual=zp, axis=axis, backend=backend
+            )
+            grads.append(gpubn.batch_norm_backward(dy, cache))
+        for zero_padded, nan_padded in zip(*grads, strict=True):
+            assert np.isfinite(nan_padded).all()
+            np.testing.assert_array_equal(nan_padded, zero_padded)
+        dx = grads[1][0]
+        assert not dx[pad].any()
+        if with_residual:
+            assert not grads[1][3][pad].any()
+        # and the sums are those of the True positions alone: the reference on the gathered values
+        if activation is None:
+            dense = gathered(x, mask, axis)
+            _, rdg, rdb = backward(gathered(np.where(pad, 0.0, dy), mask, axis), dense, gamma, 1)
+            np.testing.assert_allclose(grads[1][1], rdg, atol=1e-10)
+            np.testing.assert_allclose(grads[1][2], rdb, atol=1e-10)
 
 
 def test_batch_stats_and_moments_take_the_mask(backend, rng):

@@ -178,3 +178,67 @@ def test_dask_fit_transform_equal_in_memory(dask_client, rng, axis, chunks):
     for piece in np.array_split(X, 3, axis=1 - axis):
         part.partial_fit(da.from_array(piece, chunks=chunks))
     np.testing.assert_allclose(part.var_, var, rtol=1e-11)
+
+
+def test_dask_with_nan_equals_in_memory(dask_client, rng):
+    import dask.array as da
+
+    X = rng.standard_normal((300, 4)) + 50.0
+    X[rng.random(X.shape) < 0.1] = np.nan
+    sc = gpubn.Standardizer(backend="cpu").fit(da.from_array(X, chunks=(70, 3)))
+    ref = StandardScaler().fit(X)
+    np.testing.assert_array_equal(sc.n_samples_seen_, (~np.isnan(X)).sum(axis=0))
+    np.testing.assert_allclose(sc.mean_, ref.mean_, rtol=1e-14)
+    np.testing.assert_allclose(sc.var_, ref.var_, rtol=1e-10)
+
+
+def test_nan_is_left_out_of_fit_and_kept_in_transform(backend):
+    """scikit-learn's allow_nan: a feature with one NaN keeps its other values'
+    statistics (per-feature counts), and the NaN stays where it was."""
+    X = np.array([[1.0, 10.0], [2.0, np.nan], [3.0, 30.0], [4.0, 40.0]])
+    sc = gpubn.Standardizer(backend=backend)
+    Z = sc.fit_transform(X)
+    ref = StandardScaler().fit(X)
+    np.testing.assert_allclose(Z, ref.transform(X), rtol=1e-12, equal_nan=True)
+    assert np.isnan(Z[1, 1]) and np.isfinite(np.delete(Z, 1, axis=0)).all()
+    np.testing.assert_array_equal(sc.n_samples_seen_, [4, 3])
+    np.testing.assert_allclose(sc.mean_, ref.mean_, rtol=1e-12)
+    np.testing.assert_allclose(sc.var_, ref.var_, rtol=1e-12)
+    with pytest.raises(ValueError, match="infinity"):
+        gpubn.Standardizer(backend=backend).fit(np.where(np.isnan(X), np.inf, X))
+
+
+def test_partial_fit_merges_per_feature_counts(backend, rng):
+    X = rng.standard_normal((40, 3)) * [1, 3, 0.5] + [0, 1e3, -2]
+    X[rng.random(X.shape) < 0.2] = np.nan
+    part = gpubn.Standardizer(backend=backend)
+    for chunk in np.array_split(X, [5, 6, 25]):
+        part.partial_fit(chunk)
+    ref = StandardScaler().fit(X)
+    np.testing.assert_array_equal(part.n_samples_seen_, (~np.isnan(X)).sum(axis=0))
+    np.testing.assert_allclose(part.mean_, np.nanmean(X, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(part.var_, np.nanvar(X, axis=0), rtol=1e-10)
+    np.testing.assert_allclose(part.transform(X), ref.transform(X), rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+def test_float32_statistics_are_float64(backend, rng):
+    """Squares of |x| ~ 1e19 overflow float32, the variance (~1e38) does not; and
+    at an offset of 1e4 the mean is exact, not float32-accurate."""
+    huge = (rng.standard_normal((200, 3)) * 1e19).astype(np.float32)
+    sc = gpubn.Standardizer(backend=backend).fit(huge)
+    np.testing.assert_allclose(sc.var_, huge.astype(np.float64).var(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(sc.transform(huge).astype(np.float64).std(axis=0), 1.0, rtol=1e-5)
+    m = gpubn.moments(huge, axis=1, backend=backend)
+    assert np.isfinite(m.m2).all()
+    np.testing.assert_allclose(m.var(), huge.astype(np.float64).var(axis=0), rtol=1e-12)
+    offset = (1e4 + rng.standard_normal((1000, 3))).astype(np.float32)
+    sc = gpubn.Standardizer(backend=backend).fit(offset)
+    np.testing.assert_allclose(sc.mean_, offset.astype(np.float64).mean(axis=0), rtol=1e-15, atol=0)
+    np.testing.assert_allclose(sc.mean_, StandardScaler().fit(offset).mean_, rtol=1e-14)
+
+
+def test_transform_before_fit_raises_not_fitted(backend):
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError, match="not fitted"):
+        gpubn.Standardizer(backend=backend).transform(np.ones((3, 2)))

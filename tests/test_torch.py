@@ -294,3 +294,69 @@ def test_module_with_fused_activation(act):
     assert "activation='relu'" in repr(gt.BatchNorm1d(3, activation="relu"))
     with pytest.raises(ValueError, match="activation: 'gelu'"):
         gt.BatchNorm1d(3, activation="gelu")
+
+
+@pytest.mark.parametrize("shape", [(16, 3), (4, 3, 5, 6)])
+def test_module_cast_to_bfloat16_matches_torch(shape):
+    """model.to(torch.bfloat16): bfloat16 parameters and running statistics, as torch's."""
+    ours, theirs = (cls(3).to(torch.bfloat16) for cls in ({2: gt.BatchNorm1d, 4: gt.BatchNorm2d}[len(shape)], MODULES[len(shape)]))
+    x = make_input(shape, None, torch.bfloat16, "cpu")
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    assert ya.dtype == torch.bfloat16 and ours.running_mean.dtype == torch.bfloat16
+    (ya.float() * w).sum().backward()
+    (yb.float() * w).sum().backward()
+    atol, rtol = TOL[torch.bfloat16]
+    for a, b in ((ya, yb), (ours.running_mean, theirs.running_mean), (ours.running_var, theirs.running_var),
+                 (xa.grad, xb.grad), (ours.weight.grad, theirs.weight.grad), (ours.bias.grad, theirs.bias.grad)):  # fmt: skip
+        torch.testing.assert_close(a.float(), b.float(), atol=atol * 2, rtol=rtol)
+    ours.eval()
+    theirs.eval()
+    torch.testing.assert_close(ours(x).float(), theirs(x).float(), atol=atol * 2, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (0, 3, 2, 2, 2)])
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_like_torch(shape, training):
+    """N = 0 (no proposals, an empty data-parallel shard): an empty output, zero
+    parameter gradients, running statistics unchanged, num_batches_tracked as torch counts it."""
+    ours = {2: gt.BatchNorm1d, 4: gt.BatchNorm2d, 5: gt.BatchNorm3d}[len(shape)](3).train(training)
+    theirs = MODULES[len(shape)](3).train(training)
+    xa, xb = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+    ya, yb = ours(xa), theirs(xb)
+    assert ya.shape == yb.shape == shape and ya.dtype == yb.dtype
+    ya.sum().backward()
+    yb.sum().backward()
+    assert xa.grad.shape == shape
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name))
+
+
+def test_replace_and_restore_batchnorm(caplog):
+    """replace_batchnorm logs what it swapped, warns about an unmaterialized lazy
+    module (and swaps it once materialized); restore_batchnorm swaps back, keeping
+    the tensors, so that torch.jit.script works again."""
+    import logging
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.LazyBatchNorm1d())
+    weight = model[1].weight
+    with caplog.at_level(logging.DEBUG, logger="gpubn.torch"), pytest.warns(UserWarning, match="not materialized"):
+        gt.replace_batchnorm(model)
+    assert type(model[1]) is gt.BatchNorm1d and model[1].weight is weight
+    assert "replace_batchnorm: 1 (BatchNorm1d)" in caplog.text
+    assert isinstance(model[2], torch.nn.LazyBatchNorm1d)
+    model(torch.randn(8, 4))  # materializes the lazy module
+    gt.replace_batchnorm(model)
+    assert type(model[2]) is gt.BatchNorm1d
+    x = torch.randn(8, 4)
+    model.eval()
+    want = model(x)
+    gt.restore_batchnorm(model)
+    assert type(model[1]) is torch.nn.BatchNorm1d and type(model[2]) is torch.nn.BatchNorm1d
+    assert model[1].weight is weight
+    torch.testing.assert_close(torch.jit.script(model)(x), want)
+    with pytest.raises(ValueError, match="activation"):
+        gt.restore_batchnorm(gt.BatchNorm1d(3, activation="relu"))
