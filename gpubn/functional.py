@@ -31,6 +31,7 @@ from ._arrays import (
     check_float,
     check_scalar,
     deliver_as,
+    device_view,
     empty_like_library,
     host_copy,
     read_input,
@@ -442,6 +443,8 @@ def _cache_for(x, coef, axis: int, training: bool, backend: str, bfloat16: bool 
     ``coef`` are known: gpubn.torch keeps x and coef as tensors between the
     passes (autograd saves tensors, not Python objects)."""
     inp = _materialize(_prepare(x, axis, backend, bfloat16=bfloat16))
+    if inp.backend == "cuda" and not getattr(coef, "__cuda_ndarray__", False):
+        coef = device_view(coef)  # a torch tensor: the kernels take numba views
     return ForwardCache(inp, coef, training, _act.ACTIVATIONS[activation])
 
 

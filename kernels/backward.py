@@ -399,7 +399,7 @@ def launch_backward_cpu(
     # CUDA kernels
 
 
-@gpu_kernel
+@gpu_kernel(whole_warps=True)
 def backward_sums_cuda_inner(
     dy,  # (outer, C, inner) upstream gradient
     x,  # (outer, C, inner) forward input

@@ -108,16 +108,19 @@ class NoneAsNull:
         return ty, val
 
 
-def gpu_kernel(fn):
-    """``cuda.jit`` for every CUDA kernel of the package, launched through the
-    driver with a parameter block built once (``launch.Kernel``; numba's
-    dispatcher with ``GPUBN_LAUNCH=numba``, None arguments then passed as
-    null parameters by ``NoneAsNull``).  The simulator gets numba's own."""
-    if CUDASIM:
-        return cuda.jit(fn)
+def gpu_kernel(fn=None, *, whole_warps: bool = False):
+    """``cuda.jit`` for every CUDA kernel of the package, wrapped by the launch
+    layer (``launch.Kernel``: the argument boundary, the whole-warp check with
+    ``whole_warps=True``; numba's dispatcher by default, None arguments passed
+    as null parameters by ``NoneAsNull``, or the driver with a parameter block
+    built once under ``GPUBN_LAUNCH=driver``).  Under the simulator the same
+    wrapper over the simulator's dispatcher."""
+    if fn is None:
+        return lambda f: gpu_kernel(f, whole_warps=whole_warps)
     from .launch import Kernel
 
-    return Kernel(cuda.jit(extensions=[NoneAsNull()])(fn))
+    dispatcher = cuda.jit(fn) if CUDASIM else cuda.jit(extensions=[NoneAsNull()])(fn)
+    return Kernel(dispatcher, whole_warps=whole_warps)
 
 
 #: Threads per CUDA block.  The simulator runs one Python thread per CUDA thread,
@@ -323,73 +326,69 @@ def _warp_merge(n, m, q):
     return n, m, q
 
 
-if CUDASIM:  # the simulator runs no warp shuffles: the shared-memory trees
-
-    @cuda.jit(device=True)
-    def block_sum2(a1, a2, s1, s2, t, count):
-        """Sums of every thread's s1, s2 over the block (``count`` threads, a
-        power of two; thread t): in a1[0], a2[0] for every thread on return.
-        a1, a2: float64 shared arrays of at least ``count``; every thread calls."""
-        a1[t] = s1
-        a2[t] = s2
-        cuda.syncthreads()
-        tree_sum2(a1, a2, t, 0, 1, count)
-
-    @cuda.jit(device=True)
-    def block_merge(sn, sm, sq, n, m, q, t, count):
-        """The Chan merge of every thread's (n, m, q) over the block: in sn[0],
-        sm[0], sq[0] for every thread on return (as block_sum2)."""
-        sn[t] = n
-        sm[t] = m
-        sq[t] = q
-        cuda.syncthreads()
-        tree_merge(sn, sm, sq, t, 0, 1, count)
-
-else:  # warp shuffles, then one shared-memory step across the warps
-
-    @cuda.jit(device=True)
-    def block_sum2(a1, a2, s1, s2, t, count):
-        """Sums of every thread's s1, s2 over the block (``count`` threads, a
-        multiple of 32; thread t): in a1[0], a2[0] for every thread on return.
-        a1, a2: float64 shared arrays; every thread calls."""
-        w1, w2 = _warp_sum2(numba.float64(s1), numba.float64(s2))
-        lane = t % 32
-        warp = t // 32
+@cuda.jit(device=True)
+def block_sum2(a1, a2, s1, s2, t, count):
+    """Sums of every thread's s1, s2 over the block (``count`` threads, a
+    multiple of 32: ``check_whole_warps``; thread t): in a1[0], a2[0] for every
+    thread on return.  Warp shuffles, then one shared-memory step across the
+    warps.  a1, a2: float64 shared arrays; every thread calls."""
+    w1, w2 = _warp_sum2(numba.float64(s1), numba.float64(s2))
+    lane = t % 32
+    warp = t // 32
+    if lane == 0:
+        a1[warp] = w1
+        a2[warp] = w2
+    cuda.syncthreads()
+    if warp == 0:
+        v1 = a1[lane] if lane < count // 32 else 0.0
+        v2 = a2[lane] if lane < count // 32 else 0.0
+        v1, v2 = _warp_sum2(v1, v2)
         if lane == 0:
-            a1[warp] = w1
-            a2[warp] = w2
-        cuda.syncthreads()
-        if warp == 0:
-            v1 = a1[lane] if lane < count // 32 else 0.0
-            v2 = a2[lane] if lane < count // 32 else 0.0
-            v1, v2 = _warp_sum2(v1, v2)
-            if lane == 0:
-                a1[0] = v1
-                a2[0] = v2
-        cuda.syncthreads()
+            a1[0] = v1
+            a2[0] = v2
+    cuda.syncthreads()
 
-    @cuda.jit(device=True)
-    def block_merge(sn, sm, sq, n, m, q, t, count):
-        """The Chan merge of every thread's (n, m, q) over the block: in sn[0],
-        sm[0], sq[0] for every thread on return (as block_sum2)."""
-        wn, wm, wq = _warp_merge(numba.float64(n), numba.float64(m), numba.float64(q))
-        lane = t % 32
-        warp = t // 32
+
+@cuda.jit(device=True)
+def block_merge(sn, sm, sq, n, m, q, t, count):
+    """The Chan merge of every thread's (n, m, q) over the block: in sn[0],
+    sm[0], sq[0] for every thread on return (as block_sum2)."""
+    wn, wm, wq = _warp_merge(numba.float64(n), numba.float64(m), numba.float64(q))
+    lane = t % 32
+    warp = t // 32
+    if lane == 0:
+        sn[warp] = wn
+        sm[warp] = wm
+        sq[warp] = wq
+    cuda.syncthreads()
+    if warp == 0:
+        vn, vm, vq = 0.0, 0.0, 0.0
+        if lane < count // 32:
+            vn, vm, vq = sn[lane], sm[lane], sq[lane]
+        vn, vm, vq = _warp_merge(vn, vm, vq)
         if lane == 0:
-            sn[warp] = wn
-            sm[warp] = wm
-            sq[warp] = wq
-        cuda.syncthreads()
-        if warp == 0:
-            vn, vm, vq = 0.0, 0.0, 0.0
-            if lane < count // 32:
-                vn, vm, vq = sn[lane], sm[lane], sq[lane]
-            vn, vm, vq = _warp_merge(vn, vm, vq)
-            if lane == 0:
-                sn[0] = vn
-                sm[0] = vm
-                sq[0] = vq
-        cuda.syncthreads()
+            sn[0] = vn
+            sm[0] = vm
+            sq[0] = vq
+    cuda.syncthreads()
+
+
+def check_whole_warps(block, kernel: str):
+    """Raise ValueError unless ``block`` (an int or a tuple) is a whole number of
+    warps: the shuffle reductions (block_sum2, block_merge) use full masks."""
+    dims = (block,) if isinstance(block, int) else tuple(block)
+    threads = int(np.prod(dims))
+    if threads % 32 or threads > 1024:
+        raise ValueError(
+            f"block: {dims} is {threads} threads; {kernel} reduces with full-warp shuffles "
+            "and needs a multiple of 32 threads, at most 1024"
+        )
+
+
+if CUDASIM:  # the simulator gets the warp shuffles it lacks (the code above then runs as shipped)
+    from .simwarp import install as _install_warp_shuffles
+
+    _install_warp_shuffles()
 
 
 def part_of(a, index):
@@ -572,7 +571,9 @@ def block_slice(outer, inner, s, inner_splits):
 def last_block(counter, column, splits, flag):
     """True in every thread of the last block of ``column`` to get here.
 
-    Partials are fenced before the ticket, so the last block sees them all.
+    Every block fences its partials before taking the ticket (release), and
+    the last block fences again after it, before reading anyone's partials
+    (acquire): the pattern of the CUDA programming guide's threadFenceReduction.
     The last block resets the counter for the next launch."""
     t = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
     cuda.threadfence()
@@ -583,7 +584,10 @@ def last_block(counter, column, splits, flag):
         if ticket == splits - 1:
             counter[column] = 0
     cuda.syncthreads()
-    return flag[0] == 1
+    last = flag[0] == 1
+    if last:
+        cuda.threadfence()
+    return last
 
 
 @cuda.jit(device=True)

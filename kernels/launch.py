@@ -27,11 +27,22 @@ syntax and launches through the driver:
 - every ``CUresult`` is checked and raised as ``LaunchError`` naming the
   kernel.
 
-Nothing else is done per call: no device-array wrapping, no synchronization
-(the launch is asynchronous on the given stream, so it can be captured in a
-CUDA graph) and no occupancy warnings.  ``GPUBN_LAUNCH=numba`` sends every
-launch through numba's dispatcher instead (for comparison, or as a way out;
-stream handles become numba streams); under the simulator the dispatcher is
+Nothing else is done per call: no synchronization (the launch is
+asynchronous on the given stream, so it can be captured in a CUDA graph) and
+no occupancy warnings.
+
+Every launch, on either path and under the simulator, first passes the
+boundary (``launch_arguments``): None, bools, ints and floats as they are,
+numba device arrays as they are, any other ``__cuda_array_interface__`` object
+(a torch tensor, a CuPy array) viewed as a numba device array over the same
+memory, anything else refused with a TypeError naming the kernel and the
+parameter.  Kernels whose block reductions use full-warp shuffles refuse a
+block that is not a whole number of warps (``common.check_whole_warps``).
+
+**The driver path has not yet run on a GPU** (no GPU since it was written):
+until a recorded GPU run validates it, numba's dispatcher is the default
+(``GPUBN_LAUNCH=numba``, stream handles then numba streams) and
+``GPUBN_LAUNCH=driver`` opts in.  Under the simulator the dispatcher is
 always used.
 """
 
@@ -40,10 +51,16 @@ import os
 import struct
 import threading
 
-from numba import types
+import numpy as np
+from numba import cuda, types
 
-#: "driver" (default) or "numba": how gpu_kernel launches on a real GPU.
-LAUNCH = os.environ.get("GPUBN_LAUNCH", "driver").strip().lower() or "driver"
+SIMULATED = bool(cuda.config.ENABLE_CUDASIM)
+
+#: "numba" (default until a GPU run validates the driver path) or "driver":
+#: how gpu_kernel launches on a real GPU.
+LAUNCH = os.environ.get("GPUBN_LAUNCH", "numba").strip().lower() or "numba"
+if LAUNCH not in ("numba", "driver"):
+    raise ValueError(f"GPUBN_LAUNCH: {LAUNCH!r}; expected 'numba' or 'driver'")
 
 _SLOT = 8  # bytes per parameter slot (the widest parameter: a pointer)
 _SCALAR = {
@@ -130,6 +147,35 @@ def _device_address(a) -> int:
     return a.device_ctypes_pointer.value or 0
 
 
+def launch_arguments(kernel, args) -> tuple:
+    """The arguments of a launch as the launch layer can pack them (see the
+    module's docstring): device arrays of other libraries viewed as numba
+    device arrays, anything unknown refused with a TypeError naming the
+    parameter.  ``kernel``: the Kernel (for its name and parameter names)."""
+    out = list(args)
+    for k, v in enumerate(args):
+        if v is None or isinstance(v, (bool, int, float, np.number, np.bool_)):
+            continue
+        if getattr(v, "__cuda_ndarray__", False):  # numba's (and the simulator's) device arrays
+            continue
+        if hasattr(v, "__cuda_array_interface__") or _is_torch_cuda(v):
+            from gpubn._arrays import device_view
+
+            out[k] = device_view(v)
+            continue
+        names = kernel.py_func.__code__.co_varnames
+        name = names[k] if k < kernel.py_func.__code__.co_argcount else f"#{k}"
+        raise TypeError(
+            f"{kernel.__name__}: argument {k} ({name}) is a {type(v).__module__}.{type(v).__name__}; "
+            "a kernel takes device arrays (numba, or any __cuda_array_interface__ object), None, bools and numbers"
+        )
+    return tuple(out)
+
+
+def _is_torch_cuda(v) -> bool:
+    return type(v).__module__.startswith("torch") and bool(getattr(v, "is_cuda", False))
+
+
 def _dim3(d) -> tuple:
     if isinstance(d, int):
         return (d, 1, 1)
@@ -208,17 +254,20 @@ class _Configured:
 
 
 class Kernel:
-    """A numba-cuda kernel launched through the driver (see the module's docstring).
+    """A numba-cuda kernel launched through the launch layer (see the module's docstring).
 
     ``kernel[grid, block]`` / ``kernel[grid, block, stream]`` then a call,
     like numba's; ``dispatcher``, ``py_func`` and ``extensions`` are numba's.
+    ``whole_warps``: the kernel reduces with full-warp shuffles, and a block
+    that is not a whole number of warps is refused (ValueError).
     """
 
-    def __init__(self, dispatcher):
+    def __init__(self, dispatcher, whole_warps: bool = False):
         self.dispatcher = dispatcher
         self.py_func = dispatcher.py_func
         self.__name__ = dispatcher.py_func.__name__
         self.__doc__ = dispatcher.py_func.__doc__
+        self.whole_warps = whole_warps
         self._specs = {}
         self._lock = threading.Lock()
 
@@ -229,6 +278,10 @@ class Kernel:
     def __getitem__(self, config):
         grid, block = config[0], config[1]
         stream = config[2] if len(config) > 2 else 0
+        if self.whole_warps:
+            from .common import check_whole_warps
+
+            check_whole_warps(block, self.__name__)
         return _Configured(self, grid, block, stream)
 
     def specialization(self, argtypes) -> Specialization:
@@ -251,6 +304,10 @@ class Kernel:
         return spec
 
     def launch(self, grid, block, stream, args):
+        args = launch_arguments(self, args)
+        if SIMULATED:
+            self.dispatcher[grid, block, stream](*args)
+            return
         if LAUNCH == "numba":
             self.dispatcher[grid, block, numba_stream(stream)](*args)
             return

@@ -96,7 +96,7 @@ def one_pass_config(shape):
 # forward
 
 
-@gpu_kernel
+@gpu_kernel(whole_warps=True)
 def forward_onepass_cuda_inner(
     x,  # (outer, C, inner) input, float16/32/64
     mask,  # None, or (outer, inner) bool: only True positions give the statistics
@@ -238,7 +238,7 @@ def forward_onepass_cuda_channels(
 # backward
 
 
-@gpu_kernel
+@gpu_kernel(whole_warps=True)
 def backward_onepass_cuda_inner(
     dy,  # (outer, C, inner) upstream gradient
     x,  # (outer, C, inner) forward input

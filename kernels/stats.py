@@ -379,7 +379,7 @@ def launch_stats_cpu(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, m
     # CUDA kernels
 
 
-@gpu_kernel
+@gpu_kernel(whole_warps=True)
 def batch_stats_cuda_inner(
     x,  # (outer, C, inner) input, float16/32/64
     mask,  # None, or (outer, inner) bool: only True positions count

@@ -30,6 +30,26 @@ WARP_SHUFFLES = {
     "backward_onepass_cuda_inner",
 }
 
+#: kernels whose last block merges the other blocks' partials (common.last_block)
+LAST_BLOCK = {
+    "batch_stats_cuda_inner",
+    "batch_stats_cuda_channels",
+    "backward_sums_cuda_inner",
+    "backward_sums_cuda_channels",
+}
+
+
+def fenced_ticket(ptx) -> bool:
+    """Whether the last-block ticket is fenced on both sides: a device-scope
+    fence before the integer atomic add of the ticket (the partials released)
+    and another after it (acquired before the last block reads them)."""
+    ticket = re.search(r"atom\.global\.add\.[us]32", ptx)
+    if ticket is None:
+        return False
+    fence = re.compile(r"\b(?:membar\.gl|fence\.(?:sc|acq_rel)\.gpu)\b")
+    return bool(fence.search(ptx, 0, ticket.start())) and bool(fence.search(ptx, ticket.end()))
+
+
 #: bytes of a kernel parameter by its PTX type
 PTX_BYTES = {"u64": 8, "s64": 8, "b64": 8, "f64": 8, "u32": 4, "s32": 4, "b32": 4, "f32": 4}
 PTX_BYTES.update({"u16": 2, "s16": 2, "b16": 2, "f16": 2, "u8": 1, "s8": 1, "b8": 1})
@@ -177,6 +197,9 @@ def main():
                     packed = packed_parameters(kernel, concrete)
                 except (NotImplementedError, AssertionError) as exc:
                     packed = f"{type(exc).__name__}{exc.args}"
+                if kernel.py_func.__name__ in LAST_BLOCK and not fenced_ticket(ptx):
+                    print(f"{kernel.py_func.__name__} {xt} {concrete}: the last-block ticket lacks a fence on a side")
+                    status = 1
                 if kernel.py_func.__name__ in WARP_SHUFFLES and "shfl.sync.down" not in ptx:
                     print(f"{kernel.py_func.__name__} {xt} {concrete}: no warp shuffles (common.block_sum2)")
                     status = 1

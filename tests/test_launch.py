@@ -10,13 +10,33 @@ import struct
 
 import numpy as np
 import pytest
-from numba import types
+from numba import cuda, types
 
 import gpubn
 from gpubn import kernels as K
 from gpubn.kernels import launch
+from gpubn.kernels.common import block_merge, block_sum2
 
 from conftest import SIM
+
+
+@cuda.jit
+def _reduce(v, out):
+    """block_sum2 of (v, v**2) and block_merge of (1, v, 0) over the block, into out[:5]."""
+    t = cuda.threadIdx.x
+    a1 = cuda.shared.array(1024, np.float64)
+    a2 = cuda.shared.array(1024, np.float64)
+    a3 = cuda.shared.array(1024, np.float64)
+    block_sum2(a1, a2, v[t], v[t] * v[t], t, cuda.blockDim.x)
+    if t == 0:
+        out[0] = a1[0]
+        out[1] = a2[0]
+    cuda.syncthreads()
+    block_merge(a1, a2, a3, 1.0, v[t], 0.0, t, cuda.blockDim.x)
+    if t == 0:
+        out[2] = a1[0]
+        out[3] = a2[0]
+        out[4] = a3[0]
 
 
 def test_parameter_layout_slot_by_slot():
@@ -65,16 +85,80 @@ def test_streams_and_dims():
     assert launch._stream_handle(Stream()) == 1234
 
 
-@pytest.mark.skipif(not SIM, reason="under the simulator")
-def test_simulator_uses_numbas_dispatcher():
-    assert not isinstance(K.scale_shift_cuda_inner, launch.Kernel)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(SIM, reason="needs a real GPU")
-def test_every_kernel_launches_through_the_launch_layer():
+def test_every_kernel_goes_through_the_launch_layer():
+    """On a GPU and under the simulator alike: the argument boundary and the
+    whole-warp check run for every launch (the simulator's dispatcher underneath)."""
     names = [n for n in dir(K) if "_cuda" in n and hasattr(getattr(K, n), "py_func")]
     assert names and all(isinstance(getattr(K, n), launch.Kernel) for n in names)
+
+
+def test_numbas_launcher_is_the_default_until_a_gpu_validates_the_driver():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "GPUBN_LAUNCH"}
+    code = "from gpubn.kernels import launch; print(launch.LAUNCH)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "numba"
+
+
+class _Interface:
+    """A device array of another library: only __cuda_array_interface__ (host memory under the simulator)."""
+
+    def __init__(self, arr):
+        self.arr = arr
+        self.__cuda_array_interface__ = {
+            "shape": arr.shape,
+            "strides": None,
+            "typestr": arr.dtype.str,
+            "data": (arr.ctypes.data, False),
+            "version": 3,
+        }
+
+
+@pytest.mark.skipif(not SIM, reason="interface objects over host memory stand in for device arrays under the simulator")
+def test_interface_objects_are_converted_at_the_boundary(rng):
+    """A torch tensor (or any __cuda_array_interface__ object) handed to a kernel is
+    viewed as a numba device array before packing: the AttributeError of
+    device_ctypes_pointer deep in the driver path can no longer happen
+    (gpubn.torch's backward passed its saved constants as a tensor)."""
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    coef = rng.standard_normal((5, 3)).astype(np.float32)
+    y = np.zeros_like(x)
+    args = launch.launch_arguments(K.scale_shift_cuda_inner, (_Interface(x), _Interface(coef), _Interface(y)))
+    assert all(getattr(a, "__cuda_ndarray__", False) for a in args)
+    K.scale_shift_cuda_inner[(1, 2), (8, 4)](_Interface(x), _Interface(coef), _Interface(y))
+    want = (x - coef[0][None, :, None]) * coef[3][None, :, None] + coef[4][None, :, None]
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_arguments_are_refused_naming_the_parameter():
+    with pytest.raises(TypeError, match=r"scale_shift_cuda_inner: argument 1 \(coef\) is a builtins.list"):
+        launch.launch_arguments(K.scale_shift_cuda_inner, (None, [1.0, 2.0], None))
+    with pytest.raises(TypeError, match=r"argument 0 \(x\) is a numpy.ndarray"):
+        launch.launch_arguments(K.scale_shift_cuda_inner, (np.ones(3), None, None))
+
+
+@pytest.mark.parametrize("block", [(33, 1), (16, 1), (8, 3), (64, 32)])
+def test_shuffle_kernels_refuse_partial_warps(block):
+    """The full-mask shuffle reductions need whole warps: a custom block (as
+    examples/kernels_direct.py invites) that is not one is refused at configuration."""
+    for kernel in (K.batch_stats_cuda_inner, K.backward_sums_cuda_inner, K.forward_onepass_cuda_inner,
+                   K.backward_onepass_cuda_inner):  # fmt: skip
+        with pytest.raises(ValueError, match="multiple of 32 threads"):
+            kernel[(1, 1), block]
+    K.scale_shift_cuda_inner[(1, 1), (8, 3)]  # no shuffles: any block
+
+
+@pytest.mark.skipif(not SIM, reason="the simulator's emulated shuffles")
+@pytest.mark.parametrize("threads", [32, 96])
+def test_block_reductions_run_their_shuffles_under_the_simulator(threads):
+    """block_sum2 and block_merge as shipped (warp shuffles, then across warps),
+    on one warp and on three, against NumPy."""
+    v = np.random.default_rng(0).standard_normal(threads) + 3
+    out = np.zeros(5)
+    _reduce[1, threads](v, out)
+    np.testing.assert_allclose(out, [v.sum(), (v * v).sum(), threads, v.mean(), ((v - v.mean()) ** 2).sum()], rtol=1e-12)
 
 
 @pytest.mark.gpu
