@@ -25,15 +25,17 @@ import numpy as np
 #: thread that raised or took another branch would otherwise hang the test).
 TIMEOUT = 120.0
 
+#: The interpreter's thread switch interval under the simulator (seconds).
+SWITCH_INTERVAL = 1e-4
+
 _lock = threading.Lock()
 _warps = {}
 
 
 def _warp_state():
-    """(buffer, barrier, lane) of the calling simulator thread's warp."""
+    """[buffers, barrier, size, calls] of the calling simulator thread's warp, and its lane."""
     me = threading.current_thread()
-    dim = me._manager._block_dim
-    threads = int(np.prod(dim))
+    threads = int(np.prod(me._manager._block_dim))
     warp, lane = divmod(me.thread_id, 32)
     key = (id(me._manager), tuple(me.blockIdx), warp)
     state = _warps.get(key)
@@ -44,19 +46,23 @@ def _warp_state():
                 if len(_warps) > 4096:  # finished launches' warps
                     _warps.clear()
                 size = min(32, threads - 32 * warp)
-                state = _warps[key] = ([None] * 32, threading.Barrier(size, timeout=TIMEOUT), size)
-    return state[0], state[1], state[2], lane
+                state = _warps[key] = [([None] * 32, [None] * 32), threading.Barrier(size, timeout=TIMEOUT), size, {}]
+    return state, lane
 
 
 def _exchange(value, source):
-    """Every lane publishes ``value``; lane l gets lane ``source(l)``'s (its own when out of range)."""
-    buffer, barrier, size, lane = _warp_state()
+    """Every lane publishes ``value``; lane l gets lane ``source(l)``'s (its own
+    when out of range).  One barrier per exchange: consecutive exchanges
+    alternate between two buffers (a lane can only write a buffer again after
+    the next barrier, which every lane reaches after reading it)."""
+    (buffers, barrier, size, calls), lane = _warp_state()
+    k = calls.get(lane, 0)
+    calls[lane] = k + 1
+    buffer = buffers[k % 2]
     buffer[lane] = value
     barrier.wait()
     src = source(lane)
-    out = buffer[src] if 0 <= src < size else value
-    barrier.wait()
-    return out
+    return buffer[src] if 0 <= src < size else value
 
 
 def shfl_down_sync(self, mask, value, delta):
@@ -68,8 +74,17 @@ def shfl_xor_sync(self, mask, value, lane_mask):
 
 
 def install():
-    """Add the warp shuffles to the simulator's cuda module (idempotent)."""
+    """Add the warp shuffles to the simulator's cuda module (idempotent).
+
+    Also shortens the interpreter's thread switch interval: every simulated
+    barrier (``syncthreads`` and these shuffles) waits for 32 or more Python
+    threads to take the GIL in turn, and at the default 5 ms interval a launch
+    spends most of its time waiting for turns (a small batch_norm_forward: 24 s
+    at 5 ms, 3 s at 0.1 ms).  Only under the simulator."""
+    import sys
+
     from numba.cuda.simulator.kernelapi import FakeCUDAModule
 
+    sys.setswitchinterval(SWITCH_INTERVAL)
     FakeCUDAModule.shfl_down_sync = shfl_down_sync
     FakeCUDAModule.shfl_xor_sync = shfl_xor_sync
