@@ -1,5 +1,6 @@
 """Validation, the canonical (outer, C, inner) view, and host/device movement."""
 
+import contextlib
 import functools
 import math
 import numbers
@@ -7,6 +8,9 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
+
+from .kernels.common import current_device
+from .kernels.launch import numba_stream
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 #: NumPy has no bfloat16: bfloat16 data (from gpubn.torch) travels as its int16
@@ -221,13 +225,7 @@ def host_copy(src: Source) -> np.ndarray:
     the work queued there; the host waits for it)."""
     if not src.on_device:
         return src.arr
-    from .kernels.launch import numba_stream
-
-    stream = numba_stream(src.stream)
-    host = src.arr.copy_to_host(stream=stream)
-    if stream:
-        stream.synchronize()
-    return host
+    return to_host(src.arr, src.stream)
 
 
 def as_input(x, name: str, backend: str):
@@ -236,14 +234,16 @@ def as_input(x, name: str, backend: str):
     return src.arr, src.on_device
 
 
-def empty_like_library(shape, dtype, library: str, owner):
+def empty_like_library(shape, dtype, library: str, owner, zero: bool = False):
     """A new device array of ``shape``/``dtype`` allocated by the caller's
-    library (torch's caching allocator on the tensor's device, CuPy's pool),
-    as a numba view for the kernels; None for other libraries."""
+    library (torch's caching allocator on the tensor's device, on its current
+    stream: graph-aware; CuPy's pool), as a numba view for the kernels; zeroed
+    by the library (a memset on that stream) with ``zero``; None for other libraries."""
     if library == "torch":
         import torch
 
-        t = torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device=owner.device)
+        make = torch.zeros if zero else torch.empty
+        t = make(shape, dtype=getattr(torch, np.dtype(dtype).name), device=owner.device)
         view = device_view(t)
         view.gpubn_tensor = t  # deliver_as hands back the tensor itself
         return view
@@ -251,8 +251,20 @@ def empty_like_library(shape, dtype, library: str, owner):
         import cupy
 
         with cupy.cuda.Device(owner.device.id):
-            return device_view(cupy.empty(shape, dtype))
+            return device_view((cupy.zeros if zero else cupy.empty)(shape, dtype))
     return None
+
+
+def library_allocator(library: str, owner):
+    """``scratch(shape, dtype, zero)`` allocating from the caller's library
+    (``empty_like_library``), or None where the library has no allocator of its own."""
+    if library not in ("torch", "cupy"):
+        return None
+    return functools.partial(_allocate, library, owner)
+
+
+def _allocate(library, owner, shape, dtype, zero):
+    return empty_like_library(shape, dtype, library, owner, zero)
 
 
 def deliver_as(arr, library: str, owner):
@@ -270,30 +282,82 @@ def deliver_as(arr, library: str, owner):
     return arr
 
 
-def to_canonical(arr, shape3, on_device: bool):
+def to_canonical(arr, shape3, on_device: bool, stream: int = 0, scratch=None):
     """The (outer, C, inner) view of ``arr``: zero-copy when contiguous.
 
     A non-contiguous host array is reshaped by NumPy (a view where strides
     allow, a copy otherwise); a non-contiguous device array is first copied
-    into a contiguous one on the device.
+    into a contiguous one on the device, on ``stream`` (the caller's), in
+    memory from ``scratch(shape, dtype, zero)`` (the caller's allocator) when given.
     """
     if not on_device:
         return arr.reshape(shape3)
     if not arr.is_c_contiguous():
-        dense = cuda.device_array(arr.shape, arr.dtype)
-        dense[...] = arr
+        s = numba_stream(stream)
+        if scratch is not None:
+            dense = scratch(tuple(arr.shape), arr.dtype, False)
+        else:
+            dense = cuda.device_array(arr.shape, arr.dtype, stream=s)
+        if hasattr(dense, "setitem"):
+            dense.setitem(Ellipsis, arr, stream=s)
+        else:  # the simulator's arrays (no streams there)
+            dense[...] = arr
         arr = dense
     return arr.reshape(*shape3)
 
 
-def channel_vector(v, name: str, C: int, dtype, backend: str, fill=None):
+def to_device(host, stream: int = 0):
+    """A device copy of a host array, queued on ``stream`` (a handle: the
+    caller's stream, so that it is ordered with the call's kernels)."""
+    return cuda.to_device(host, stream=numba_stream(stream))
+
+
+def to_host(arr, stream: int = 0) -> np.ndarray:
+    """A host copy of a device array, made on ``stream`` after the work queued
+    there; the host waits for it."""
+    s = numba_stream(stream)
+    host = arr.copy_to_host(stream=s)
+    if hasattr(s, "synchronize"):  # an int under the simulator, where copies are synchronous
+        s.synchronize()
+    return host
+
+
+def array_device(x):
+    """The CUDA device ordinal a device array lives on (torch, CuPy, or any
+    interface object by its pointer); None for host arrays, numba device
+    arrays (made in the current context) and under the simulator."""
+    if cuda.config.ENABLE_CUDASIM or getattr(x, "__cuda_ndarray__", False) or not is_device_array(x):
+        return None
+    library = array_library(x)
+    if library == "torch":
+        return x.device.index
+    if library == "cupy":
+        return int(x.device.id)
+    from cuda.bindings import driver
+
+    ptr = device_interface(x)["data"][0]
+    attr = driver.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+    err, ordinal = driver.cuPointerGetAttribute(attr, ptr)
+    return int(ordinal) if err == driver.CUresult.CUDA_SUCCESS else None
+
+
+def device_scope(device):
+    """A context in which the CUDA calls run on ``device`` (its primary
+    context made current, then restored); nothing when it is None or already current."""
+    if device is None or device == current_device():
+        return contextlib.nullcontext()
+    return cuda.gpus[device]
+
+
+def channel_vector(v, name: str, C: int, dtype, backend: str, fill=None, stream: int = 0):
     """A per-channel (C,) vector as the kernels take it: ``dtype``, on the
-    backend's side.  None gives ``fill`` (or None when fill is None)."""
+    backend's side (a host vector copied on ``stream``).  None gives ``fill``
+    (or None when fill is None)."""
     if v is None:
         if fill is None:
             return None
-        if backend == "cuda":  # read-only constants: one copy per shape, not a transfer per call
-            return _device_full(C, np.dtype(dtype).str, float(fill))
+        if backend == "cuda":  # read-only constants: one copy per shape and device, not a transfer per call
+            return _device_full(current_device(), C, np.dtype(dtype).str, float(fill))
         return np.full(C, fill, dtype)
     on_device = is_device_array(v)
     if on_device and backend != "cuda":
@@ -309,13 +373,14 @@ def channel_vector(v, name: str, C: int, dtype, backend: str, fill=None):
     host = np.ascontiguousarray(arr, dtype=dtype)
     if not host.flags.writeable:  # np.frombuffer, mmap: a (C,) copy keeps one kernel signature
         host = host.copy()
-    return cuda.to_device(host) if backend == "cuda" else host
+    return to_device(host, stream) if backend == "cuda" else host
 
 
 @functools.lru_cache(maxsize=64)
-def _device_full(C: int, dtype: str, fill: float):
-    """A (C,) device array of ``fill``, shared by every call that needs it
-    (the kernels only read gamma and beta)."""
+def _device_full(device: int, C: int, dtype: str, fill: float):
+    """A (C,) array of ``fill`` on ``device`` (the current one), shared by
+    every call that needs it (the kernels only read gamma and beta); made
+    synchronously once, so that it is ready on every stream."""
     return cuda.to_device(np.full(C, fill, dtype))
 
 
@@ -329,7 +394,7 @@ class StateVector:
     (``np.load(..., mmap_mode="r")``) is accepted then.
     """
 
-    def __init__(self, v, name: str, C: int, dtype, backend: str, update: bool = True):
+    def __init__(self, v, name: str, C: int, dtype, backend: str, update: bool = True, stream: int = 0):
         on_device = is_device_array(v)
         if on_device and backend != "cuda":
             raise TypeError(f"{name}: a device array cannot be used with backend {backend!r}")
@@ -348,12 +413,13 @@ class StateVector:
             arr = arr.copy()  # read only: a (C,) copy keeps one kernel signature
         self.target = arr
         self.copied = False
+        self.stream = stream
         if on_device:
             if arr.dtype != dtype:
                 raise TypeError(f"{name}: device array of dtype {arr.dtype}; this input needs {np.dtype(dtype)}")
             self.work = arr
         elif backend == "cuda":
-            self.work, self.copied = cuda.to_device(np.ascontiguousarray(arr, dtype)), True
+            self.work, self.copied = to_device(np.ascontiguousarray(arr, dtype), stream), True
         elif arr.dtype != dtype:
             self.work, self.copied = arr.astype(dtype), True
         else:
@@ -362,4 +428,4 @@ class StateVector:
     def commit(self):
         if self.copied:
             w = self.work
-            self.target[...] = w.copy_to_host() if hasattr(w, "copy_to_host") else w
+            self.target[...] = to_host(w, self.stream) if hasattr(w, "copy_to_host") else w

@@ -58,8 +58,45 @@ def resolve_backend(backend=None, source: str = "backend") -> str:
     if backend == "auto":
         return "cuda" if _gpu_usable() else "cpu"
     if backend not in available_backends():
-        raise ValueError(
-            f"{source}: backend 'cuda' requested but no usable CUDA GPU was found "
-            "(install gpubn[cu12] or gpubn[cu13] and check the driver, or use backend='cpu')"
-        )
+        raise ValueError(f"{source}: backend 'cuda' requested but no usable CUDA GPU was found ({cuda_diagnosis()})")
     return backend
+
+
+def driver_cuda_version():
+    """The CUDA version the NVIDIA driver supports, as 1000 * major + 10 * minor
+    (12080: CUDA 12.8), or None without a loadable driver."""
+    try:
+        from cuda.bindings import driver
+
+        err, version = driver.cuDriverGetVersion()
+        return int(version) if err == driver.CUresult.CUDA_SUCCESS else None
+    except Exception:
+        return None
+
+
+def toolkit_cuda_major():
+    """The CUDA major version of the installed CUDA Python bindings (numba-cuda's
+    cu12 / cu13 extras), or None when they are not installed."""
+    try:
+        from importlib.metadata import version
+
+        return int(version("cuda-bindings").split(".")[0])
+    except Exception:
+        return None
+
+
+def cuda_diagnosis() -> str:
+    """Why the CUDA backend is not usable, and what to install."""
+    driver, toolkit = driver_cuda_version(), toolkit_cuda_major()
+    if driver is None:
+        return "no NVIDIA driver could be loaded; use backend='cpu', or install the driver"
+    major, minor = divmod(driver, 1000)
+    if toolkit is None:
+        return f"the driver supports CUDA {major}.{minor // 10}; install the CUDA libraries: pip install 'gpubn[cu{major}]'"
+    if toolkit > major:
+        return (
+            f"the installed CUDA libraries are CUDA {toolkit} but the NVIDIA driver supports only CUDA "
+            f"{major}.{minor // 10}: install gpubn[cu{major}] instead of gpubn[cu{toolkit}] "
+            "(pip uninstall the cuda-* and nvidia-* packages first), or update the driver"
+        )
+    return f"CUDA {toolkit} libraries and a CUDA {major}.{minor // 10} driver, but numba found no usable device"

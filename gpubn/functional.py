@@ -11,17 +11,18 @@ arrays (numba, or anything with ``__cuda_array_interface__``: CuPy, PyTorch)
 are used in place and results are numba device arrays on the same device.
 """
 
+import functools
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
-from numba import cuda
 
 from ._arrays import (
     BFLOAT16_BITS,
     Source,
     StateVector,
     acc_dtype,
+    array_device,
     as_input,
     canonical_shape,
     channel_vector,
@@ -31,11 +32,15 @@ from ._arrays import (
     check_float,
     check_scalar,
     deliver_as,
+    device_scope,
     device_view,
     empty_like_library,
+    library_allocator,
     host_copy,
     read_input,
     to_canonical,
+    to_device,
+    to_host,
 )
 from ._backend import resolve_backend
 from .kernels import activation as _act
@@ -44,6 +49,7 @@ from .kernels import normalize as _nz
 from .kernels import onepass as _op
 from .kernels import stats as _st
 from .kernels.half import bits as _bits
+from .kernels.launch import numba_stream
 from .kernels.workspace import device_empty, host_empty
 
 _ENGINES = {
@@ -60,6 +66,21 @@ _ENGINES = {
         backward=_op.launch_backward_any_cuda,  # likewise
     ),
 }
+
+
+def _on_input_device(fn):
+    """Run ``fn(x, ...)`` with x's device current (a tensor on cuda:1 while
+    cuda:0 is current: its kernels, workspaces and constants on cuda:1)."""
+
+    @functools.wraps(fn)
+    def call(x, *args, **kwargs):
+        device = array_device(x)
+        if device is None:  # host arrays, numba arrays, the simulator: nothing to switch
+            return fn(x, *args, **kwargs)
+        with device_scope(device):
+            return fn(x, *args, **kwargs)
+
+    return call
 
 
 @dataclass
@@ -104,10 +125,19 @@ class _Input:
         """The CUDA launchers' keyword arguments: the caller's stream (none on the CPU)."""
         return {"stream": self.stream} if self.backend == "cuda" else {}
 
+    @property
+    def reduce(self) -> dict:
+        """The reduction launchers' keyword arguments: the caller's stream and,
+        for torch tensors and CuPy arrays, its library's allocator for the
+        partials (graph-aware: nothing of gpubn's own is allocated under capture)."""
+        if self.backend != "cuda":
+            return {}
+        return {"stream": self.stream, "scratch": library_allocator(self.library, self.owner)}
+
     def deliver(self, arr):
         """Results go back where the input came from, as its library's arrays."""
         if self.backend == "cuda" and not self.on_device:
-            return arr.copy_to_host()
+            return to_host(arr, self.stream)
         return deliver_as(arr, self.library, self.owner)
 
 
@@ -157,23 +187,24 @@ def _prepare_mask(mask, inp: _Input):
     # gpubn's own copy (small: one byte per position), so a mask changed after
     # the forward cannot change the backward
     if on_device:
-        arr = to_canonical(arr, (outer, inner), True).copy_to_host()
+        arr = to_host(to_canonical(arr, (outer, inner), True, inp.stream), inp.stream)
     host = np.array(arr, dtype=bool, order="C").reshape(outer, inner)
     count = int(np.count_nonzero(host))
     origin = int(np.argmax(host)) if count else 0
-    view = cuda.to_device(host) if inp.backend == "cuda" else host
+    view = to_device(host, inp.stream) if inp.backend == "cuda" else host
     return _Mask(view, count, origin)
 
 
 def _materialize(inp: _Input) -> _Input:
     """Build the kernel-ready view of a validated input."""
-    view = to_canonical(inp.arr, inp.shape3, inp.on_device)
+    view = to_canonical(inp.arr, inp.shape3, inp.on_device, inp.stream, inp.reduce.get("scratch"))
     if inp.backend == "cuda" and not inp.on_device:
-        view = cuda.to_device(np.ascontiguousarray(view))
+        view = to_device(np.ascontiguousarray(view), inp.stream)
     inp.view = view
     return inp
 
 
+@_on_input_device
 def batch_stats(x, axis: int = 1, backend=None, mask=None):
     """Per-feature mean and biased variance of ``x``.
 
@@ -194,6 +225,7 @@ def batch_stats(x, axis: int = 1, backend=None, mask=None):
     return inp.deliver(mean), inp.deliver(var)
 
 
+@_on_input_device
 def batch_stats_moments(x, axis: int = 1, backend=None, mask=None, float64: bool = False):
     """gpubn.moments: the per-channel Moments of x (see gpubn/moments.py).
     An input with no values per channel (or none True in the mask) gives count 0.
@@ -224,19 +256,19 @@ def batch_stats_moments(x, axis: int = 1, backend=None, mask=None, float64: bool
         return Moments.from_array(out)
     mean, var = _stats_of(inp, m)
     n = float(inp.count if m is None else m.count)
-    return Moments(n, mean.copy_to_host(), var.copy_to_host().astype(np.float64) * n)
+    return Moments(n, to_host(mean, inp.stream), to_host(var, inp.stream).astype(np.float64) * n)
 
 
 def _stats_of(inp: _Input, mask=None):
     """(mean, var) of a materialized input, on the backend's side."""
     C = inp.C
-    ones = channel_vector(None, "gamma", C, inp.acc, inp.backend, fill=1.0)
-    zeros = channel_vector(None, "beta", C, inp.acc, inp.backend, fill=0.0)
+    ones = channel_vector(None, "gamma", C, inp.acc, inp.backend, fill=1.0, stream=inp.stream)
+    zeros = channel_vector(None, "beta", C, inp.acc, inp.backend, fill=0.0, stream=inp.stream)
     coef = inp.empty(rows=5)
     unused = inp.empty(rows=2)  # the running statistics' place (update=False: never written)
     eng = _ENGINES[inp.backend]
     eng.forward_train(
-        inp.view, coef, ones, zeros, unused[0], unused[1], 0.0, 0.0, False, None, **_mask_args(mask), **inp.launch
+        inp.view, coef, ones, zeros, unused[0], unused[1], 0.0, 0.0, False, None, **_mask_args(mask), **inp.reduce
     )
     return coef[_st.MEAN], coef[_st.VAR]
 
@@ -246,6 +278,7 @@ def _mask_args(m: _Mask) -> dict:
     return {} if m is None else {"mask": m.view, "origin": m.origin, "count": m.count}
 
 
+@_on_input_device
 def normalize(x, mean, var, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1, backend=None):
     """The elementwise kernel: ``(x - mean) / sqrt(var + eps) * gamma + beta``.
 
@@ -260,7 +293,7 @@ def normalize(x, mean, var, gamma=None, beta=None, eps: float = 1e-5, axis: int 
     C = inp.C
     eps = check_scalar(eps, "eps")
     vec = [
-        channel_vector(v, name, C, inp.acc, inp.backend, fill)
+        channel_vector(v, name, C, inp.acc, inp.backend, fill, inp.stream)
         for v, name, fill in ((mean, "mean", None), (var, "var", None), (gamma, "gamma", 1.0), (beta, "beta", 0.0))
     ]
     if vec[0] is None or vec[1] is None:
@@ -310,6 +343,7 @@ class ForwardCache:
         return self.inp.deliver(self.coef[_st.INVSTD])
 
 
+@_on_input_device
 def batch_norm_forward(
     x,
     gamma=None,
@@ -393,12 +427,12 @@ def batch_norm_forward(
         momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
     act = check_activation(activation)
     z = None if residual is None else _residual_view(residual, inp)
-    g = channel_vector(gamma, "gamma", C, inp.acc, inp.backend, fill=1.0)
-    b = channel_vector(beta, "beta", C, inp.acc, inp.backend, fill=0.0)
+    g = channel_vector(gamma, "gamma", C, inp.acc, inp.backend, fill=1.0, stream=inp.stream)
+    b = channel_vector(beta, "beta", C, inp.acc, inp.backend, fill=0.0, stream=inp.stream)
     rm = rv = None
     if running_mean is not None:
-        rm = StateVector(running_mean, "running_mean", C, inp.acc, inp.backend, update)
-        rv = StateVector(running_var, "running_var", C, inp.acc, inp.backend, update)
+        rm = StateVector(running_mean, "running_mean", C, inp.acc, inp.backend, update, inp.stream)
+        rv = StateVector(running_var, "running_var", C, inp.acc, inp.backend, update, inp.stream)
     # -- validated: from here on nothing raises by design --
     inp = _materialize(inp)
     eng = _ENGINES[inp.backend]
@@ -410,7 +444,7 @@ def batch_norm_forward(
         eng.forward_train(
             inp.view, coef, g, b,
             rm.work if update else unused[0], rv.work if update else unused[1],
-            eps, momentum if update else 0.0, update, y3, act=act, z=z, **_mask_args(m), **inp.launch,
+            eps, momentum if update else 0.0, update, y3, act=act, z=z, **_mask_args(m), **inp.reduce,
         )  # fmt: skip
         if update:
             rm.commit()
@@ -433,9 +467,9 @@ def _residual_view(residual, inp: _Input):
     if inp.dtype == BFLOAT16_BITS:
         raise TypeError("residual: not supported with bfloat16 input")
     if on_device:
-        return to_canonical(arr, inp.shape3, True)
+        return to_canonical(arr, inp.shape3, True, inp.stream)
     view = np.asarray(arr, dtype=inp.dtype).reshape(inp.shape3)
-    return cuda.to_device(np.ascontiguousarray(view)) if inp.backend == "cuda" else view
+    return to_device(np.ascontiguousarray(view), inp.stream) if inp.backend == "cuda" else view
 
 
 def _cache_for(x, coef, axis: int, training: bool, backend: str, bfloat16: bool = False, activation=None):
@@ -455,6 +489,7 @@ def _buffer_fits(buf, inp: _Input, rows: int) -> bool:
     return on_device == (inp.backend == "cuda") and buf.shape == (rows, inp.C) and buf.dtype == inp.acc
 
 
+@_on_input_device
 def batch_norm_backward(dy, cache: ForwardCache, _grads=None, _reduce=None):
     """Gradients of batch_norm_forward.
 
@@ -486,9 +521,9 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None, _reduce=None):
     if on_device and arr.dtype != inp.dtype:
         raise TypeError(f"dy: device array of dtype {arr.dtype}; the forward input was {inp.dtype}")
     # -- validated --
-    dyv = to_canonical(arr, inp.shape3, on_device)
+    dyv = to_canonical(arr, inp.shape3, on_device, inp.stream)
     if inp.backend == "cuda" and not on_device:
-        dyv = cuda.to_device(np.ascontiguousarray(dyv, dtype=inp.dtype))
+        dyv = to_device(np.ascontiguousarray(dyv, dtype=inp.dtype), inp.stream)
     elif inp.backend == "cpu" and dyv.dtype not in (np.float16, BFLOAT16_BITS):  # read as they are, inline
         dyv = dyv.astype(inp.acc, copy=False)
     dx = inp.empty()
@@ -504,7 +539,7 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None, _reduce=None):
         _copy_into(dres, dyv, inp)
     dx3 = dx.reshape(*inp.shape3)
     eng = _ENGINES[inp.backend]
-    eng.backward(dyv, inp.view, cache.coef, cache.training, bcoef, grads[0], grads[1], dx3, **options, **inp.launch)
+    eng.backward(dyv, inp.view, cache.coef, cache.training, bcoef, grads[0], grads[1], dx3, **options, **inp.reduce)
     out = (inp.deliver(dx), inp.deliver(grads[0]), inp.deliver(grads[1]))
     return out if dres is None else (*out, inp.deliver(dres))
 
@@ -512,7 +547,7 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None, _reduce=None):
 def _copy_into(out, a, inp: _Input):
     """out (x's shape and dtype) <- a, an (outer, C, inner) array on the same side."""
     if inp.backend == "cuda":  # a device array of x's dtype (the backward's dy)
-        out.reshape(*inp.shape3).copy_to_device(a)
+        out.reshape(*inp.shape3).copy_to_device(a, stream=numba_stream(inp.stream))
     else:
         out.reshape(inp.shape3)[...] = a
 

@@ -558,7 +558,9 @@ def restore_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
 def _replace(module, sync, path):
     cls = _REPLACEMENTS.get(type(module))
     if cls is not None:
-        _log.debug("replace_batchnorm: %s (%s) -> gpubn.torch.%s", path or "<root>", type(module).__name__, cls.__name__)
+        _log.debug(
+            "replace_batchnorm: %s (%s) -> gpubn.torch.%s", path or "<root>", type(module).__name__, cls.__name__
+        )
         return _swap(module, cls, sync)
     if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and isinstance(
         module, torch.nn.modules.batchnorm._BatchNorm

@@ -635,18 +635,19 @@ def launch_input_grad_cuda(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=Non
 
 
 def launch_backward_cuda(
-    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0
+    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0, scratch=None
 ):
     """Both backward passes on the GPU: two launches.
 
     Args as launch_backward_cpu, as device arrays; dy, x, dx float16/32/64 and
     coef, bcoef, dgamma, dbeta of the accumulation dtype; with a mask, count
-    is its number of True positions.
+    is its number of True positions.  stream: the caller's stream handle;
+    scratch: the caller's allocator for the partials (``workspace.workspace``).
     """
     outer, C, inner = x.shape
     grid, block, inner_splits, splits, columns = reduction_config(x.shape)[1:]
-    work = workspace("backward.work", (2, splits, C), np.float64, stream=stream)
-    counter = workspace("backward.counter", (columns,), np.int32, zero=True, stream=stream)
+    work = workspace("backward.work", (2, splits, C), np.float64, stream=stream, scratch=scratch)
+    counter = workspace("backward.counter", (columns,), np.int32, zero=True, stream=stream, scratch=scratch)
     n = float(outer * inner if mask is None else count)
     act = len(act) or None  # the CUDA kernels take the code (None: plain batch norm, the branch removed)
     mask = mask if training else None

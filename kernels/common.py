@@ -446,18 +446,29 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-_SM_COUNT = None
+def current_device() -> int:
+    """Ordinal of the current CUDA device (0 under the simulator): every
+    per-device cache (workspaces, constant vectors, SM counts) is keyed by it."""
+    if CUDASIM:
+        return 0
+    return int(cuda.get_current_device().id)
+
+
+#: Tests set this to an SM count (132: an H100, 108: an A100) to compute the
+#: launch configurations of a real card without one.
+SM_COUNT_OVERRIDE = None
+_SM_COUNTS = {}
 
 
 def sm_count() -> int:
     """Streaming multiprocessors of the current device (2 under the simulator)."""
-    global _SM_COUNT
-    if _SM_COUNT is None:
-        if CUDASIM:
-            _SM_COUNT = 2
-        else:
-            _SM_COUNT = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
-    return _SM_COUNT
+    if SM_COUNT_OVERRIDE is not None:
+        return SM_COUNT_OVERRIDE
+    device = current_device()
+    count = _SM_COUNTS.get(device)
+    if count is None:
+        count = _SM_COUNTS[device] = 2 if CUDASIM else int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    return count
 
 
 #: Tests set this to a ``(TX, TY)`` (powers of two, TX * TY == MAX_THREADS) to

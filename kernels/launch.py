@@ -319,13 +319,15 @@ _NUMBA_STREAMS = {}
 
 
 def numba_stream(stream):
-    """A stream as numba's dispatcher takes it: 0, or a numba Stream object
-    (one per external handle, made once)."""
-    if not isinstance(stream, int) or stream == 0:
+    """A stream as numba's dispatcher and copies take it: 0, or a numba Stream
+    object (one per external handle, made once); under the simulator (which
+    has no external streams and runs everything in order) the handle itself."""
+    if not isinstance(stream, int) or stream == 0 or SIMULATED:
         return stream
-    s = _NUMBA_STREAMS.get(stream)
-    if s is None:
-        from numba import cuda
+    from .common import current_device
 
-        s = _NUMBA_STREAMS[stream] = cuda.external_stream(stream)
+    key = (current_device(), stream)  # a numba Stream belongs to the context it was made in
+    s = _NUMBA_STREAMS.get(key)
+    if s is None:
+        s = _NUMBA_STREAMS[key] = cuda.external_stream(stream)
     return s

@@ -392,7 +392,7 @@ def launch_forward_train_cpu(
 
 def launch_forward_train_cuda(
     x, coef, gamma, beta, rmean, rvar, eps, momentum, update, y, act=0, z=None, mask=None, origin=0, count=None,
-    stream=0,
+    stream=0, scratch=None,
 ):  # fmt: skip
     """Training forward on the GPU: one launch where a channel fits a block
     (``one_pass``), else the statistics' split reduction and the elementwise pass.
@@ -409,10 +409,13 @@ def launch_forward_train_cuda(
         act: an ACTIVATIONS code (0: none).  z: None, or the residual, like x.
         mask: None, or (outer, inner) bool device array: statistics from its
             True positions; origin: flat index of one of them; count: how many.
+        stream: the caller's stream handle (every launch and copy on it).
+        scratch: None, or the caller's allocator for the split reduction's
+            partials and counters (``workspace.workspace``).
     """
     outer, C, inner = x.shape
     if not one_pass(x.shape, x.dtype.itemsize):
-        launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask, origin, stream)
+        launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask, origin, stream, scratch)
         if y is not None:
             launch_normalize_cuda(x, coef, y, act, z, stream)
         return
@@ -426,13 +429,13 @@ def launch_forward_train_cuda(
 
 
 def launch_backward_any_cuda(
-    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0
+    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0, scratch=None
 ):
     """The backward on the GPU: one launch where a channel fits a block
     (``one_pass``), else ``backward.launch_backward_cuda`` (two launches).
     Args as launch_backward_cuda."""
     if not one_pass(x.shape, x.dtype.itemsize):
-        launch_backward_cuda(dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask, count, act, z, dz, stream)
+        launch_backward_cuda(dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask, count, act, z, dz, stream, scratch)
         return
     outer, C, inner = x.shape
     regime, grid, block = one_pass_config(x.shape)

@@ -537,7 +537,9 @@ def stats_launch_config(shape):
     return kernel, cfg.grid, cfg.block, cfg.inner_splits, cfg.splits, cfg.columns
 
 
-def launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask=None, origin=0, stream=0):
+def launch_stats_cuda(
+    x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask=None, origin=0, stream=0, scratch=None
+):
     """Batch statistics and forward constants on the GPU, one launch.
 
     Args:
@@ -555,8 +557,8 @@ def launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, 
     acc = gamma.dtype
     kernel, grid, block, inner_splits, splits, columns = stats_launch_config(x.shape)
     C = x.shape[1]
-    work = workspace("stats.work", (3, splits, C), np.float64, stream=stream)
-    counter = workspace("stats.counter", (columns,), np.int32, zero=True, stream=stream)
+    work = workspace("stats.work", (3, splits, C), np.float64, stream=stream, scratch=scratch)
+    counter = workspace("stats.counter", (columns,), np.int32, zero=True, stream=stream, scratch=scratch)
     args = [x, mask, int(origin), work, counter, coef, gamma, beta, rmean, rvar]
     args += [acc.type(eps), acc.type(momentum), bool(update)]
     if inner_splits is not None:

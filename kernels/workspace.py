@@ -1,49 +1,55 @@
 """Memory reused across calls: device scratch, and large host outputs.
 
-Device: no device allocation in the hot path.
-
-Workspaces are per Python thread and per stream (two launches that may run at
-the same time never share a partials buffer or a ticket counter: kernels run on
+Workspaces (the split reductions' partials and ticket counters) are per
+device, per Python thread and per stream (two launches that may run at the
+same time never share a partials buffer or a ticket counter: kernels run on
 the caller's stream, and one thread may use several) and keyed by (name,
-shape, dtype); a handful of shapes live at once, the least recently used is
-dropped beyond ``MAX_ENTRIES``.  Counters are created zeroed and every kernel
-that uses one leaves it zeroed.  A workspace is allocated (and a counter
-zeroed, synchronously) on its first use for a stream: to capture the split
-passes in a CUDA graph, make one call on the capture stream first.
+shape, dtype).  Counters are created zeroed (on the stream that first uses
+them) and every kernel that uses one leaves it zeroed.  A workspace is
+allocated on its first use for a (device, stream, shape); after that a call of
+the same shape allocates nothing.  A workspace is never freed while its
+thread lives (no eviction: a captured CUDA graph may still use it); warm up
+once on the capture stream before capturing a CUDA graph.
 """
 
 import math
 import os
 import threading
-from collections import OrderedDict
 
 import numpy as np
 from numba import cuda
 
+from .common import current_device
+
 CUDASIM = bool(cuda.config.ENABLE_CUDASIM)
 
-MAX_ENTRIES = 64
 _local = threading.local()
 
 
-def workspace(name, shape, dtype, zero=False, stream=0):
+def workspace(name, shape, dtype, zero=False, stream=0, scratch=None):
     """A device array of ``shape``/``dtype`` owned by this thread for launches
-    on ``stream`` (a handle), reused across calls."""
+    on ``stream`` (a handle) of the current device, reused across calls;
+    ``zero``: created zeroed, by a copy queued on that stream.
+
+    ``scratch``: None, or the caller's allocator ``scratch(shape, dtype,
+    zero)`` (torch's caching allocator for torch tensors: graph-aware, its
+    zeros a memset on the caller's stream), used instead of the cache: under
+    CUDA-graph capture every call's scratch then belongs to the graph."""
+    if scratch is not None:
+        return scratch(tuple(shape), dtype, zero)
     cache = getattr(_local, "cache", None)
     if cache is None:
-        cache = _local.cache = OrderedDict()
-    key = (name, tuple(shape), np.dtype(dtype).str, stream if isinstance(stream, int) else id(stream))
+        cache = _local.cache = {}
+    key = (current_device(), name, tuple(shape), np.dtype(dtype).str, stream if isinstance(stream, int) else id(stream))
     arr = cache.get(key)
     if arr is None:
+        from .launch import numba_stream
+
         if zero:
-            arr = cuda.to_device(np.zeros(shape, dtype))
+            arr = cuda.to_device(np.zeros(shape, dtype), stream=numba_stream(stream))
         else:
-            arr = cuda.device_array(shape, dtype)
+            arr = cuda.device_array(shape, dtype, stream=numba_stream(stream))
         cache[key] = arr
-        while len(cache) > MAX_ENTRIES:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
     return arr
 
 

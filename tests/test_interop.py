@@ -171,13 +171,19 @@ def test_torch_tensors_in_torch_tensors_out(rng):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(SIM, reason="needs a real GPU")
-def test_torch_side_stream_and_cuda_graph(rng):
+@pytest.mark.parametrize("shape,split", [((16, 8, 12), False), ((64, 8, 4096), True)])
+def test_torch_side_stream_and_cuda_graph(rng, shape, split):
     """Calls on a side stream need no synchronization of their own, and a
-    forward + backward captured in a CUDA graph replays to the eager results."""
+    forward + backward captured in a CUDA graph replays to the eager results:
+    a one-launch shape, and a split-path one (partials and counters from
+    torch's allocator: nothing of gpubn's allocated under capture)."""
     torch = pytest.importorskip("torch")
-    x = torch.from_numpy((1 + rng.standard_normal((16, 8, 12))).astype(np.float32)).cuda()
-    dy = torch.from_numpy(rng.standard_normal((16, 8, 12)).astype(np.float32)).cuda()
-    gamma, beta = torch.rand(8, device="cuda") + 0.5, torch.randn(8, device="cuda")
+    from gpubn.kernels.onepass import one_pass
+
+    assert one_pass(shape, 4) != split
+    x = torch.from_numpy((1 + rng.standard_normal(shape)).astype(np.float32)).cuda()
+    dy = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).cuda()
+    gamma, beta = torch.rand(shape[1], device="cuda") + 0.5, torch.randn(shape[1], device="cuda")
     eager_y, eager_cache = gpubn.batch_norm_forward(x, gamma, beta, backend="cuda")
     eager = (eager_y, *gpubn.batch_norm_backward(dy, eager_cache))
     side = torch.cuda.Stream()

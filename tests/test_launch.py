@@ -158,7 +158,9 @@ def test_block_reductions_run_their_shuffles_under_the_simulator(threads):
     v = np.random.default_rng(0).standard_normal(threads) + 3
     out = np.zeros(5)
     _reduce[1, threads](v, out)
-    np.testing.assert_allclose(out, [v.sum(), (v * v).sum(), threads, v.mean(), ((v - v.mean()) ** 2).sum()], rtol=1e-12)
+    np.testing.assert_allclose(
+        out, [v.sum(), (v * v).sum(), threads, v.mean(), ((v - v.mean()) ** 2).sum()], rtol=1e-12
+    )
 
 
 @pytest.mark.gpu

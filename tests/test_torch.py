@@ -299,7 +299,8 @@ def test_module_with_fused_activation(act):
 @pytest.mark.parametrize("shape", [(16, 3), (4, 3, 5, 6)])
 def test_module_cast_to_bfloat16_matches_torch(shape):
     """model.to(torch.bfloat16): bfloat16 parameters and running statistics, as torch's."""
-    ours, theirs = (cls(3).to(torch.bfloat16) for cls in ({2: gt.BatchNorm1d, 4: gt.BatchNorm2d}[len(shape)], MODULES[len(shape)]))
+    classes = ({2: gt.BatchNorm1d, 4: gt.BatchNorm2d}[len(shape)], MODULES[len(shape)])
+    ours, theirs = (cls(3).to(torch.bfloat16) for cls in classes)
     x = make_input(shape, None, torch.bfloat16, "cpu")
     w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -308,8 +309,10 @@ def test_module_cast_to_bfloat16_matches_torch(shape):
     (ya.float() * w).sum().backward()
     (yb.float() * w).sum().backward()
     atol, rtol = TOL[torch.bfloat16]
-    for a, b in ((ya, yb), (ours.running_mean, theirs.running_mean), (ours.running_var, theirs.running_var),
-                 (xa.grad, xb.grad), (ours.weight.grad, theirs.weight.grad), (ours.bias.grad, theirs.bias.grad)):  # fmt: skip
+    pairs = [(ya, yb), (xa.grad, xb.grad)]
+    pairs += [(getattr(ours, n), getattr(theirs, n)) for n in ("running_mean", "running_var")]
+    pairs += [(ours.weight.grad, theirs.weight.grad), (ours.bias.grad, theirs.bias.grad)]
+    for a, b in pairs:
         torch.testing.assert_close(a.float(), b.float(), atol=atol * 2, rtol=rtol)
     ours.eval()
     theirs.eval()
