@@ -635,7 +635,21 @@ def launch_input_grad_cuda(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=Non
 
 
 def launch_backward_cuda(
-    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0, scratch=None
+    dy,
+    x,
+    coef,
+    training,
+    bcoef,
+    dgamma,
+    dbeta,
+    dx,
+    mask=None,
+    count=None,
+    act=(),
+    z=None,
+    dz=None,
+    stream=0,
+    scratch=None,
 ):
     """Both backward passes on the GPU: two launches.
 

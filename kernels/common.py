@@ -480,14 +480,20 @@ BLOCK_OVERRIDE = None
 def block_shape(outer: int, C: int, inner: int) -> tuple:
     """Threads per block ``(TX, TY)`` for the canonical view.
 
-    ``inner > 1``: TX threads walk the contiguous inner axis, TY walk rows.
-    ``inner == 1``: TX threads walk channels (contiguous), TY walk rows.
-    Both are powers of two with TX * TY == MAX_THREADS.
+    ``inner > 1``: TX threads (32 to MAX_THREADS) walk the contiguous inner
+    axis, TY walk rows.  ``inner == 1``: TX threads walk channels (contiguous),
+    TY walk rows; TX is at most a warp (32 contiguous values: a warp's loads
+    coalesce, and the TY rows of a block then share the last block's merge),
+    and no wider than C rounded up to a power of two (C = 2: a warp reads 16
+    rows of 2 channels, not 2 lanes of 32 busy).  Both are powers of two with
+    TX * TY == MAX_THREADS.
     """
     if BLOCK_OVERRIDE is not None:
         return BLOCK_OVERRIDE
-    lanes = inner if inner > 1 else C
-    tx = min(MAX_THREADS, max(min(32, MAX_THREADS), next_pow2(lanes)))
+    if inner == 1:
+        tx = min(32, MAX_THREADS, next_pow2(C))
+    else:
+        tx = min(MAX_THREADS, max(min(32, MAX_THREADS), next_pow2(inner)))
     return tx, MAX_THREADS // tx
 
 
@@ -633,12 +639,20 @@ def reduction_config(shape) -> ReductionConfig:
     if inner > 1:
         splits = reduction_splits(n, C, tx * ty)
         # split the inner axis only as far as the rows cannot carry the split
-        inner_splits = max(1, min(-(-splits // max(1, -(-outer // ty))), -(-inner // tx)))
-        outer_splits = max(1, min(-(-splits // inner_splits), -(-outer // ty)))
+        inner_splits = nonempty(inner, max(1, min(-(-splits // max(1, -(-outer // ty))), -(-inner // tx))))
+        outer_splits = nonempty(outer, max(1, min(-(-splits // inner_splits), -(-outer // ty))))
         splits = outer_splits * inner_splits
         return ReductionConfig("inner", (C, splits), (tx, ty), inner_splits, splits, C)
     # channels contiguous: a block covers tx channels, so only its ty threads
     # share a channel's rows (passing tx * ty left (4096, 512) with 2 blocks)
     columns = -(-C // tx)
-    splits = min(reduction_splits(n, columns, ty), max(1, -(-outer // ty)))
+    splits = nonempty(outer, min(reduction_splits(n, columns, ty), max(1, -(-outer // ty))))
     return ReductionConfig("channels", (columns, splits), (tx, ty), None, splits, columns)
+
+
+def nonempty(length: int, parts: int) -> int:
+    """The number of parts of ``length`` items cut into ceil(length / parts)
+    each (``block_slice``): at most ``parts``, and none of them empty ((20,
+    6, 65536) had 18 row splits of 2 rows for its 20 rows: 8 empty)."""
+    per = -(-length // max(1, parts))
+    return max(1, -(-length // per))

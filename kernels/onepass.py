@@ -48,7 +48,7 @@ from numba import cuda
 from . import common
 from .activation import activate, launch_scale_shift_act_cpu, launch_scale_shift_act_cuda
 from .backward import B_CONST, B_DY, B_X, dv_cuda, finish_backward_channel_cuda, launch_backward_cuda
-from .common import CUDASIM, MAX_THREADS, block_shape, block_sum2, gpu_kernel, next_pow2, tree_sum2
+from .common import CUDASIM, MAX_THREADS, block_shape, block_sum2, gpu_kernel, next_pow2, sm_count, tree_sum2
 from .normalize import launch_scale_shift_cpu, launch_scale_shift_cuda
 from .stats import BIAS, MEAN, SCALE, finish_channel_cuda, launch_stats_cpu, launch_stats_cuda
 
@@ -67,11 +67,23 @@ ONE_PASS_MAX = 64 if CUDASIM else ONE_PASS_MAX_GPU
 ONE_PASS_MAX_BYTES = 32 << 20
 
 
+#: Inputs of at most this many bytes are host-bound on any card (a launch costs
+#: more host time than moving them takes): one launch however few blocks it fills.
+HOST_BOUND_BYTES = 1 << 20
+
+
 def one_pass(shape, itemsize: int = 4) -> bool:
     """Whether a canonical view (outer, C, inner) of ``itemsize``-byte values
-    takes the one-launch kernels."""
+    takes the one-launch kernels: few values per channel, x small enough to be
+    re-read from L2, and either enough channels (blocks) for two per SM or so
+    small that the launch is host-bound ((4096, 512) gave 16 blocks of 32
+    channels to a 132-SM card: it takes the split passes)."""
     outer, C, inner = shape
-    return outer * inner <= ONE_PASS_MAX and outer * C * inner * itemsize <= ONE_PASS_MAX_BYTES
+    nbytes = outer * C * inner * itemsize
+    if outer * inner > ONE_PASS_MAX or nbytes > ONE_PASS_MAX_BYTES:
+        return False
+    blocks = one_pass_config(shape)[1][0]
+    return nbytes <= HOST_BOUND_BYTES or blocks >= 2 * sm_count()
 
 
 def one_pass_config(shape):
@@ -429,7 +441,21 @@ def launch_forward_train_cuda(
 
 
 def launch_backward_any_cuda(
-    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0, scratch=None
+    dy,
+    x,
+    coef,
+    training,
+    bcoef,
+    dgamma,
+    dbeta,
+    dx,
+    mask=None,
+    count=None,
+    act=(),
+    z=None,
+    dz=None,
+    stream=0,
+    scratch=None,
 ):
     """The backward on the GPU: one launch where a channel fits a block
     (``one_pass``), else ``backward.launch_backward_cuda`` (two launches).

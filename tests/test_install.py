@@ -50,7 +50,9 @@ def test_extras_resolve_to_that_cuda_major(tmp_path, extra, major):
     if proc.returncode != 0 and ("No matching distribution" in proc.stderr or "connection" in proc.stderr.lower()):
         pytest.skip(f"the package index is not reachable here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr
-    picked = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    picked = {
+        i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]
+    }
     assert int(picked["cuda-bindings"].split(".")[0]) == major, picked
     other = 13 if major == 12 else 12
     assert not [n for n in picked if n.startswith("nvidia-") and n.endswith(f"-cu{other}")], picked

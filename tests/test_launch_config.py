@@ -72,7 +72,7 @@ def test_huge_tensor_launch_config(monkeypatch, shape):
     constants: 132 SMs, 256 threads per block, also under the simulator)."""
     from gpubn.kernels import common
 
-    monkeypatch.setattr(common, "_SM_COUNT", 132)
+    monkeypatch.setattr(common, "SM_COUNT_OVERRIDE", 132)
     monkeypatch.setattr(common, "MAX_THREADS", 256)
     monkeypatch.setattr(common, "MIN_PER_THREAD", 16)
     outer, C, inner = shape
@@ -101,9 +101,96 @@ def test_gpu_sized_grids_fill_the_device(monkeypatch, shape):
     for (4096, 512): measured 0.93 ms on the H200, where 256 split blocks suffice)."""
     from gpubn.kernels import common
 
-    monkeypatch.setattr(common, "_SM_COUNT", 132)
+    monkeypatch.setattr(common, "SM_COUNT_OVERRIDE", 132)
     monkeypatch.setattr(common, "MAX_THREADS", 256)
     monkeypatch.setattr(common, "MIN_PER_THREAD", 16)
     kernel, grid, block, inner_splits, splits, columns = K.stats_launch_config(shape)
     assert grid[0] * grid[1] >= 2 * 132 or grid[0] * grid[1] * block[0] * block[1] >= shape[0] * shape[1] * shape[2]
     assert block[0] * block[1] == 256
+
+
+# -- configurations on real cards, computed without one --------------------------------------
+
+#: the benchmark's GPU shapes and design.md section 6's, as (canonical view, itemsize)
+CARD_SHAPES = {
+    "nchw-256x64x56x56": ((256, 64, 3136), 4),
+    "nhwc-256x64x56x56": ((802816, 64, 1), 4),
+    "nchw-256x64x56x56-f16": ((256, 64, 3136), 2),
+    "nchw-64x256x28x28": ((64, 256, 784), 4),
+    "nchw-32x2048x7x7": ((32, 2048, 49), 4),
+    "nc-65536x1024": ((65536, 1024, 1), 4),
+    "nc-4096x512": ((4096, 512, 1), 4),
+    "nc-64x16": ((64, 16, 1), 4),
+    "ncl-20x6x65536": ((20, 6, 65536), 4),
+    "nhwc-c2": ((802816, 2, 1), 4),
+    "nhwc-c3": ((802816, 3, 1), 4),
+}
+#: a launch moving at most this much is host-bound on any card: it need not fill the card
+HOST_BOUND = 1 << 20
+#: most partials one thread of the last block merges serially
+MERGE_PER_THREAD = 64
+
+
+@pytest.fixture(params=[132, 108], ids=["H100", "A100"])
+def card(request, monkeypatch):
+    """The launch configurations of a real card (256 threads a block, its SM
+    count), also under the simulator."""
+    from gpubn.kernels import common, onepass
+
+    monkeypatch.setattr(common, "MAX_THREADS", 256)
+    monkeypatch.setattr(onepass, "MAX_THREADS", 256)
+    monkeypatch.setattr(common, "MIN_PER_THREAD", 16)
+    monkeypatch.setattr(onepass, "ONE_PASS_MAX", onepass.ONE_PASS_MAX_GPU)
+    monkeypatch.setattr(common, "SM_COUNT_OVERRIDE", request.param)
+    monkeypatch.setattr(common, "BLOCK_OVERRIDE", None)
+    return request.param
+
+
+def _fills(blocks, nbytes, sms):
+    return blocks >= 2 * sms or nbytes <= HOST_BOUND
+
+
+@pytest.mark.parametrize("name", list(CARD_SHAPES))
+def test_reductions_fill_the_card_without_empty_blocks(card, name):
+    """The statistics and backward sums (one launch, or the split reduction):
+    at least 2 blocks per SM unless host-bound, every block with work, and
+    the last block's merge of the partials bounded per thread."""
+    from gpubn.kernels.onepass import one_pass, one_pass_config
+
+    shape, itemsize = CARD_SHAPES[name]
+    outer, C, inner = shape
+    nbytes = outer * C * inner * itemsize
+    if one_pass(shape, itemsize):
+        regime, grid, block = one_pass_config(shape)
+        assert _fills(grid[0], nbytes, card), (name, grid)
+        assert (grid[0] - 1) * (1 if regime == "inner" else block[0]) < C
+        return
+    cfg = K.reduction_config(shape)
+    (gx, gy), (tx, ty) = cfg.grid, cfg.block
+    assert _fills(gx * gy, nbytes, card), (name, cfg)
+    if cfg.regime == "inner":
+        outer_splits = cfg.splits // cfg.inner_splits
+        rows, cols = -(-outer // outer_splits), -(-inner // cfg.inner_splits)
+        assert (outer_splits - 1) * rows < outer and (cfg.inner_splits - 1) * cols < inner, (name, cfg)
+        assert -(-cfg.splits // (tx * ty)) <= MERGE_PER_THREAD
+    else:
+        rows = -(-outer // cfg.splits)
+        assert (cfg.splits - 1) * rows < outer and (gx - 1) * tx < C, (name, cfg)
+        assert -(-cfg.splits // ty) <= MERGE_PER_THREAD, (name, cfg)
+        assert tx <= 32 and (C >= 32 or tx < 2 * C), (name, cfg)  # no idle lanes beyond rounding C up
+
+
+@pytest.mark.parametrize("name", list(CARD_SHAPES))
+def test_elementwise_passes_fill_the_card_without_empty_blocks(card, name):
+    """The scalar elementwise pass, and the 16-byte-load one where inner % 4 == 0."""
+    shape, itemsize = CARD_SHAPES[name]
+    outer, C, inner = shape
+    nbytes = outer * C * inner * itemsize
+    views = [shape] + ([(outer, C, inner // 4)] if inner > 1 and inner % 4 == 0 else [])
+    for view in views:
+        regime, (gx, gy), (tx, ty) = K.elementwise_launch_config(view)
+        assert _fills(gx * gy, nbytes, card), (name, view, (gx, gy))
+        if regime == "inner":
+            assert (gx - 1) * tx < view[2] and (gy - 1) * ty < outer * C, (name, view, (gx, gy))
+        else:
+            assert (gx - 1) * tx < C and (gy - 1) * ty < outer, (name, view, (gx, gy))
