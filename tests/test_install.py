@@ -6,10 +6,10 @@ the driver says what to install instead."""
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from gpubn import _backend
 
