@@ -92,7 +92,8 @@ def cuda_diagnosis() -> str:
         return "no NVIDIA driver could be loaded; use backend='cpu', or install the driver"
     major, minor = divmod(driver, 1000)
     if toolkit is None:
-        return f"the driver supports CUDA {major}.{minor // 10}; install the CUDA libraries: pip install 'gpubn[cu{major}]'"
+        version = f"{major}.{minor // 10}"
+        return f"the driver supports CUDA {version}; install the CUDA libraries: pip install 'gpubn[cu{major}]'"
     if toolkit > major:
         return (
             f"the installed CUDA libraries are CUDA {toolkit} but the NVIDIA driver supports only CUDA "
