@@ -114,6 +114,24 @@ def dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act):
     return g, d
 
 
+@cuda.jit(device=True)
+def input_grad_at(dy, x, z, mask, o, c, i, coef, m, a, beta, bx, k, act, dx, dz):
+    """dx[o, c, i] = A * dv + B * (x - m) + K (and dz[o, c, i] = dv), or 0 in
+    both where ``mask`` (None: every position counts) marks padding, whose
+    values are then never read.  m, a, beta: the channel's MEAN, A (SCALE),
+    BIAS; bx, k: its B and K.  The one place of the input gradient's element
+    on the GPU (the split pass and the one-launch kernels call it)."""
+    if mask is None or mask[o, i]:
+        g, d = dv_cuda(dy, x, z, o, c, i, coef, m, a, beta, act)
+        if dz is not None:
+            dz[o, c, i] = g
+        dx[o, c, i] = a * g + (bx * d + k)
+    else:
+        if dz is not None:
+            dz[o, c, i] = 0
+        dx[o, c, i] = 0
+
+
 # ----------------------------------------------------------------------------
 # CPU twin
 #
@@ -546,15 +564,7 @@ def input_grad_cuda_inner(
         k = bcoef[B_CONST, c]
         beta = bcoef[B_BIAS, c]
         for i in range(cuda.blockIdx.x * TX + tx, inner, cuda.gridDim.x * TX):
-            if mask is None or mask[o, i]:
-                g, d = dv_cuda(dy, x, z, o, c, i, bcoef, m, a, beta, act)
-                if dz is not None:
-                    dz[o, c, i] = g
-                dx[o, c, i] = a * g + (b * d + k)
-            else:  # padding: its values are never read
-                if dz is not None:
-                    dz[o, c, i] = 0
-                dx[o, c, i] = 0
+            input_grad_at(dy, x, z, mask, o, c, i, bcoef, m, a, beta, b, k, act, dx, dz)
 
 
 @gpu_kernel
@@ -579,15 +589,7 @@ def input_grad_cuda_channels(
         beta = bcoef[B_BIAS, c]
         TY = cuda.blockDim.y
         for o in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, outer, cuda.gridDim.y * TY):
-            if mask is None or mask[o, 0]:
-                g, d = dv_cuda(dy, x, z, o, c, 0, bcoef, m, a, beta, act)
-                if dz is not None:
-                    dz[o, c, 0] = g
-                dx[o, c, 0] = a * g + (b * d + k)
-            else:  # padding: its values are never read
-                if dz is not None:
-                    dz[o, c, 0] = 0
-                dx[o, c, 0] = 0
+            input_grad_at(dy, x, z, mask, o, c, 0, bcoef, m, a, beta, b, k, act, dx, dz)
 
 
 @gpu_kernel
@@ -635,22 +637,9 @@ def launch_input_grad_cuda(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=Non
 
 
 def launch_backward_cuda(
-    dy,
-    x,
-    coef,
-    training,
-    bcoef,
-    dgamma,
-    dbeta,
-    dx,
-    mask=None,
-    count=None,
-    act=(),
-    z=None,
-    dz=None,
-    stream=0,
+    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0,
     scratch=None,
-):
+):  # fmt: skip
     """Both backward passes on the GPU: two launches.
 
     Args as launch_backward_cpu, as device arrays; dy, x, dx float16/32/64 and

@@ -47,7 +47,7 @@ from numba import cuda
 
 from . import common
 from .activation import activate, launch_scale_shift_act_cpu, launch_scale_shift_act_cuda
-from .backward import B_CONST, B_DY, B_X, dv_cuda, finish_backward_channel_cuda, launch_backward_cuda
+from .backward import B_CONST, B_X, dv_cuda, finish_backward_channel_cuda, input_grad_at, launch_backward_cuda
 from .common import CUDASIM, MAX_THREADS, block_shape, block_sum2, gpu_kernel, next_pow2, sm_count, tree_sum2
 from .normalize import launch_scale_shift_cpu, launch_scale_shift_cuda
 from .stats import BIAS, MEAN, SCALE, finish_channel_cuda, launch_stats_cpu, launch_stats_cuda
@@ -291,20 +291,11 @@ def backward_onepass_cuda_inner(
         finish_backward_channel_cuda(c, n, a1[0], a2[0], coef, training, bcoef, dgamma, dbeta)
     cuda.syncthreads()  # bcoef[:, c] written
 
-    a = bcoef[B_DY, c]
-    bx = bcoef[B_X, c]
+    bx = bcoef[B_X, c]  # A is the forward's SCALE (sc): finish_backward_channel copies it
     kc = bcoef[B_CONST, c]
     for o in range(ty, outer, TY):
         for i in range(tx, inner, TX):
-            if mask is None or mask[o, i]:
-                g, d = dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act)
-                if dz is not None:
-                    dz[o, c, i] = g
-                dx[o, c, i] = a * g + (bx * d + kc)
-            else:  # padding: its values are never read
-                if dz is not None:
-                    dz[o, c, i] = 0
-                dx[o, c, i] = 0
+            input_grad_at(dy, x, z, mask, o, c, i, coef, m, sc, b, bx, kc, act, dx, dz)
 
 
 @gpu_kernel
@@ -355,19 +346,10 @@ def backward_onepass_cuda_channels(
     cuda.syncthreads()
 
     if c < C:
-        a = bcoef[B_DY, c]
         bx = bcoef[B_X, c]
         kc = bcoef[B_CONST, c]
         for o in range(ty, outer, TY):
-            if mask is None or mask[o, 0]:
-                g, d = dv_cuda(dy, x, z, o, c, 0, coef, m, sc, b, act)
-                if dz is not None:
-                    dz[o, c, 0] = g
-                dx[o, c, 0] = a * g + (bx * d + kc)
-            else:  # padding: its values are never read
-                if dz is not None:
-                    dz[o, c, 0] = 0
-                dx[o, c, 0] = 0
+            input_grad_at(dy, x, z, mask, o, c, 0, coef, m, sc, b, bx, kc, act, dx, dz)
 
 
 # ----------------------------------------------------------------------------
@@ -441,22 +423,9 @@ def launch_forward_train_cuda(
 
 
 def launch_backward_any_cuda(
-    dy,
-    x,
-    coef,
-    training,
-    bcoef,
-    dgamma,
-    dbeta,
-    dx,
-    mask=None,
-    count=None,
-    act=(),
-    z=None,
-    dz=None,
-    stream=0,
+    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0,
     scratch=None,
-):
+):  # fmt: skip
     """The backward on the GPU: one launch where a channel fits a block
     (``one_pass``), else ``backward.launch_backward_cuda`` (two launches).
     Args as launch_backward_cuda."""
