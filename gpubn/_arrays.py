@@ -172,6 +172,16 @@ def check_scalar(value, name: str, low: float = 0.0, high: float = np.inf) -> fl
     return v
 
 
+def check_momentum(value, name: str = "momentum") -> float:
+    """The running statistics' momentum: any finite real, as torch accepts
+    (``running = (1 - momentum) * running + momentum * batch``; values outside
+    [0, 1] extrapolate, and torch's own tests use -1)."""
+    v = check_scalar(value, name, -np.inf, np.inf)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: {value} is not finite")
+    return v
+
+
 def canonical_shape(shape, axis: int) -> tuple:
     """(outer, C, inner) of an array of ``shape`` whose feature axis is ``axis``.
 

@@ -27,7 +27,7 @@ CPU backend only, for now.
 import numpy as np
 
 from . import functional as _F
-from ._arrays import StateVector, channel_vector, check_float, check_scalar
+from ._arrays import StateVector, channel_vector, check_float, check_momentum, check_scalar
 from .moments import Moments
 
 
@@ -156,7 +156,7 @@ def batch_norm_forward_sync(
         if num_features is not None and C != num_features:
             raise ValueError(f"x: {C} features on axis {axis}, this layer has num_features={num_features}")
         eps = check_scalar(eps, "eps")
-        momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
+        momentum = check_momentum(momentum)
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean, running_var: give both or neither")
         stats = []

@@ -30,6 +30,7 @@ from ._arrays import (
     check_axis,
     check_bool,
     check_float,
+    check_momentum,
     check_scalar,
     deliver_as,
     device_scope,
@@ -372,7 +373,8 @@ def batch_norm_forward(
             running_mean/running_var are given, updates them in place:
             ``running = (1 - momentum) * running + momentum * batch`` (unbiased
             variance).  False normalizes with running_mean/running_var (required).
-        eps: added to the variance.  momentum: float in [0, 1].
+        eps: added to the variance.  momentum: a finite float, the weight
+            of the new batch (usually in [0, 1]; any value, as torch).
         activation: None, "relu", "sigmoid" or "tanh": y = g(BN(x) (+ residual)),
             in the same elementwise pass (the backward recomputes the
             pre-activation from x; it is never stored).
@@ -424,7 +426,7 @@ def batch_norm_forward(
     if update:
         if momentum is None:
             raise ValueError("momentum: None (cumulative average) needs a counter; use gpubn.BatchNorm")
-        momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
+        momentum = check_momentum(momentum)
     act = check_activation(activation)
     z = None if residual is None else _residual_view(residual, inp)
     g = channel_vector(gamma, "gamma", C, inp.acc, inp.backend, fill=1.0, stream=inp.stream)

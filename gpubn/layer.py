@@ -7,7 +7,16 @@ from collections.abc import Mapping
 import numpy as np
 from numba import cuda
 
-from ._arrays import check_activation, check_axis, check_bool, check_float, check_scalar, device_view, is_device_array
+from ._arrays import (
+    check_activation,
+    check_axis,
+    check_bool,
+    check_float,
+    check_momentum,
+    check_scalar,
+    device_view,
+    is_device_array,
+)
 from ._backend import resolve_backend
 from .distributed import SyncCache, batch_norm_backward_sync, batch_norm_forward_sync, communicator
 from .functional import _buffer_fits, batch_norm_backward, batch_norm_forward
@@ -98,7 +107,8 @@ class BatchNorm:
     Args:
         num_features: C, the size of the feature axis.
         axis: the feature axis of the inputs (negative allowed).
-        eps: added to the variance.  momentum: float in [0, 1] or None.
+        eps: added to the variance.  momentum: a finite float (the weight of
+            the new batch; usually in [0, 1], any value as torch) or None.
         affine: learn gamma (init 1) and beta (init 0).
         track_running_stats: keep running statistics (else batch statistics
             are used in eval mode too).
@@ -147,7 +157,7 @@ class BatchNorm:
         self.num_features = int(num_features)
         self.axis = int(axis)
         self.eps = check_scalar(eps, "eps")
-        self.momentum = None if momentum is None else check_scalar(momentum, "momentum", 0.0, 1.0)
+        self.momentum = None if momentum is None else check_momentum(momentum)
         self.affine = check_bool(affine, "affine")
         self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
         self.backend = resolve_backend(backend)

@@ -22,8 +22,10 @@ import numpy as np
 class Moments:
     """Per-channel (count, mean, M2), float64 (C,) NumPy arrays.
 
-    ``count`` may be 0 (an empty part: mean and M2 are 0 then and it merges as
-    the identity).  Instances are immutable by convention: ``merge`` returns a
+    ``count`` is the number of values seen, or the sum of their weights
+    (weighted statistics, e.g. the Standardizer's ``sample_weight``); it may
+    be 0 (an empty part: mean and M2 are 0 then and it merges as the
+    identity).  Instances are immutable by convention: ``merge`` returns a
     new one.
     """
 
@@ -36,8 +38,8 @@ class Moments:
         m2 = np.array(m2, np.float64, ndmin=1)
         if mean.ndim != 1 or m2.shape != (C,):
             raise ValueError(f"mean, m2: expected two (C,) arrays, got shapes {mean.shape} and {m2.shape}")
-        if np.any(count < 0) or np.any(count != np.floor(count)):
-            raise ValueError("count: expected non-negative whole numbers")
+        if not np.all(np.isfinite(count)) or np.any(count < 0):
+            raise ValueError("count: expected non-negative finite counts (values seen, or sums of sample weights)")
         empty = count == 0
         mean[empty] = 0.0
         m2[empty] = 0.0

@@ -380,9 +380,9 @@ def _check(input, running_mean, running_var, weight, bias, training):
     if not isinstance(input, Tensor):
         raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
     if input.dtype not in _DTYPES:
-        raise RuntimeError(
-            f"input: dtype {input.dtype} is not supported; expected float16, bfloat16, float32 or float64"
-        )
+        # torch raises NotImplementedError (a RuntimeError) for integer and bool input
+        error = RuntimeError if input.dtype.is_floating_point else NotImplementedError
+        raise error(f"input: dtype {input.dtype} is not supported; expected float16, bfloat16, float32 or float64")
     if input.dim() < 2:
         raise ValueError(f"input: expected at least 2 dimensions (N, C, *), got input of size {tuple(input.shape)}")
     C = input.shape[1]
@@ -397,6 +397,13 @@ def _check(input, running_mean, running_var, weight, bias, training):
             raise RuntimeError(f"{name}: dtype {t.dtype} is not supported; expected a floating-point tensor")
         if t.device != input.device:
             raise RuntimeError(f"{name}: on {t.device}, input on {input.device}; expected the same device")
+    given = {t.dtype for t in (running_mean, running_var, weight, bias) if t is not None}
+    allowed = {input.dtype, torch.float32} if input.dtype in (torch.float16, torch.bfloat16) else {input.dtype}
+    if len(given) > 1 or not given <= allowed:  # torch's rule: one dtype, the input's (or float32 for half input)
+        raise RuntimeError(
+            f"weight, bias, running_mean, running_var: dtypes {sorted(str(d) for d in given)}; expected all "
+            f"{input.dtype}" + (" or all torch.float32" if len(allowed) > 1 else "") + f" for {input.dtype} input"
+        )
     if (running_mean is None) != (running_var is None):
         raise RuntimeError("running_mean, running_var: give both or neither")
     if not training and running_mean is None:

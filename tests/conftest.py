@@ -32,6 +32,38 @@ SIM = simulated()
 BACKENDS = ["cpu", "cuda"]
 
 
+#: Modules whose every test runs CUDA kernels (on the simulator without a GPU).
+SIM_MODULES = {"test_onepass", "test_interop", "test_devices", "test_vector"}
+#: The quick tier (``-m quick``): the public API on both backends at small
+#: shapes, its errors and numerics; everything but processes and slow cases.
+QUICK_MODULES = {
+    "test_functional",
+    "test_errors",
+    "test_numerics",
+    "test_layer",
+    "test_standardizer",
+    "test_masked",
+    "test_torch",
+    "test_fold",
+    "test_launch",
+    "test_devices",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers by what a test costs: ``sim`` (CUDA kernels on the simulator),
+    ``quick`` (the day-to-day tier); ``subprocess`` and ``slow`` are set in the
+    test files themselves."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if SIM and (params.get("backend") == "cuda" or module in SIM_MODULES):
+            item.add_marker(pytest.mark.sim)
+        heavy = {"subprocess", "slow", "gpu"} & {m.name for m in item.iter_markers()}
+        if module in QUICK_MODULES and not heavy and "dask_client" not in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.quick)
+
+
 def pytest_report_header(config):
     mode = "numba CUDA simulator (tiny shapes)" if SIM else "real GPU"
     return f"gpubn {gpubn.__version__}: backends {gpubn.available_backends()}; CUDA backend on {mode}"

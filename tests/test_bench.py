@@ -20,6 +20,25 @@ class CountingTimer(bench.Timer):
         return float(len(self.calls))
 
 
+class StepTimer(bench.Timer):
+    """Calls each function as the bench would, and reports 2 ms for the first
+    function of a comparison and 3 ms for the second (the reference), so that
+    the rows' arithmetic can be checked exactly."""
+
+    warmup = 0
+    settle = 0.0
+
+    def compare(self, fn, ref, repeat):
+        fn()
+        if ref is not None:
+            ref()
+        return 2.0, (None if ref is None else 3.0)
+
+    def time(self, fn, repeat):
+        fn()
+        return 2.0
+
+
 def test_compare_alternates_series_after_warmup():
     timer = CountingTimer()
     timer.rounds = 2
@@ -42,11 +61,12 @@ PASSES = {"stats": 1, "fwd-train": 1 + 2, "eval": 2, "backward": 2 + 3, "fwd+bwd
 @pytest.mark.parametrize("axis", [1, -1])
 def test_bench_shape_validates_and_times(axis):
     spec = bench.Shape("tiny", (8, 6, 5, 4), axis)
-    rows = bench.bench_shape(spec, "cpu", bench.OPS, 2, bench.HostTimer(), 10.0, (None, None))
+    rows = bench.bench_shape(spec, "cpu", bench.OPS, 2, StepTimer(), 10.0, (None, None))
     assert [r["op"] for r in rows] == [op for op in bench.OPS if op != "module"]  # module rows need torch
     for r in rows:
-        assert r["ms"] > 0 and r["GB/s"] > 0
         assert r["bytes"] == PASSES[r["op"]] * 8 * 6 * 5 * 4 * 4
+        assert r["ms"] == 2.0 and r["GB/s"] == pytest.approx(r["bytes"] / 2e-3 / 1e9)
+        assert r["pct_floor"] == pytest.approx(100 * r["GB/s"] / 10.0)
         assert all(e < 1e-3 for e in r["validation"].values())
         assert "torch_ms" not in r
 
@@ -76,33 +96,34 @@ def test_numpy_baseline_computes_batch_norm(rng):
 
 def test_bench_shape_with_numpy_column():
     spec = bench.Shape("tiny", (8, 6, 5), 1)
-    rows = bench.bench_shape(spec, "cpu", ["stats", "eval"], 2, bench.HostTimer(), 10.0, (None, None), numpy=True)
-    assert all(r["numpy_ms"] > 0 for r in rows)
+    rows = bench.bench_shape(spec, "cpu", ["stats", "eval"], 2, StepTimer(), 10.0, (None, None), numpy=True)
+    assert [r["numpy_ms"] for r in rows] == [2.0, 2.0]
 
 
 @pytest.mark.parametrize("axis", [1, -1])
 def test_module_rows_time_both_modules(axis):
     """With torch: the module row times gpubn.torch's module beside torch's (NCHW and channels-last)."""
     spec = bench.Shape("tiny", (8, 6, 5, 4), axis)
-    rows = bench.bench_shape(spec, "cpu", ["module"], 2, bench.HostTimer(), 10.0, bench._torch())
+    rows = bench.bench_shape(spec, "cpu", ["module"], 2, StepTimer(), 10.0, bench._torch())
     (row,) = rows
-    assert row["op"] == "module" and row["ms"] > 0 and row["torch_ms"] > 0
+    assert row["op"] == "module" and row["ms"] == 2.0 and row["torch_ms"] == 3.0 and row["speedup"] == 1.5
     assert row["bytes"] == 8 * 8 * 6 * 5 * 4 * 4
 
 
 def test_cnn_step_row():
-    row = bench.bench_cnn(bench.HostTimer(), 2, batch=4, size=8)
-    assert row["op"] == "cnn-step" and row["ms"] > 0 and row["torch_ms"] > 0
+    row = bench.bench_cnn(StepTimer(), 2, batch=4, size=8)
+    assert row["op"] == "cnn-step" and row["ms"] == 2.0 and row["torch_ms"] == 3.0
 
 
 def test_fusion_rows():
     spec = bench.Shape("tiny", (8, 6, 5, 4), 1)
-    rows = bench.bench_fusion(spec, "cpu", 2, bench.HostTimer(), bench._torch())
+    rows = bench.bench_fusion(spec, "cpu", 2, StepTimer(), bench._torch())
     assert [r["op"] for r in rows] == ["fwd-relu", "fwd-add-relu", "bwd-relu", "fwd-masked", "bwd-masked"]
-    for r in rows[:3]:
-        assert r["ms"] > 0 and r["unfused_ms"] > 0 and r["plain_bn_ms"] > 0 and r["torch_ms"] > 0
+    for r in rows[:3]:  # fused (2 ms) against plain batch norm (3 ms), the unfused ops and torch's timed alone
+        assert (r["ms"], r["plain_bn_ms"], r["unfused_ms"], r["torch_ms"]) == (2.0, 3.0, 2.0, 2.0)
+        assert r["vs_plain"] == pytest.approx(2 / 3) and r["speedup"] == 1.0
     for r in rows[3:]:  # torch has no masked batch norm
-        assert r["ms"] > 0 and r["plain_bn_ms"] > 0 and "torch_ms" not in r and "unfused_ms" not in r
+        assert (r["ms"], r["plain_bn_ms"]) == (2.0, 3.0) and "torch_ms" not in r and "unfused_ms" not in r
 
 
 @pytest.mark.parametrize("shape,axis", [((8, 6, 5, 4), 1), ((64, 16), 1), ((4, 6, 5, 3), -1)])
@@ -115,6 +136,6 @@ def test_half_mask(shape, axis):
 def test_layer_rows_time_the_layer_beside_torchs_module():
     """The layer row: gpubn.BatchNorm forward + backward beside torch.nn.BatchNorm2d through autograd."""
     spec = bench.Shape("tiny", (8, 6, 5, 4), 1)
-    (row,) = bench.bench_shape(spec, "cpu", ["layer"], 2, bench.HostTimer(), 10.0, bench._torch())
-    assert row["op"] == "layer" and row["ms"] > 0 and row["torch_ms"] > 0
+    (row,) = bench.bench_shape(spec, "cpu", ["layer"], 2, StepTimer(), 10.0, bench._torch())
+    assert row["op"] == "layer" and row["ms"] == 2.0 and row["torch_ms"] == 3.0
     assert row["bytes"] == 8 * 8 * 6 * 5 * 4 * 4

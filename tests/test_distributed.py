@@ -155,6 +155,7 @@ def reference_run():
     "transport,world,layer",
     [("torch", 2, "gpubn"), ("torch", 4, "gpubn"), ("mpi", 2, "gpubn"), ("mpi", 4, "gpubn"), ("torch", 4, "torch")],
 )
+@pytest.mark.subprocess
 def test_sync_batch_norm_equals_one_process_on_the_whole_batch(tmp_path, transport, world, layer):
     """gpubn.BatchNorm(sync=...) over MPI and gloo, and gpubn.torch modules made by
     replace_batchnorm(model, sync=group): uneven shards, an empty one with 4 ranks."""
@@ -180,6 +181,7 @@ def test_sync_batch_norm_equals_one_process_on_the_whole_batch(tmp_path, transpo
         assert ranks[1]["y0"].shape == (0, 3, 5)  # the empty share
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("transport,world", [("torch", 2), ("mpi", 4)])
 def test_mismatched_channels_raise_on_every_rank(tmp_path, transport, world):
     logs = (run_torch_ranks if transport == "torch" else run_mpi_ranks)(world, tmp_path, case="mismatch")

@@ -33,7 +33,7 @@ BAD_FORWARD = [
     ("one value per channel", dict(x=np.ones((1, 3), np.float32)), ValueError, "x: expected more than 1 value"),
     ("eps negative", dict(eps=-1.0), ValueError, "eps:"),
     ("eps string", dict(eps="1e-5"), TypeError, "eps:"),
-    ("momentum > 1", dict(momentum=1.5), ValueError, "momentum:"),
+    ("momentum inf", dict(momentum=float("inf")), ValueError, "momentum:"),
     ("momentum None", dict(momentum=None), ValueError, "momentum:"),
     ("unknown backend", dict(backend="tpu"), ValueError, "backend: unknown backend 'tpu'"),
     ("eval without stats", dict(training=False, running_mean=None, running_var=None), ValueError, "required when"),

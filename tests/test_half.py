@@ -103,6 +103,7 @@ print("ok")
 """
 
 
+@pytest.mark.subprocess
 def test_bit_recipes_in_the_kernels_where_no_hardware_half(tmp_path):
     """NUMBA_CPU_NAME=generic: no F16C for LLVM, so the kernels use the recipes."""
     env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}

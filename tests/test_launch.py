@@ -92,6 +92,7 @@ def test_every_kernel_goes_through_the_launch_layer():
     assert names and all(isinstance(getattr(K, n), launch.Kernel) for n in names)
 
 
+@pytest.mark.subprocess
 def test_numbas_launcher_is_the_default_until_a_gpu_validates_the_driver():
     import subprocess
     import sys

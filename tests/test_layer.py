@@ -162,7 +162,7 @@ def test_layer_constructor_errors():
     with pytest.raises(TypeError, match="dtype"):
         gpubn.BatchNorm(3, dtype="int32")
     with pytest.raises(ValueError, match="momentum"):
-        gpubn.BatchNorm(3, momentum=2.0)
+        gpubn.BatchNorm(3, momentum=float("nan"))
     with pytest.raises(ValueError, match="backend: unknown"):
         gpubn.BatchNorm(3, backend="metal")
     assert "BatchNorm(3, axis=1" in repr(gpubn.BatchNorm(3, backend="cpu"))

@@ -14,6 +14,8 @@ import pytest
 
 import gpubn.kernels as K
 
+pytestmark = pytest.mark.subprocess
+
 SCRIPT = Path(__file__).with_name("compile_ptx.py")
 CUDA_KERNELS = [
     "batch_stats_cuda_inner",

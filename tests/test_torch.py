@@ -363,3 +363,166 @@ def test_replace_and_restore_batchnorm(caplog):
     torch.testing.assert_close(torch.jit.script(model)(x), want)
     with pytest.raises(ValueError, match="activation"):
         gt.restore_batchnorm(gt.BatchNorm1d(3, activation="relu"))
+
+
+# -- torch's documented semantics, case by case against torch itself ----------------------------
+
+
+def _run_both(make, x, steps=2, train=True, grad=True, context=None):
+    """The same modules (gpubn's, torch's) from ``make(cls)``, the same inputs:
+    outputs, gradients and every buffer compared after each step."""
+    ours, theirs = make(gt.BatchNorm2d if x.dim() == 4 else gt.BatchNorm1d), make(MODULES[x.dim()])
+    theirs.load_state_dict(ours.state_dict())
+    ours.train(train)
+    theirs.train(train)
+    for step in range(steps):
+        xo = (x + step).detach().requires_grad_(grad)
+        xt = (x + step).detach().requires_grad_(grad)
+        with context() if context is not None else torch.enable_grad():
+            yo, yt = ours(xo), theirs(xt)
+        torch.testing.assert_close(yo, yt, atol=2e-5, rtol=2e-5)
+        if grad and yo.requires_grad:
+            w = torch.randn(x.shape, generator=torch.Generator().manual_seed(step))
+            (yo * w).sum().backward()
+            (yt * w).sum().backward()
+            torch.testing.assert_close(xo.grad, xt.grad, atol=1e-4, rtol=1e-4)
+            for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+                torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+        for (name, a), (_, b) in zip(ours.named_buffers(), theirs.named_buffers(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    return ours, theirs
+
+
+CASES = {
+    "momentum -1, eps 0.6 (torch's own test)": dict(momentum=-1.0, eps=0.6),
+    "momentum 1.5": dict(momentum=1.5),
+    "momentum None (cumulative)": dict(momentum=None),
+    "affine False": dict(affine=False),
+    "track_running_stats False": dict(track_running_stats=False),
+}
+
+
+@pytest.mark.parametrize("kwargs", list(CASES.values()), ids=list(CASES))
+@pytest.mark.parametrize("train", [True, False])
+def test_module_options_like_torch(kwargs, train):
+    x = make_input((6, 3, 4, 5), None, torch.float32, "cpu")
+    _run_both(lambda cls: cls(3, **kwargs), x, train=train)
+
+
+def test_track_running_stats_false_with_buffers_like_torch():
+    """Buffers made, then track_running_stats switched off: torch then
+    normalizes with the batch in eval too and leaves the buffers alone."""
+
+    def make(cls):
+        m = cls(3)
+        m.track_running_stats = False
+        return m
+
+    x = make_input((8, 3), None, torch.float32, "cpu")
+    for train in (True, False):
+        _run_both(make, x, train=train)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_no_grad_and_inference_mode_like_torch(context):
+    x = make_input((6, 3, 4, 5), None, torch.float32, "cpu")
+    ours, _ = _run_both(lambda cls: cls(3), x, grad=False, context=context)
+    assert int(ours.num_batches_tracked) == 2
+
+
+def test_input_without_requires_grad_like_torch():
+    x = make_input((6, 3), None, torch.float32, "cpu")
+    _run_both(lambda cls: cls(3), x, grad=False)
+
+
+def test_one_element_channels_like_torch():
+    """(N, 1) and spatial 1x1: a single channel; and one value per channel in
+    eval mode (fine), in training mode (torch's ValueError)."""
+    _run_both(lambda cls: cls(1), make_input((7, 1), None, torch.float32, "cpu"))
+    _run_both(lambda cls: cls(3), make_input((5, 3, 1, 1), None, torch.float32, "cpu"))
+    _run_both(lambda cls: cls(3), make_input((1, 3), None, torch.float32, "cpu"), train=False)
+    for module in (gt.BatchNorm1d(3), torch.nn.BatchNorm1d(3)):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            module(torch.ones(1, 3))
+        assert int(module.num_batches_tracked) == (0 if isinstance(module, gt.BatchNorm1d) else 1)
+
+
+def test_half_input_with_float32_parameters_like_torch():
+    """Mixed precision: float16 / bfloat16 activations, float32 weights and buffers."""
+    for dtype in (torch.float16, torch.bfloat16):
+        x = make_input((6, 3, 4, 5), None, dtype, "cpu")
+        ours, theirs = gt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+        yo, yt = ours(x), theirs(x)
+        assert yo.dtype == yt.dtype == dtype
+        torch.testing.assert_close(yo.float(), yt.float(), atol=6e-2, rtol=3e-2)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-3, rtol=1e-3)
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads_like_torch():
+    state = torch.nn.BatchNorm1d(3).state_dict()
+    del state["num_batches_tracked"]
+    state._metadata = {"": {"version": 1}}  # saved before the counter existed
+    ours, theirs = gt.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    ours.load_state_dict(state)
+    theirs.load_state_dict(state)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 0
+
+
+def test_refused_inputs_like_torch():
+    """What torch refuses, gpubn refuses with the same exception type, nothing updated."""
+    cases = [
+        torch.randn(4, 5),  # wrong channel count
+        torch.randn(4),  # 1-D
+        torch.randn(4, 3).to(torch.int64),  # integer input
+    ]
+    for x in cases:
+        ours, theirs = gt.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+        with pytest.raises(Exception) as theirs_error:
+            theirs(x)
+        with pytest.raises(type(theirs_error.value)):
+            ours(x)
+        assert int(ours.num_batches_tracked) == 0
+        torch.testing.assert_close(ours.running_mean, torch.zeros(3))
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck over gpubn's operators (schema, fake tensors, autograd registration)."""
+    x = make_input((6, 3, 4), None, torch.float32, "cpu").requires_grad_()
+    w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    for args in [
+        (x, w, b, rm, rv, True, 0.1, 1e-5, ""),
+        (x, w, b, rm, rv, False, 0.1, 1e-5, "relu"),
+        (x, None, None, None, None, True, 0.1, 1e-5, ""),
+    ]:
+        torch.library.opcheck(torch.ops.gpubn.batch_norm.default, args)
+    y, coef, _, _ = torch.ops.gpubn.batch_norm(x.detach(), w, b, rm, rv, True, 0.1, 1e-5, "")
+    torch.library.opcheck(torch.ops.gpubn.batch_norm_backward.default, (torch.ones_like(y), x.detach(), coef, True, ""))
+
+
+def test_parameter_and_buffer_dtypes_follow_torchs_rule():
+    """One dtype for weight, bias and the running statistics: the input's, or
+    float32 for float16/bfloat16 input; anything else is refused as torch does."""
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    for xd in dtypes:
+        for pd in dtypes:
+            for bd in dtypes:
+                x = torch.randn(4, 3, dtype=xd)
+                args = (
+                    torch.zeros(3, dtype=bd),
+                    torch.ones(3, dtype=bd),
+                    torch.ones(3, dtype=pd),
+                    torch.zeros(3, dtype=pd),
+                )
+                try:
+                    torch.nn.functional.batch_norm(x, *args, training=True)
+                    accepted = True
+                except RuntimeError:
+                    accepted = False
+                before = args[0].clone()
+                if accepted:
+                    gt.batch_norm(x, *args, training=True)
+                else:
+                    with pytest.raises(RuntimeError):
+                        gt.batch_norm(x, *args, training=True)
+                    torch.testing.assert_close(args[0], before)
