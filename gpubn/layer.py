@@ -237,7 +237,9 @@ class BatchNorm:
         returns (dx, dresidual) when a residual was given.  ``mask`` (bool,
         x's shape without the feature axis, e.g. (N, L) for (N, C, L)): the
         batch statistics and the running statistics come from its True
-        positions only; every position is normalized (see batch_norm_forward).
+        positions only; every position is normalized, and backward() treats
+        the others as padding (never in its sums, dx = 0 there; see
+        batch_norm_forward).
         """
         if self._comm is not None and self.training:
             if residual is not None:
