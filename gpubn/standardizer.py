@@ -95,10 +95,10 @@ class Standardizer(*_BASES):
     (``with_mean=False`` only, as scikit-learn): the moments of the stored
     values merged with the implicit zeros; transform scales the stored values.
 
-    Attributes after fitting: ``mean_``, ``var_`` ((C,) float64 NumPy arrays,
-    biased variance; computed whatever with_mean/with_std say, None for
-    sparse input without with_std), ``scale_`` ((C,) float64, 1 for constant
-    features; None when with_std=False), ``n_samples_seen_`` (values per
+    Attributes after fitting, as StandardScaler's: ``mean_`` ((C,) float64;
+    None when neither with_mean nor with_std, and for sparse input), ``var_``
+    ((C,) float64 biased variance; None when with_std=False), ``scale_``
+    ((C,) float64, 1 for constant features; None when with_std=False), ``n_samples_seen_`` (values per
     feature seen so far: an int, or an (C,) int64 array when NaNs made the
     features' counts differ, or the float sum of the sample weights),
     ``n_features_in_`` (C), ``feature_names_in_`` (from a DataFrame).
@@ -194,8 +194,12 @@ class Standardizer(*_BASES):
             self.var_ = np.where(m.count > 0, m.m2 / np.where(m.count > 0, m.count, 1), np.nan)
         self.n_features_in_ = m.mean.shape[0]
         self.scale_ = _scale(self.var_, self.mean_, m.count) if self.with_std else None
-        if sparse and not self.with_std:  # scikit-learn's: nothing to scale by, nothing kept
-            self.mean_ = self.var_ = None
+        # StandardScaler's attributes: var_ only with with_std, mean_ unless neither step
+        # (and never for sparse data); the moments themselves are kept for partial_fit
+        if not self.with_std:
+            self.var_ = None
+        if sparse or not (self.with_mean or self.with_std):
+            self.mean_ = None
 
     # -- applying -----------------------------------------------------------------
 

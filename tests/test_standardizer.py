@@ -80,7 +80,10 @@ def test_with_mean_with_std_like_sklearn(backend, rng, with_mean, with_std):
     Z = sc.transform(X)
     np.testing.assert_allclose(Z, ref.transform(X), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(sc.inverse_transform(Z), X, rtol=1e-9, atol=1e-9)
-    assert (sc.scale_ is None) == (not with_std)
+    assert (sc.scale_ is None) == (not with_std) == (sc.var_ is None) == (ref.var_ is None)
+    assert (sc.mean_ is None) == (ref.mean_ is None)
+    if sc.mean_ is not None:
+        np.testing.assert_allclose(sc.mean_, ref.mean_, rtol=1e-13)
 
 
 def test_integer_input_becomes_float64(backend):
