@@ -253,3 +253,39 @@ def test_transform_before_fit_raises_not_fitted(backend):
 
     with pytest.raises(NotFittedError, match="not fitted"):
         gpubn.Standardizer(backend=backend).transform(np.ones((3, 2)))
+
+
+WITHOUT_SKLEARN = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "sklearn" or name.startswith("sklearn."):
+            raise ImportError("scikit-learn hidden")
+sys.meta_path.insert(0, Block())
+import numpy as np, gpubn
+X = np.array([[1.0, 10.0], [2.0, np.nan], [3.0, 30.0], [4.0, 40.0]])
+sc = gpubn.Standardizer(backend="cpu")
+Z = sc.fit_transform(X)
+assert np.isnan(Z[1, 1]) and abs(Z[0, 1] + 1.3363062095621219) < 1e-12, Z
+assert list(sc.n_samples_seen_) == [4, 3]
+assert sc.get_params()["copy"] is True and sc.set_params(with_std=False) is sc
+try:
+    gpubn.Standardizer().transform(X)
+except ValueError as e:
+    assert "not fitted" in str(e)
+else:
+    raise AssertionError("no error")
+print("ok", type(sc).__mro__[1].__name__)
+"""
+
+
+@pytest.mark.subprocess
+def test_usable_without_scikit_learn():
+    """scikit-learn is optional: with it hidden, the Standardizer keeps its
+    protocol (get_params / set_params) and its behaviour."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", WITHOUT_SKLEARN], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok _Protocol"
