@@ -138,7 +138,7 @@ class Standardizer(*_BASES):
 
         X may be a Dask array: each block's moments are computed in a Dask
         task (the CPU kernels inside it) and merged exactly."""
-        for name in ("mean_", "var_", "scale_", "n_samples_seen_", "_moments"):
+        for name in ("mean_", "var_", "scale_", "n_samples_seen_", "_moments", "_weighted"):
             self.__dict__.pop(name, None)
         return self.partial_fit(X, y, sample_weight)
 
@@ -242,8 +242,6 @@ class Standardizer(*_BASES):
     def fit_transform(self, X, y=None, sample_weight=None):
         """fit(X), then transform(X).  y is ignored.  (A Dask X is computed
         once for the statistics; the result stays lazy.)"""
-        if not _is_dask(X) and not is_device_array(X) and not _is_sparse(X):
-            X = self._read(X, reset=True)  # one validation and conversion for both steps
         return self.fit(X, sample_weight=sample_weight).transform(X)
 
     # -- helpers --------------------------------------------------------------------

@@ -124,3 +124,12 @@ def test_feature_names(rng):
     out = sc.transform(df)
     assert list(out.columns) == ["a", "b", "c"]
     np.testing.assert_allclose(out.to_numpy(), StandardScaler().fit_transform(X), rtol=1e-12)
+    out = gpubn.Standardizer().set_output(transform="pandas").fit_transform(df)
+    assert list(out.columns) == ["a", "b", "c"]
+
+
+def test_refit_forgets_the_weights(rng):
+    X = rng.standard_normal((12, 2))
+    sc = gpubn.Standardizer().fit(X, sample_weight=np.full(12, 0.5))
+    assert sc.n_samples_seen_.tolist() == [6.0, 6.0]
+    assert sc.fit(X).n_samples_seen_ == 12 == StandardScaler().fit(X).n_samples_seen_
