@@ -117,10 +117,10 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
     x, axis, perm = _layout(input)
     via_float = x.is_cuda and x.dtype == torch.bfloat16  # no bfloat16 CUDA kernels yet
     bits = x.dtype == torch.bfloat16 and not via_float
-    # bfloat16 parameters and buffers (a module cast with .to(torch.bfloat16)):
-    # the kernels take float32 (C,) vectors; the buffers' float32 copies are
-    # written back, rounded, after the call
-    rounded = running_mean is not None and running_mean.dtype == torch.bfloat16
+    # float16 / bfloat16 parameters and buffers (a module cast with .half() or
+    # .to(torch.bfloat16)): the kernels take float32 (C,) vectors (on the GPU
+    # they refuse others); the buffers' float32 copies are written back, rounded, after the call
+    rounded = running_mean is not None and running_mean.dtype in _HALF
     rm, rv = (running_mean.float(), running_var.float()) if rounded else (running_mean, running_var)
     y, cache = _F.batch_norm_forward(
         _array(x.float() if via_float else x),
@@ -146,9 +146,12 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
     return y, _tensor(cache.coef, input.device)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _widened(t: Tensor | None) -> Tensor | None:
-    """A bfloat16 (C,) parameter as float32 (the kernels' vectors); others as they are."""
-    return t.float() if t is not None and t.dtype == torch.bfloat16 else t
+    """A float16 / bfloat16 (C,) parameter as float32 (the kernels' vectors); others as they are."""
+    return t.float() if t is not None and t.dtype in _HALF else t
 
 
 def _empty_batch(input, weight, bias) -> Tensor:

@@ -296,19 +296,20 @@ def test_module_with_fused_activation(act):
         gt.BatchNorm1d(3, activation="gelu")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(16, 3), (4, 3, 5, 6)])
-def test_module_cast_to_bfloat16_matches_torch(shape):
-    """model.to(torch.bfloat16): bfloat16 parameters and running statistics, as torch's."""
+def test_module_cast_to_half_matches_torch(shape, dtype):
+    """model.to(torch.bfloat16) or model.half(): half parameters and running statistics, as torch's."""
     classes = ({2: gt.BatchNorm1d, 4: gt.BatchNorm2d}[len(shape)], MODULES[len(shape)])
-    ours, theirs = (cls(3).to(torch.bfloat16) for cls in classes)
-    x = make_input(shape, None, torch.bfloat16, "cpu")
+    ours, theirs = (cls(3).to(dtype) for cls in classes)
+    x = make_input(shape, None, dtype, "cpu")
     w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = ours(xa), theirs(xb)
-    assert ya.dtype == torch.bfloat16 and ours.running_mean.dtype == torch.bfloat16
+    assert ya.dtype == dtype and ours.running_mean.dtype == dtype
     (ya.float() * w).sum().backward()
     (yb.float() * w).sum().backward()
-    atol, rtol = TOL[torch.bfloat16]
+    atol, rtol = TOL[dtype]
     pairs = [(ya, yb), (xa.grad, xb.grad)]
     pairs += [(getattr(ours, n), getattr(theirs, n)) for n in ("running_mean", "running_var")]
     pairs += [(ours.weight.grad, theirs.weight.grad), (ours.bias.grad, theirs.bias.grad)]
