@@ -71,7 +71,8 @@ def main(argv=None):
         # the elementwise kernel: a 2-D grid over (inner, outer*C rows)
         regime, grid, block = K.elementwise_launch_config(x3.shape)
         d_y = cuda.device_array_like(d_x)
-        K.scale_shift_cuda_inner[grid, block](d_x, d_coef, d_y)
+        act, residual = 0, None  # no activation (an ACTIVATIONS code), no residual
+        K.scale_shift_cuda_inner[grid, block](d_x, residual, d_coef, act, d_y)
         print(f"launched scale_shift_cuda_inner[grid={grid}, block={block}]")
         coef, y3 = d_coef.copy_to_host(), d_y.copy_to_host()
         running_mean, running_var = d_rm.copy_to_host(), d_rv.copy_to_host()

@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 from ._arrays import canonical_shape
 from ._backend import available_backends, default_backend
 from .fold import fold
-from .functional import ForwardCache, batch_norm_backward, batch_norm_forward, batch_stats, normalize
+from .functional import ForwardCache, batch_norm_backward, batch_norm_forward, batch_stats, moments, normalize
 from .layer import BatchNorm
-from .moments import Moments, moments, recalibrate
+from .moments import Moments, recalibrate
 from .standardizer import Standardizer
 
 __all__ = [

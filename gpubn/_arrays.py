@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import cuda
 
+from .kernels.activation import ACTIVATIONS
 from .kernels.common import current_device
 from .kernels.launch import numba_stream
 
@@ -156,14 +157,16 @@ def check_bool(value, name: str) -> bool:
 
 def check_activation(value, name: str = "activation") -> int:
     """The kernels' code of an activation name (None, "relu", "sigmoid", "tanh")."""
-    from .kernels.activation import ACTIVATIONS
-
-    if not isinstance(value, (str, type(None))) or value not in ACTIVATIONS:
+    if value is None:
+        return 0
+    if not isinstance(value, str) or value not in ACTIVATIONS:
         raise ValueError(f"{name}: {value!r} is not one of None, 'relu', 'sigmoid', 'tanh'")
     return ACTIVATIONS[value]
 
 
 def check_scalar(value, name: str, low: float = 0.0, high: float = np.inf) -> float:
+    if type(value) is float and low <= value <= high:
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
     v = float(value)
@@ -176,7 +179,7 @@ def check_momentum(value, name: str = "momentum") -> float:
     """The running statistics' momentum: any finite real, as torch accepts
     (``running = (1 - momentum) * running + momentum * batch``; values outside
     [0, 1] extrapolate, and torch's own tests use -1)."""
-    v = check_scalar(value, name, -np.inf, np.inf)
+    v = value if type(value) is float else check_scalar(value, name, -np.inf, np.inf)
     if not math.isfinite(v):
         raise ValueError(f"{name}: {value} is not finite")
     return v
@@ -363,6 +366,8 @@ def channel_vector(v, name: str, C: int, dtype, backend: str, fill=None, stream:
     """A per-channel (C,) vector as the kernels take it: ``dtype``, on the
     backend's side (a host vector copied on ``stream``).  None gives ``fill``
     (or None when fill is None)."""
+    if type(v) is np.ndarray and v.shape == (C,) and v.dtype == dtype and backend == "cpu" and v.flags.c_contiguous:
+        return v if v.flags.writeable else v.copy()  # read-only: a (C,) copy keeps one kernel signature
     if v is None:
         if fill is None:
             return None
@@ -405,6 +410,11 @@ class StateVector:
     """
 
     def __init__(self, v, name: str, C: int, dtype, backend: str, update: bool = True, stream: int = 0):
+        self.copied = False
+        self.stream = stream
+        if type(v) is np.ndarray and v.shape == (C,) and v.dtype == dtype and backend == "cpu" and v.flags.writeable:
+            self.target = self.work = v  # the kernels update the caller's array
+            return
         on_device = is_device_array(v)
         if on_device and backend != "cuda":
             raise TypeError(f"{name}: a device array cannot be used with backend {backend!r}")
@@ -422,8 +432,6 @@ class StateVector:
                 raise ValueError(f"{name}: array is read-only; it is updated in place")
             arr = arr.copy()  # read only: a (C,) copy keeps one kernel signature
         self.target = arr
-        self.copied = False
-        self.stream = stream
         if on_device:
             if arr.dtype != dtype:
                 raise TypeError(f"{name}: device array of dtype {arr.dtype}; this input needs {np.dtype(dtype)}")
@@ -436,6 +444,7 @@ class StateVector:
             self.work = arr
 
     def commit(self):
+        """Write a copy the kernels updated back to the caller's array (nothing when they updated it)."""
         if self.copied:
             w = self.work
             self.target[...] = to_host(w, self.stream) if hasattr(w, "copy_to_host") else w

@@ -26,8 +26,19 @@ CPU backend only, for now.
 
 import numpy as np
 
-from . import functional as _F
-from ._arrays import StateVector, channel_vector, check_float, check_momentum, check_scalar
+from ._arrays import (
+    StateVector,
+    acc_dtype,
+    canonical_shape,
+    channel_vector,
+    check_axis,
+    check_float,
+    check_momentum,
+    check_scalar,
+    read_input,
+)
+from ._backend import resolve_backend
+from .functional import ForwardCache, batch_norm_backward, batch_norm_forward, moments
 from .moments import Moments
 
 
@@ -103,10 +114,10 @@ def communicator(comm) -> Communicator:
     )
 
 
-class SyncCache(_F.ForwardCache):
+class SyncCache(ForwardCache):
     """The forward cache of a synchronized step: also the communicator and the global count."""
 
-    def __init__(self, cache: _F.ForwardCache, comm: Communicator, n_global: int):
+    def __init__(self, cache: ForwardCache, comm: Communicator, n_global: int):
         super().__init__(cache.inp, cache.coef, True)
         self.comm, self.n_global = comm, n_global
 
@@ -149,10 +160,12 @@ def batch_norm_forward_sync(
     comm = communicator(comm)
     error, C, n = None, -1, 0
     try:
-        inp = _F._prepare(x, axis, backend, allow_empty=True)
-        if inp.backend != "cpu":
+        if resolve_backend(backend) != "cpu":
             raise ValueError("backend: synchronized batch norm runs on the CPU backend for now")
-        C, n = inp.C, inp.count
+        arr = read_input(x, "x", "cpu").arr
+        check_float(arr.dtype, "x")
+        outer, C, inner = canonical_shape(arr.shape, check_axis(axis, arr.ndim))
+        n = outer * inner
         if num_features is not None and C != num_features:
             raise ValueError(f"x: {C} features on axis {axis}, this layer has num_features={num_features}")
         eps = check_scalar(eps, "eps")
@@ -164,7 +177,7 @@ def batch_norm_forward_sync(
             for name, v in (("running_mean", running_mean), ("running_var", running_var)):
                 stats.append(StateVector(v, name, C, np.float64, "cpu").target)
         for v, name in ((gamma, "gamma"), (beta, "beta")):
-            channel_vector(v, name, C, inp.acc, "cpu", fill=1.0)
+            channel_vector(v, name, C, acc_dtype(arr.dtype), "cpu", fill=1.0)
     except (TypeError, ValueError) as exc:
         error = exc
     table = _agree(comm, error, (C, n))
@@ -178,29 +191,21 @@ def batch_norm_forward_sync(
     if n_global < 2:
         raise ValueError(f"x: expected more than 1 value per channel over all ranks when training, got {n_global}")
     # -- every rank accepted its input: the payload collectives --
-    local = _F.batch_stats_moments(x, axis, "cpu")
-    merged = Moments.merge_all(comm.allgather(local.to_array()))  # (size, 3, C), in rank order
+    merged = Moments.merge_all(comm.allgather(moments(arr, axis, "cpu").to_array()))  # (size, 3, C), in rank order
     mean, var = merged.mean, merged.var(ddof=0)
     if stats:  # in place, computed in float64 (PyTorch's rule: the unbiased variance)
         rm, rv = stats
         rm[...] = (1 - momentum) * rm.astype(np.float64) + momentum * mean
         rv[...] = (1 - momentum) * rv.astype(np.float64) + momentum * merged.m2 / (n_global - 1)
-    if n:
-        y, cache = _F.batch_norm_forward(
-            x, gamma, beta, axis=axis, eps=eps, training=False, running_mean=mean.astype(inp.acc),
-            running_var=var.astype(inp.acc), backend="cpu",
-        )  # fmt: skip
-    else:  # an empty share: nothing to normalize, but the constants for the backward
-        inp = _F._materialize(inp)
-        coef = inp.empty(rows=5)
-        g = channel_vector(gamma, "gamma", C, inp.acc, "cpu", fill=1.0)
-        b = channel_vector(beta, "beta", C, inp.acc, "cpu", fill=0.0)
-        _F._ENGINES["cpu"].affine(mean.astype(inp.acc), var.astype(inp.acc), g, b, eps, coef)
-        y, cache = np.empty(inp.shape, inp.dtype), _F.ForwardCache(inp, coef, True)
+    acc = acc_dtype(arr.dtype)  # an empty share too: the constants for the backward
+    y, cache = batch_norm_forward(
+        arr, gamma, beta, axis=axis, eps=eps, training=False, running_mean=mean.astype(acc),
+        running_var=var.astype(acc), backend="cpu",
+    )  # fmt: skip
     return y, SyncCache(cache, comm, n_global)
 
 
-def batch_norm_backward_sync(dy, cache: SyncCache, _grads=None):
+def batch_norm_backward_sync(dy, cache: SyncCache, *, out=None):
     """batch_norm_backward of a synchronized forward: (dx, dgamma, dbeta), dx the
     gradient of the global batch's function, dgamma/dbeta this rank's share."""
     if not isinstance(cache, SyncCache):
@@ -215,7 +220,7 @@ def batch_norm_backward_sync(dy, cache: SyncCache, _grads=None):
     except (TypeError, ValueError) as exc:
         error = exc
     _agree(comm, error, ())
-    return _F.batch_norm_backward(dy, cache, _grads=_grads, _reduce=(comm.allreduce, cache.n_global))
+    return batch_norm_backward(dy, cache, out=out, _reduce=(comm.allreduce, cache.n_global))
 
 
 __all__ = ["Communicator", "communicator", "batch_norm_forward_sync", "batch_norm_backward_sync"]

@@ -12,8 +12,7 @@ are used in place and results are numba device arrays on the same device.
 """
 
 import functools
-from dataclasses import dataclass
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,7 +33,6 @@ from ._arrays import (
     check_scalar,
     deliver_as,
     device_scope,
-    device_view,
     empty_like_library,
     host_copy,
     library_allocator,
@@ -44,29 +42,13 @@ from ._arrays import (
     to_host,
 )
 from ._backend import resolve_backend
-from .kernels import activation as _act
-from .kernels import backward as _bw
-from .kernels import normalize as _nz
-from .kernels import onepass as _op
+from .kernels import plan as _plan
 from .kernels import stats as _st
+from .kernels.common import INVSTD, MEAN, VAR, current_device
 from .kernels.half import bits as _bits
-from .kernels.launch import numba_stream
+from .kernels.plan import Mask, plan_for
 from .kernels.workspace import device_empty, host_empty
-
-_ENGINES = {
-    "cpu": SimpleNamespace(
-        forward_train=_op.launch_forward_train_cpu,
-        affine=_nz.launch_affine_coefficients_cpu,
-        normalize=_op.launch_normalize_cpu,
-        backward=_bw.launch_backward_cpu,
-    ),
-    "cuda": SimpleNamespace(
-        forward_train=_op.launch_forward_train_cuda,  # one launch for small channels, else split passes
-        affine=_nz.launch_affine_coefficients_cuda,
-        normalize=_op.launch_normalize_cuda,
-        backward=_op.launch_backward_any_cuda,  # likewise
-    ),
-}
+from .moments import Moments
 
 
 def _on_input_device(fn):
@@ -75,7 +57,7 @@ def _on_input_device(fn):
 
     @functools.wraps(fn)
     def call(x, *args, **kwargs):
-        device = array_device(x)
+        device = None if type(x) is np.ndarray else array_device(x)
         if device is None:  # host arrays, numba arrays, the simulator: nothing to switch
             return fn(x, *args, **kwargs)
         with device_scope(device):
@@ -84,70 +66,29 @@ def _on_input_device(fn):
     return call
 
 
-@dataclass
-class _Input:
-    """A validated input: its canonical view ready for the kernels."""
+class _Shape(NamedTuple):
+    """What an input's shape, strides, dtype and axis decide (validated once per key)."""
 
-    backend: str
-    on_device: bool
     shape: tuple  # the caller's shape
     dtype: np.dtype  # the caller's dtype
     axis: int
-    arr: object  # the caller's array (NumPy or numba device array)
     shape3: tuple  # (outer, C, inner)
     acc: np.dtype  # statistics dtype
-    view: object = None  # (outer, C, inner) on the backend's side, set by _materialize
-    library: str = "numpy"  # results go back as this library's arrays (_arrays.deliver_as)
-    stream: int = 0  # the caller's stream: every kernel of the call launches on it
-    owner: object = None  # the caller's array object (a torch tensor: its device)
-
-    @property
-    def C(self) -> int:
-        return self.shape3[1]
-
-    @property
-    def count(self) -> int:
-        """Values per channel."""
-        return self.shape3[0] * self.shape3[2]
-
-    def empty(self, rows=None):
-        """A new array of the input's shape and dtype (rows=k: (k, C) stats)."""
-        if rows is not None:
-            shape, dtype = (rows, self.C), self.acc
-        else:
-            shape, dtype = self.shape, self.dtype
-        if self.backend != "cuda":
-            return host_empty(shape, dtype)
-        out = empty_like_library(shape, dtype, self.library, self.owner)
-        return device_empty(shape, dtype) if out is None else out
-
-    @property
-    def launch(self) -> dict:
-        """The CUDA launchers' keyword arguments: the caller's stream (none on the CPU)."""
-        return {"stream": self.stream} if self.backend == "cuda" else {}
-
-    @property
-    def reduce(self) -> dict:
-        """The reduction launchers' keyword arguments: the caller's stream and,
-        for torch tensors and CuPy arrays, its library's allocator for the
-        partials (graph-aware: nothing of gpubn's own is allocated under capture)."""
-        if self.backend != "cuda":
-            return {}
-        return {"stream": self.stream, "scratch": library_allocator(self.library, self.owner)}
-
-    def deliver(self, arr):
-        """Results go back where the input came from, as its library's arrays."""
-        if self.backend == "cuda" and not self.on_device:
-            return to_host(arr, self.stream)
-        return deliver_as(arr, self.library, self.owner)
+    plan: object  # kernels.plan: the plan of this call shape
 
 
-def _prepare(x, axis, backend, name="x", bfloat16=False, allow_empty=False) -> _Input:
-    be = resolve_backend(backend)
-    src = read_input(x, name, be)
-    arr, on_device = src.arr, src.on_device
+_SHAPES = {}
+_plan.forgetters.append(_SHAPES.clear)
+
+
+def _shape_of(arr, axis, backend, name, bfloat16, allow_empty) -> _Shape:
+    device = current_device() if backend == "cuda" else 0
+    key = (backend, arr.shape, arr.strides, arr.dtype, axis, bfloat16, allow_empty, device)
+    info = _SHAPES.get(key)
+    if info is not None:
+        return info
     if bfloat16:  # int16 bits of bfloat16 values (BFLOAT16_BITS), CPU kernels only
-        if arr.dtype != BFLOAT16_BITS or be != "cpu":
+        if arr.dtype != BFLOAT16_BITS or backend != "cpu":
             raise TypeError(f"{name}: bfloat16 data must be int16 bits on the CPU backend")
         dtype = arr.dtype
     else:
@@ -156,19 +97,67 @@ def _prepare(x, axis, backend, name="x", bfloat16=False, allow_empty=False) -> _
     shape3 = canonical_shape(arr.shape, ax)
     if 0 in arr.shape and not (allow_empty and shape3[1] > 0):
         raise ValueError(f"{name}: empty input of shape {tuple(arr.shape)}")
-    return _Input(
-        be, on_device, tuple(arr.shape), dtype, ax, arr, shape3, acc_dtype(dtype),
-        library=src.library, stream=src.stream, owner=src.owner,
-    )  # fmt: skip
+    contiguous = backend == "cpu" and bool(arr.flags.c_contiguous)
+    plan = plan_for(backend, shape3, dtype, contiguous, device)
+    info = _SHAPES[key] = _Shape(tuple(arr.shape), dtype, ax, shape3, acc_dtype(dtype), plan)
+    return info
 
 
-@dataclass
-class _Mask:
-    """A validated mask: which positions give the statistics (masked batch norm)."""
+class _Input:
+    """A validated input: its record (``_arrays.Source``), what its shape
+    decides (``_Shape``, with the plan), and its canonical view (``_materialize``)."""
 
-    view: object  # (outer, inner) bool, on the backend's side
-    count: int  # True positions: the values per channel the statistics come from
-    origin: int  # flat index (o * inner + i) of the first True position (the CUDA kernels' reference value)
+    __slots__ = ("backend", "src", "view", "shape", "dtype", "axis", "shape3", "acc", "plan", "C", "count", "launch")
+
+    def __init__(self, backend, src, info):
+        self.backend, self.src, self.view = backend, src, None
+        self.shape, self.dtype, self.axis, self.shape3, self.acc, self.plan = info
+        self.C = info.shape3[1]
+        self.count = info.shape3[0] * info.shape3[2]  # values per channel
+        # the CUDA ops' keyword arguments: the caller's stream and, for torch
+        # tensors and CuPy arrays, its library's allocator for the split
+        # reduction's partials (graph-aware: nothing of gpubn's own is allocated
+        # under capture); none on the CPU
+        self.launch = {}
+        if backend == "cuda":
+            self.launch = {"stream": src.stream, "scratch": library_allocator(src.library, src.owner)}
+
+    @property
+    def on_device(self) -> bool:
+        return self.src.on_device
+
+    @property
+    def stream(self) -> int:
+        return self.src.stream
+
+    def empty(self, rows=None):
+        """A new array of the input's shape and dtype (rows=k: (k, C) stats)."""
+        if rows is not None:
+            shape, dtype = (rows, self.C), self.acc
+        else:
+            shape, dtype = self.shape, self.dtype
+        if self.backend != "cuda":
+            return np.empty(shape, dtype) if rows is not None else host_empty(shape, dtype)
+        out = empty_like_library(shape, dtype, self.src.library, self.src.owner)
+        return device_empty(shape, dtype) if out is None else out
+
+    def deliver(self, arr):
+        """Results go back where the input came from, as its library's arrays."""
+        if self.backend != "cuda":
+            return arr
+        if not self.src.on_device:
+            return to_host(arr, self.src.stream)
+        return deliver_as(arr, self.src.library, self.src.owner)
+
+
+def _prepare(x, axis, backend, name="x", bfloat16=False, allow_empty=False) -> _Input:
+    """Validate x (dtype, axis, emptiness: once per shape) and read its record."""
+    be = backend if backend == "cpu" else resolve_backend(backend)
+    if type(x) is np.ndarray:
+        src = Source(x, False, "numpy", 0, x)
+    else:
+        src = read_input(x, name, be)
+    return _Input(be, src, _shape_of(src.arr, axis, be, name, bfloat16, allow_empty))
 
 
 def _prepare_mask(mask, inp: _Input):
@@ -192,17 +181,55 @@ def _prepare_mask(mask, inp: _Input):
     host = np.array(arr, dtype=bool, order="C").reshape(outer, inner)
     count = int(np.count_nonzero(host))
     origin = int(np.argmax(host)) if count else 0
+    rows = np.flatnonzero(host[:, 0]) if inner == 1 else None
     view = to_device(host, inp.stream) if inp.backend == "cuda" else host
-    return _Mask(view, count, origin)
+    return Mask(view, count, origin, rows)
 
 
 def _materialize(inp: _Input) -> _Input:
     """Build the kernel-ready view of a validated input."""
-    view = to_canonical(inp.arr, inp.shape3, inp.on_device, inp.stream, inp.reduce.get("scratch"))
-    if inp.backend == "cuda" and not inp.on_device:
-        view = to_device(np.ascontiguousarray(view), inp.stream)
+    src = inp.src
+    if not src.on_device:
+        view = src.arr.reshape(inp.shape3)
+        if inp.backend == "cuda":
+            view = to_device(np.ascontiguousarray(view), src.stream)
+    else:
+        view = to_canonical(src.arr, inp.shape3, True, src.stream, inp.launch["scratch"])
     inp.view = view
     return inp
+
+
+def _out(out, inp: _Input, name="out"):
+    """A caller's output array for a result of x's shape and dtype, checked;
+    None: a new one."""
+    if out is None:
+        return inp.empty()
+    if inp.backend == "cuda" and not inp.on_device:
+        raise TypeError(f"{name}: host input on the CUDA backend returns host arrays; out= is not supported then")
+    arr, on_device = as_input(out, name, inp.backend)
+    if on_device != inp.on_device or tuple(arr.shape) != inp.shape or arr.dtype != inp.dtype:
+        raise ValueError(
+            f"{name}: expected {'a device' if inp.on_device else 'a host'} array of shape {inp.shape} and dtype "
+            f"{inp.dtype}, got shape {tuple(arr.shape)}, dtype {arr.dtype}"
+        )
+    if not on_device and not (arr.flags.c_contiguous and arr.flags.writeable):
+        raise ValueError(f"{name}: expected a writeable C-contiguous array")
+    if on_device and not arr.is_c_contiguous():
+        raise ValueError(f"{name}: expected a C-contiguous device array")
+    return arr
+
+
+def _vector_out(out, inp: _Input, name):
+    """A caller's (C,) output of the statistics dtype, checked; None: a new one."""
+    if out is None:
+        return inp.empty(rows=1)[0]
+    arr, on_device = as_input(out, name, inp.backend)
+    if tuple(arr.shape) != (inp.C,) or arr.dtype != inp.acc or on_device != (inp.backend == "cuda"):
+        raise ValueError(
+            f"{name}: expected a (C,) = ({inp.C},) {inp.acc} array on the backend's side, "
+            f"got shape {tuple(arr.shape)}, dtype {arr.dtype}"
+        )
+    return arr
 
 
 @_on_input_device
@@ -215,80 +242,74 @@ def batch_stats(x, axis: int = 1, backend=None, mask=None):
             the statistics come from the True positions only (at least one).
     Returns:
         (mean, var): each shape (C,), float32 (float64 for float64 x); NumPy
-        arrays, or device arrays when x is a device array.
+        arrays, or the input library's device arrays when x is a device array.
     """
     inp = _prepare(x, axis, backend)
     m = _prepare_mask(mask, inp)
     if m is not None and m.count == 0:
         raise ValueError("mask: no position is True; the statistics need at least one")
     inp = _materialize(inp)
-    mean, var = _stats_of(inp, m)
-    return inp.deliver(mean), inp.deliver(var)
+    coef = _stats_of(inp, m)
+    return inp.deliver(coef[MEAN]), inp.deliver(coef[VAR])
 
 
 @_on_input_device
-def batch_stats_moments(x, axis: int = 1, backend=None, mask=None, float64: bool = False):
-    """gpubn.moments: the per-channel Moments of x (see gpubn/moments.py).
+def moments(x, axis: int = 1, backend=None, mask=None) -> Moments:
+    """The per-channel ``Moments`` of x (feature axis ``axis``), from the statistics kernels;
+    of its True positions only with a ``mask`` (bool, x's shape without the feature axis).
     An input with no values per channel (or none True in the mask) gives count 0.
 
-    float64=True: every value is widened to float64 before it is summed
-    (gpubn.moments, the Standardizer: squares of |x| > 1.8e19 overflow
-    float32); on the CUDA backend a float16/32 device array is then copied to
-    the host once (on its stream) and reduced by the CPU kernels.  False: the
-    kernels' own accumulation (float32 sums per chunk, float64 across chunks
-    on the CPU; float32 ``var * n`` on CUDA), as synchronized batch norm uses."""
-    from .moments import Moments
-
+    Computed in float64 whatever x's dtype (each value widened before it is
+    summed: float32 data with |x| ~ 1e19 keeps its M2, which fits in float64
+    though its squares overflow float32), by the CPU statistics kernels; on
+    the CUDA backend a float64 device array is reduced on the device, and a
+    float16/32 one is copied to the host once (on its stream) first.
+    """
     inp = _prepare(x, axis, backend, allow_empty=True)
     m = _prepare_mask(mask, inp) if inp.count else None
     if inp.count == 0 or (m is not None and m.count == 0):
         return Moments.empty(inp.C)
     inp = _materialize(inp)
     view = inp.view
-    if float64 and inp.backend == "cuda" and inp.dtype != np.float64:
-        view = host_copy(Source(view, True, inp.library, inp.stream, inp.owner))
-        mask_view = None if m is None else m.view.copy_to_host()
-    else:
-        mask_view = None if m is None else m.view
-    if isinstance(view, np.ndarray):
-        out = np.empty((3, inp.C))
-        view = np.asarray(view, np.float64) if float64 else _bits(view)
-        _st.channel_moments_cpu(view, out, mask_view)
-        return Moments.from_array(out)
-    mean, var = _stats_of(inp, m)
-    n = float(inp.count if m is None else m.count)
-    return Moments(n, to_host(mean, inp.stream), to_host(var, inp.stream).astype(np.float64) * n)
+    if inp.backend == "cuda" and inp.dtype == np.float64:  # float64 on the device: the kernels' own
+        coef = _stats_of(inp, m)
+        n = float(inp.count if m is None else m.count)
+        var = to_host(coef[VAR], inp.stream)
+        return Moments(n, to_host(coef[MEAN], inp.stream), var * n)
+    if inp.backend == "cuda":
+        view = host_copy(Source(view, True, inp.src.library, inp.stream, inp.src.owner))
+        m = None if m is None else m._replace(view=m.view.copy_to_host())
+    out = np.empty((3, inp.C))
+    _st.channel_moments_cpu(np.asarray(view, np.float64), out, None if m is None else m.view)
+    return Moments.from_array(out)
 
 
 def _stats_of(inp: _Input, mask=None):
-    """(mean, var) of a materialized input, on the backend's side."""
+    """The (5, C) forward constants of a materialized input (its statistics
+    in MEAN and VAR), on the backend's side."""
     C = inp.C
     ones = channel_vector(None, "gamma", C, inp.acc, inp.backend, fill=1.0, stream=inp.stream)
     zeros = channel_vector(None, "beta", C, inp.acc, inp.backend, fill=0.0, stream=inp.stream)
     coef = inp.empty(rows=5)
     unused = inp.empty(rows=2)  # the running statistics' place (update=False: never written)
-    eng = _ENGINES[inp.backend]
-    eng.forward_train(
-        inp.view, coef, ones, zeros, unused[0], unused[1], 0.0, 0.0, False, None, **_mask_args(mask), **inp.reduce
+    inp.plan.forward_train(
+        inp.view, mask, coef, ones, zeros, unused[0], unused[1], 0.0, 0.0, False, 0, None, None, **inp.launch
     )
-    return coef[_st.MEAN], coef[_st.VAR]
-
-
-def _mask_args(m: _Mask) -> dict:
-    """The launchers' keyword arguments for a mask (none without one)."""
-    return {} if m is None else {"mask": m.view, "origin": m.origin, "count": m.count}
+    return coef
 
 
 @_on_input_device
-def normalize(x, mean, var, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1, backend=None):
+def normalize(x, mean, var, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1, backend=None, *, out=None):
     """The elementwise kernel: ``(x - mean) / sqrt(var + eps) * gamma + beta``.
 
     Args:
         x: array, float16/32/64, feature axis ``axis``.
         mean, var: (C,) statistics to normalize with (var is biased variance).
         gamma, beta: (C,) or None (1 and 0).
+        out: None, or an array of x's shape and dtype (C-contiguous, on x's
+            side) that receives y.
     Returns:
-        y: x's shape and dtype.
+        y: x's shape and dtype (``out`` itself when given).
     """
     inp = _prepare(x, axis, backend)
     C = inp.C
@@ -299,16 +320,13 @@ def normalize(x, mean, var, gamma=None, beta=None, eps: float = 1e-5, axis: int 
     ]
     if vec[0] is None or vec[1] is None:
         raise ValueError("mean, var: both are required")
+    y = _out(out, inp)
     inp = _materialize(inp)
-    eng = _ENGINES[inp.backend]
     coef = inp.empty(rows=5)
-    eng.affine(*vec, eps, coef, **inp.launch)
-    y = inp.empty()
-    eng.normalize(inp.view, coef, y.reshape(*inp.shape3), **inp.launch)
-    return inp.deliver(y)
+    inp.plan.forward_eval(inp.view, *vec, eps, coef, 0, None, y.reshape(inp.shape3), **inp.launch)
+    return y if out is not None else inp.deliver(y)
 
 
-@dataclass
 class ForwardCache:
     """What ``batch_norm_backward`` needs from a forward call.
 
@@ -324,12 +342,15 @@ class ForwardCache:
     would cost a pass over memory per forward).
     """
 
-    inp: _Input
-    coef: object
-    training: bool
-    act: int = 0  # kernels.activation code: y = g(BN(x) + z)
-    z: object = None  # the residual's canonical view (referenced like x), or None
-    mask: _Mask = None  # the positions that gave the statistics (masked batch norm), or None
+    __slots__ = ("inp", "coef", "training", "act", "z", "mask")
+
+    def __init__(self, inp, coef, training, act=0, z=None, mask=None):
+        self.inp = inp
+        self.coef = coef
+        self.training = training
+        self.act = act  # kernels.activation code: y = g(BN(x) + z)
+        self.z = z  # the residual's canonical view (referenced like x), or None
+        self.mask = mask  # the positions that gave the statistics (masked batch norm), or None
 
     @property
     def backend(self) -> str:
@@ -337,11 +358,11 @@ class ForwardCache:
 
     @property
     def mean(self):
-        return self.inp.deliver(self.coef[_st.MEAN])
+        return self.inp.deliver(self.coef[MEAN])
 
     @property
     def invstd(self):
-        return self.inp.deliver(self.coef[_st.INVSTD])
+        return self.inp.deliver(self.coef[INVSTD])
 
 
 @_on_input_device
@@ -360,7 +381,7 @@ def batch_norm_forward(
     activation=None,
     residual=None,
     mask=None,
-    _coef=None,
+    out=None,
     _bfloat16=False,
 ):
     """Batch normalization forward pass.
@@ -393,29 +414,31 @@ def batch_norm_forward(
             outside the mask (a masked loss), and NaN padding gives the same
             gradients as zero padding.  Ignored (but checked) when
             training=False.  At least 2 True positions when training.
-        _coef: (internal) a (5, C) array to hold the per-channel constants,
-            so that a layer reuses one buffer instead of allocating per call.
+        out: None, or an array of x's shape and dtype (C-contiguous, on x's
+            side) that receives y (a layer's own buffer, or in place: out=x
+            is allowed only with training=False and no backward).
         _bfloat16: (internal) x is bfloat16 as int16 bits (gpubn.torch);
             y comes back the same way.
     Returns:
-        (y, cache): y has x's shape and dtype; cache feeds batch_norm_backward.
-        The cache refers to x without copying it: x must not change before
-        the backward (gamma, beta and the running statistics may: the cache
-        holds the per-channel constants the forward computed from them).
+        (y, cache): y has x's shape and dtype (``out`` itself when given);
+        cache feeds batch_norm_backward.  The cache refers to x without
+        copying it: x must not change before the backward (gamma, beta and
+        the running statistics may: the cache holds the per-channel constants
+        the forward computed from them).
     Raises:
         TypeError / ValueError naming the argument; nothing is modified then.
     """
-    inp = _prepare(x, axis, backend, bfloat16=_bfloat16)
+    inp = _prepare(x, axis, backend, bfloat16=_bfloat16, allow_empty=not training)
     C = inp.C
     eps = check_scalar(eps, "eps")
-    training = check_bool(training, "training")
+    training = training if type(training) is bool else check_bool(training, "training")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean, running_var: give both or neither")
     if training and inp.count < 2:
         raise ValueError(
             f"x: expected more than 1 value per channel when training, got input of shape {inp.shape} (axis={inp.axis})"
         )
-    m = _prepare_mask(mask, inp)
+    m = None if mask is None else _prepare_mask(mask, inp)
     if training and m is not None and m.count < 2:
         raise ValueError(f"mask: {m.count} True position(s); training needs more than 1 value per channel")
     if not training:
@@ -435,26 +458,33 @@ def batch_norm_forward(
     if running_mean is not None:
         rm = StateVector(running_mean, "running_mean", C, inp.acc, inp.backend, update, inp.stream)
         rv = StateVector(running_var, "running_var", C, inp.acc, inp.backend, update, inp.stream)
+    y = inp.empty() if out is None else _out(out, inp)
     # -- validated: from here on nothing raises by design --
     inp = _materialize(inp)
-    eng = _ENGINES[inp.backend]
-    coef = _coef if _buffer_fits(_coef, inp, 5) else inp.empty(rows=5)
-    y = inp.empty()
-    y3 = y.reshape(*inp.shape3)
-    if training:  # statistics, running statistics and y: one launch for small channels on the GPU
+    rmw, rvw = (None, None) if rm is None else (rm.work, rv.work)
+    coef = _forward(inp, g, b, rmw, rvw, eps, momentum, training, update, act, z, m, y.reshape(inp.shape3))
+    if update and rm.copied:
+        rm.commit()
+        rv.commit()
+    if out is None and inp.backend == "cuda":
+        y = inp.deliver(y)
+    return y, ForwardCache(inp, coef, training, act, z, m)
+
+
+def _forward(inp: _Input, g, b, rm, rv, eps, momentum, training, update, act, z, m, y3):
+    """Run a validated, materialized forward on the kernels' arrays: y3
+    written, the running statistics rm, rv (the kernels' (C,) arrays, or
+    None) updated when ``update``; returns the (5, C) constants."""
+    coef = inp.empty(rows=5)
+    if training:
         unused = None if update else inp.empty(rows=2)  # no caller's array, no shared constant, in their place
-        eng.forward_train(
-            inp.view, coef, g, b,
-            rm.work if update else unused[0], rv.work if update else unused[1],
-            eps, momentum if update else 0.0, update, y3, act=act, z=z, **_mask_args(m), **inp.reduce,
+        inp.plan.forward_train(
+            inp.view, m, coef, g, b, rm if update else unused[0], rv if update else unused[1],
+            eps, momentum if update else 0.0, update, act, z, y3, **inp.launch,
         )  # fmt: skip
-        if update:
-            rm.commit()
-            rv.commit()
     else:
-        eng.affine(rm.work, rv.work, g, b, eps, coef, **inp.launch)
-        eng.normalize(inp.view, coef, y3, act, z, **inp.launch)
-    return inp.deliver(y), ForwardCache(inp, coef, training, act, z, m)
+        inp.plan.forward_eval(inp.view, rm, rv, g, b, eps, coef, act, z, y3, **inp.launch)
+    return coef
 
 
 def _residual_view(residual, inp: _Input):
@@ -470,34 +500,25 @@ def _residual_view(residual, inp: _Input):
         raise TypeError("residual: not supported with bfloat16 input")
     if on_device:
         return to_canonical(arr, inp.shape3, True, inp.stream)
-    view = np.asarray(arr, dtype=inp.dtype).reshape(inp.shape3)
-    return to_device(np.ascontiguousarray(view), inp.stream) if inp.backend == "cuda" else view
-
-
-def _cache_for(x, coef, axis: int, training: bool, backend: str, bfloat16: bool = False, activation=None):
-    """(internal) The ForwardCache of a forward of x whose per-channel constants
-    ``coef`` are known: gpubn.torch keeps x and coef as tensors between the
-    passes (autograd saves tensors, not Python objects)."""
-    inp = _materialize(_prepare(x, axis, backend, bfloat16=bfloat16))
-    if inp.backend == "cuda" and not getattr(coef, "__cuda_ndarray__", False):
-        coef = device_view(coef)  # a torch tensor: the kernels take numba views
-    return ForwardCache(inp, coef, training, _act.ACTIVATIONS[activation])
-
-
-def _buffer_fits(buf, inp: _Input, rows: int) -> bool:
-    if buf is None:
-        return False
-    on_device = hasattr(buf, "copy_to_host")
-    return on_device == (inp.backend == "cuda") and buf.shape == (rows, inp.C) and buf.dtype == inp.acc
+    view = np.ascontiguousarray(np.asarray(arr, dtype=inp.dtype).reshape(inp.shape3))
+    return to_device(view, inp.stream) if inp.backend == "cuda" else view
 
 
 @_on_input_device
-def batch_norm_backward(dy, cache: ForwardCache, _grads=None, _reduce=None):
+def batch_norm_backward(dy, cache: ForwardCache, *, out=None, _reduce=None):
     """Gradients of batch_norm_forward.
 
     Args:
         dy: gradient of the loss w.r.t. y; y's shape.
         cache: the second result of the matching batch_norm_forward.
+        out: None, or (dx, dgamma, dbeta), each None or an array to write
+            that result into: dx like x (C-contiguous, on x's side), dgamma
+            and dbeta (C,) of the statistics dtype (a layer's own gradient
+            buffers).
+        _reduce: (internal, CPU) (fn, n) of synchronized batch norm: ``fn``
+            maps this process's (2, C) float64 sums to the sums over every
+            process, ``n`` is the global count per channel; dgamma and dbeta
+            then stay this process's share.
     Returns:
         (dx, dgamma, dbeta): dx has x's shape and dtype; dgamma, dbeta are (C,)
         float32 (float64 for float64 x).  With training=False in the forward,
@@ -505,53 +526,72 @@ def batch_norm_backward(dy, cache: ForwardCache, _grads=None, _reduce=None):
         (dx, dgamma, dbeta, dresidual) when the forward had a residual;
         dresidual has x's shape and dtype.  dy is the gradient w.r.t. the
         forward's y, after its activation.
-        _grads: (internal) a (2, C) array to receive dgamma, dbeta in place.
-        _reduce: (internal, CPU) (fn, n) of synchronized batch norm
-            (``kernels.backward.launch_backward_cpu``).
     """
     if not isinstance(cache, ForwardCache):
         raise TypeError(f"cache: expected the cache returned by batch_norm_forward, got {type(cache).__name__}")
     inp = cache.inp
-    arr, on_device = as_input(dy, "dy", inp.backend)
+    if type(dy) is np.ndarray and inp.backend == "cpu":
+        arr, on_device = dy, False
+    else:
+        arr, on_device = as_input(dy, "dy", inp.backend)
     if inp.dtype == BFLOAT16_BITS:
         if arr.dtype != BFLOAT16_BITS:
             raise TypeError(f"dy: dtype {arr.dtype}; a bfloat16 forward takes bfloat16 gradients (int16 bits)")
     else:
         check_float(arr.dtype, "dy")
-    if tuple(arr.shape) != inp.shape:
+    if arr.shape != inp.shape and tuple(arr.shape) != inp.shape:
         raise ValueError(f"dy: shape {tuple(arr.shape)} does not match the forward input's shape {inp.shape}")
     if on_device and arr.dtype != inp.dtype:
         raise TypeError(f"dy: device array of dtype {arr.dtype}; the forward input was {inp.dtype}")
+    dx_out, dg_out, db_out = (None, None, None) if out is None else out
+    dx = _out(dx_out, inp, "out[0] (dx)")
+    dgamma = _vector_out(dg_out, inp, "out[1] (dgamma)")
+    dbeta = _vector_out(db_out, inp, "out[2] (dbeta)")
     # -- validated --
-    dyv = to_canonical(arr, inp.shape3, on_device, inp.stream)
-    if inp.backend == "cuda" and not on_device:
-        dyv = to_device(np.ascontiguousarray(dyv, dtype=inp.dtype), inp.stream)
-    elif inp.backend == "cpu" and dyv.dtype not in (np.float16, BFLOAT16_BITS):  # read as they are, inline
-        dyv = dyv.astype(inp.acc, copy=False)
-    dx = inp.empty()
-    grads = _grads if _buffer_fits(_grads, inp, 2) else inp.empty(rows=2)  # dgamma, dbeta
+    if on_device:
+        dyv = to_canonical(arr, inp.shape3, True, inp.stream)
+    elif inp.backend == "cuda":
+        dyv = to_device(np.ascontiguousarray(arr.reshape(inp.shape3), dtype=inp.dtype), inp.stream)
+    else:
+        dyv = arr.reshape(inp.shape3)
+        if dyv.dtype not in (np.float16, BFLOAT16_BITS):  # read as they are, inline
+            dyv = dyv.astype(inp.acc, copy=False)
     bcoef = inp.empty(rows=5)
     dres = None if cache.z is None else inp.empty()  # the residual's gradient: dv = dy * g'(v)
-    options = {} if _reduce is None else {"reduce": _reduce}
-    if cache.mask is not None:
-        options.update(mask=cache.mask.view, count=cache.mask.count)
-    if cache.act:  # dv recomputed from x (and z) where dy is read
-        options.update(act=_act.act_token(cache.act), z=cache.z, dz=None if dres is None else dres.reshape(*inp.shape3))
-    elif dres is not None:  # no activation: dv is dy
-        _copy_into(dres, dyv, inp)
-    dx3 = dx.reshape(*inp.shape3)
-    eng = _ENGINES[inp.backend]
-    eng.backward(dyv, inp.view, cache.coef, cache.training, bcoef, grads[0], grads[1], dx3, **options, **inp.reduce)
-    out = (inp.deliver(dx), inp.deliver(grads[0]), inp.deliver(grads[1]))
-    return out if dres is None else (*out, inp.deliver(dres))
-
-
-def _copy_into(out, a, inp: _Input):
-    """out (x's shape and dtype) <- a, an (outer, C, inner) array on the same side."""
-    if inp.backend == "cuda":  # a device array of x's dtype (the backward's dy)
-        out.reshape(*inp.shape3).copy_to_device(a, stream=numba_stream(inp.stream))
+    dz = None if dres is None else dres.reshape(inp.shape3)
+    dx3 = dx.reshape(inp.shape3)
+    mask = cache.mask if cache.training else None
+    if _reduce is None:
+        inp.plan.backward(dyv, inp.view, cache.z, mask, cache.coef, cache.training, bcoef, dgamma, dbeta, cache.act,
+                          dx3, dz, **inp.launch)  # fmt: skip
     else:
-        out.reshape(inp.shape3)[...] = a
+        _backward_sync(inp, dyv, cache, bcoef, dgamma, dbeta, dx3, _reduce)
+    result = [dx if dx_out is not None else inp.deliver(dx)]
+    result += [v if o is not None else inp.deliver(v) for v, o in ((dgamma, dg_out), (dbeta, db_out))]
+    return tuple(result) if dres is None else (*result, inp.deliver(dres))
 
 
-__all__ = ["batch_stats", "normalize", "batch_norm_forward", "batch_norm_backward", "ForwardCache"]
+def _backward_sync(inp, dyv, cache, bcoef, dgamma, dbeta, dx3, reduce):
+    """The backward of synchronized batch norm (CPU, no mask or activation):
+    this process's sums reduced over every process by ``reduce = (fn, n)``."""
+    from .kernels import backward as bw
+
+    fn, n = reduce
+    sums = np.zeros((2, inp.C))
+    dy, x, dx = _bits(dyv), _bits(inp.view), _bits(dx3)
+    if inp.shape3[2] == 1:  # 2-D views: channels contiguous
+        dy, x, dx = dy[:, :, 0], x[:, :, 0], dx[:, :, 0]
+    if inp.count:
+        if x.ndim == 3:
+            bw.backward_sums_inner_cpu(dy, x, cache.coef, sums, (), None, None)
+        else:
+            bw.backward_sums_folded_cpu(dy, x, None, cache.coef, (), None, sums)
+    bw.finish_backward_cpu(fn(sums), float(n), cache.coef, True, bcoef, dgamma, dbeta)
+    dbeta[...] = sums[0]
+    dgamma[...] = sums[1] * cache.coef[INVSTD]
+    if inp.count:
+        grad = bw.input_grad_inner_cpu if x.ndim == 3 else bw.input_grad_channels_cpu
+        grad(dy, x, None, bcoef, dx, (), None, None)
+
+
+__all__ = ["batch_stats", "moments", "normalize", "batch_norm_forward", "batch_norm_backward", "ForwardCache"]

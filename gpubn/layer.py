@@ -19,8 +19,7 @@ from ._arrays import (
 )
 from ._backend import resolve_backend
 from .distributed import SyncCache, batch_norm_backward_sync, batch_norm_forward_sync, communicator
-from .functional import _buffer_fits, batch_norm_backward, batch_norm_forward
-from .moments import moments
+from .functional import batch_norm_backward, batch_norm_forward, moments
 
 
 class _Rows(Mapping):
@@ -173,7 +172,6 @@ class BatchNorm:
         self.num_batches_tracked = 0
         self._params = _Rows(self, "_packed", "params")
         self._grads = _Rows(self, "_packed_grads", "grads")
-        self._coef = None
         self._cache = None
         self._recalibration = None  # a list while inside gpubn.recalibrate
         check_activation(activation)
@@ -206,7 +204,6 @@ class BatchNorm:
             if self.track_running_stats:
                 self.running_mean = cuda.to_device(self.running_mean)
                 self.running_var = cuda.to_device(self.running_var)
-            self._coef = None
         return self
 
     # -- modes ----------------------------------------------------------------
@@ -276,9 +273,7 @@ class BatchNorm:
             activation=self.activation,
             residual=residual,
             mask=mask,
-            _coef=self._coef,
         )
-        self._coef = cache.coef
         return self._done(x, y, cache, update, mask)
 
     __call__ = forward
@@ -322,9 +317,12 @@ class BatchNorm:
         """
         if self._cache is None:
             raise ValueError("dy: backward() called before any forward()")
-        in_place = _buffer_fits(self._packed_grads, self._cache.inp, 2)
+        inp = self._cache.inp
+        grads = self._packed_grads
+        in_place = grads.dtype == inp.acc and self.on_device == (inp.backend == "cuda")
+        out = (None, grads[0], grads[1]) if in_place else None  # the kernels write the gradients in place
         backward = batch_norm_backward_sync if isinstance(self._cache, SyncCache) else batch_norm_backward
-        dx, dgamma, dbeta, *dresidual = backward(dy, self._cache, _grads=self._packed_grads)
+        dx, dgamma, dbeta, *dresidual = backward(dy, self._cache, out=out)
         if self.affine and not in_place:
             self._store_grads(dgamma, dbeta)
         return (dx, *dresidual) if dresidual else dx

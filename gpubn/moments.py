@@ -1,4 +1,4 @@
-"""Mergeable per-channel statistics: ``Moments`` and ``gpubn.moments``.
+"""Mergeable per-channel statistics: ``Moments`` (``gpubn.moments`` computes them: functional.py).
 
 A batch's statistics per channel are three numbers: the count n, the mean, and
 M2 = sum((x - mean)**2).  Two such triples merge exactly (Chan, Golub and
@@ -127,21 +127,6 @@ def _short(a):
     return np.array2string(a, threshold=6, precision=4)
 
 
-def moments(x, axis: int = 1, backend=None, mask=None) -> Moments:
-    """The per-channel Moments of x (feature axis ``axis``), from the statistics kernels;
-    of its True positions only with a ``mask`` (bool, x's shape without the feature axis).
-
-    Computed in float64 whatever x's dtype (each value widened before it is
-    summed: float32 data with |x| ~ 1e19 keeps its M2, which fits in float64
-    though its squares overflow float32), by the CPU statistics kernels; on
-    the CUDA backend a float64 device array is reduced on the device, and a
-    float16/32 one is copied to the host once (on its stream) first.
-    """
-    from .functional import batch_stats_moments
-
-    return batch_stats_moments(x, axis, backend, mask, float64=True)
-
-
 @contextlib.contextmanager
 def recalibrate(*layers):
     """Exact running statistics ("precise BN"): inside the block, every forward
@@ -186,4 +171,4 @@ def recalibrate(*layers):
             layer._set_running_stats(merged.mean, merged.var(ddof=1))
 
 
-__all__ = ["Moments", "moments", "recalibrate"]
+__all__ = ["Moments", "recalibrate"]

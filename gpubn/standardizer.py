@@ -24,8 +24,8 @@ import numpy as np
 
 from ._arrays import canonical_shape, check_axis, check_bool, host_copy, is_device_array, read_input
 from ._backend import resolve_backend
-from .functional import normalize
-from .moments import Moments, moments
+from .functional import moments, normalize
+from .moments import Moments
 
 try:  # a scikit-learn estimator where scikit-learn is installed (it is not required)
     from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin

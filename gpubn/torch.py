@@ -36,17 +36,21 @@ RELIABILITY.md); a gradient of the gradient (double backward) raises.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import functional as _F
-from ._arrays import check_activation
+from ._arrays import channel_vector, check_activation, device_scope, device_view, to_canonical
 from ._backend import available_backends
 from .distributed import batch_norm_backward_sync, batch_norm_forward_sync, communicator
-from .moments import moments as _moments
+from .functional import moments as _moments
+from .kernels.activation import ACTIVATIONS
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1)), 5: (torch.channels_last_3d, (0, 2, 3, 4, 1))}
@@ -88,12 +92,23 @@ def _array(t: Tensor | None):
     return t.numpy()
 
 
-def _tensor(a, device: torch.device, bfloat16: bool = False) -> Tensor:
-    """A tensor over gpubn's result ``a`` (no copy)."""
-    if device.type == "cuda":
-        return torch.as_tensor(a, device=device)
-    t = torch.from_numpy(a)
-    return t.view(torch.bfloat16) if bfloat16 else t
+def _view(t: Tensor, inp):
+    """The kernels' view of a tensor on inp's side ((C,) vectors, or like the
+    input): NumPy on the CPU (bfloat16 as int16 bits), a numba view on CUDA."""
+    if inp.backend == "cuda":
+        return device_view(t.detach())
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.detach().numpy()
+
+
+def _vector(t: Tensor | None, inp, fill: float):
+    """A (C,) parameter as the kernels take it (float16/bfloat16 widened to float32; None: fill)."""
+    if t is None:
+        return channel_vector(None, "", inp.C, inp.acc, inp.backend, fill, inp.stream)
+    if t.dtype in _HALF:
+        t = t.float()
+    return device_view(t.detach()) if inp.backend == "cuda" else t.detach().numpy()
 
 
 def _backend(t: Tensor) -> str:
@@ -109,41 +124,95 @@ def _backend(t: Tensor) -> str:
 # -- the operators -----------------------------------------------------------------------
 
 
-def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, activation=None):
-    """(y, coef): y like input; coef (5, C) float32 (float64 for float64 input),
-    the per-channel constants (MEAN, VAR, INVSTD, SCALE, BIAS) the backward
-    needs.  running_mean/var are updated in place when training."""
-    backend = _backend(input)
-    x, axis, perm = _layout(input)
-    via_float = x.is_cuda and x.dtype == torch.bfloat16  # no bfloat16 CUDA kernels yet
+def _input(x: Tensor, axis: int, backend: str):
+    """(inp, via_float): the validated, materialized input of the ops (bfloat16 on
+    CUDA goes through float32: the CUDA kernels have no bfloat16 loads yet)."""
+    via_float = x.is_cuda and x.dtype == torch.bfloat16
     bits = x.dtype == torch.bfloat16 and not via_float
-    # float16 / bfloat16 parameters and buffers (a module cast with .half() or
-    # .to(torch.bfloat16)): the kernels take float32 (C,) vectors (on the GPU
-    # they refuse others); the buffers' float32 copies are written back, rounded, after the call
+    inp = _F._prepare(_array(x.float() if via_float else x), axis, backend, bfloat16=bits)
+    return _F._materialize(inp), via_float
+
+
+class _Pass(NamedTuple):
+    """What a forward leaves for its backward: the validated input (x's
+    kernel view, its plan), the per-channel constants, how the layout was read."""
+
+    inp: object
+    coef: object  # (5, C), the kernels' array
+    perm: object  # _layout's permutation, or None
+    via_float: bool  # bfloat16 on CUDA, computed in float32
+    training: bool
+    act: int  # kernels.activation code
+
+
+def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, activation=None):
+    """(y, _Pass): y like input; the pass holds the (5, C) float32 (float64
+    for float64 input) per-channel constants (MEAN, VAR, INVSTD, SCALE, BIAS)
+    the backward needs.  running_mean/var are updated in place when training.
+    The arguments are checked (``_check``); the kernels get views of the tensors."""
+    if input.is_cuda:
+        with device_scope(input.device.index):
+            return _forward_here(input, weight, bias, running_mean, running_var, training, momentum, eps, activation)
+    return _forward_here(input, weight, bias, running_mean, running_var, training, momentum, eps, activation)
+
+
+def _forward_here(input, weight, bias, running_mean, running_var, training, momentum, eps, activation):
+    """_forward with input's device current."""
+    x, axis, perm = _layout(input)
+    inp, via_float = _input(x, axis, _backend(input))
+    update = training and running_mean is not None
+    # float16 / bfloat16 buffers (a module cast with .half()): the kernels take
+    # float32 (C,) vectors; the float32 copies are written back, rounded
     rounded = running_mean is not None and running_mean.dtype in _HALF
     rm, rv = (running_mean.float(), running_var.float()) if rounded else (running_mean, running_var)
-    y, cache = _F.batch_norm_forward(
-        _array(x.float() if via_float else x),
-        _array(_widened(weight)),
-        _array(_widened(bias)),
-        axis=axis,
-        eps=eps,
-        training=training,
-        running_mean=_array(rm),
-        running_var=_array(rv),
-        momentum=momentum,
-        backend=backend,
-        activation=activation,
-        _bfloat16=bits,
-    )
-    if rounded and training:
+    y = torch.empty_like(x, dtype=torch.float32) if via_float else torch.empty_like(x)
+    y3 = _view(y, inp).reshape(inp.shape3)
+    stats = (None, None) if rm is None else (_view(rm, inp), _view(rv, inp))
+    act = ACTIVATIONS[activation]
+    coef = _F._forward(
+        inp, _vector(weight, inp, 1.0), _vector(bias, inp, 0.0), *stats, eps, momentum, training, update, act,
+        None, None, y3,
+    )  # fmt: skip
+    if rounded and update:
         with torch.no_grad():
             running_mean.copy_(rm)
             running_var.copy_(rv)
-    y = _restore(_tensor(y, input.device, bits), perm)
-    if via_float:
-        y = y.to(torch.bfloat16)
-    return y, _tensor(cache.coef, input.device)
+    if perm is not None:
+        y = _restore(y, perm)
+    return (y.to(torch.bfloat16) if via_float else y), _Pass(inp, coef, perm, via_float, training, act)
+
+
+def _backward(grad_output, input, saved: _Pass):
+    """(grad_input, grad_weight, grad_bias) of the forward that left ``saved``;
+    the two (C,) in the constants' dtype."""
+    if input.is_cuda:
+        with device_scope(input.device.index):
+            return _backward_here(grad_output, input, saved)
+    return _backward_here(grad_output, input, saved)
+
+
+def _backward_here(grad_output, input, saved: _Pass):
+    """_backward with input's device current."""
+    inp, perm, via_float = saved.inp, saved.perm, saved.via_float
+    dy = grad_output.to(torch.float32 if via_float else input.dtype)
+    if perm is not None:
+        dy = dy.permute(perm)
+    dyv = _view(dy, inp)
+    if inp.backend == "cuda":
+        dyv = to_canonical(dyv, inp.shape3, True, inp.stream)
+    else:
+        dyv = dyv.reshape(inp.shape3)
+    dx = torch.empty_like(dy, memory_format=torch.contiguous_format)
+    dtype = torch.float64 if inp.acc == np.float64 else torch.float32
+    dgamma, dbeta = (torch.empty(inp.C, dtype=dtype, device=input.device) for _ in range(2))
+    dx3 = _view(dx, inp).reshape(inp.shape3)
+    inp.plan.backward(
+        dyv, inp.view, None, None, saved.coef, saved.training, inp.empty(rows=5), _view(dgamma, inp),
+        _view(dbeta, inp), saved.act, dx3, None, **inp.launch,
+    )  # fmt: skip
+    if perm is not None:
+        dx = _restore(dx, perm)
+    return (dx.to(torch.bfloat16) if via_float else dx), dgamma, dbeta
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -152,6 +221,15 @@ _HALF = (torch.float16, torch.bfloat16)
 def _widened(t: Tensor | None) -> Tensor | None:
     """A float16 / bfloat16 (C,) parameter as float32 (the kernels' vectors); others as they are."""
     return t.float() if t is not None and t.dtype in _HALF else t
+
+
+def _tensor(a, device: torch.device) -> Tensor:
+    """A tensor over gpubn's result ``a`` (no copy)."""
+    if isinstance(a, Tensor):
+        return a
+    if device.type == "cuda":
+        return torch.as_tensor(a, device=device)
+    return torch.from_numpy(a)
 
 
 def _empty_batch(input, weight, bias) -> Tensor:
@@ -164,25 +242,6 @@ def _empty_batch(input, weight, bias) -> Tensor:
     if bias is not None:
         y = y + bias.view(shape)
     return y.to(input.dtype)
-
-
-def _backward(grad_output, input, coef, training, activation=None):
-    """(grad_input, grad_weight, grad_bias); the two (C,) in coef's dtype."""
-    backend = _backend(input)
-    x, axis, perm = _layout(input)
-    dy = grad_output.to(input.dtype)
-    if perm is not None:
-        dy = dy.permute(perm)
-    via_float = x.is_cuda and x.dtype == torch.bfloat16
-    bits = x.dtype == torch.bfloat16 and not via_float
-    if via_float:
-        x, dy = x.float(), dy.float()
-    cache = _F._cache_for(_array(x), _array(coef), axis, training, backend, bits, activation)
-    dx, dgamma, dbeta = _F.batch_norm_backward(_array(dy), cache)
-    dx = _restore(_tensor(dx, input.device, bits), perm)
-    if via_float:
-        dx = dx.to(torch.bfloat16)
-    return dx, _tensor(dgamma, input.device), _tensor(dbeta, input.device)
 
 
 def _no_double_backward():
@@ -205,17 +264,17 @@ def _param_grads(dgamma, dbeta, weight_dtype, bias_dtype):
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, activation):
-        y, coef = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, activation)
-        ctx.save_for_backward(input, coef)
-        ctx.training, ctx.activation = training, activation
+        y, saved = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, activation)
+        ctx.save_for_backward(input)  # autograd's check that input is not modified before the backward
+        ctx.saved = saved  # its kernel view, plan and constants: the backward reads nothing again
         ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
         _no_double_backward()
-        input, coef = ctx.saved_tensors
-        dx, dgamma, dbeta = _backward(grad_output, input, coef, ctx.training, ctx.activation)
+        (input,) = ctx.saved_tensors
+        dx, dgamma, dbeta = _backward(grad_output, input, ctx.saved)
         return (dx, *_param_grads(dgamma, dbeta, *ctx.dtypes), None, None, None, None, None, None)
 
 
@@ -282,7 +341,8 @@ def _forward_op(
     if update:
         running_mean, running_var = running_mean.clone(), running_var.clone()
     act = activation or None  # "" for none: a plain str in the operator's schema
-    y, coef = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
+    y, saved = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
+    coef = _tensor(saved.inp.deliver(saved.coef), input.device)
     if not update:
         running_mean, running_var = input.new_empty(0), input.new_empty(0)
     return y, coef, running_mean, running_var
@@ -302,7 +362,11 @@ def _backward_op(
     grad_output: Tensor, input: Tensor, coef: Tensor, training: bool, activation: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of gpubn::batch_norm."""
-    return _backward(grad_output, input, coef, training, activation or None)
+    with device_scope(input.device.index) if input.is_cuda else contextlib.nullcontext():
+        x, axis, perm = _layout(input)
+        inp, via_float = _input(x, axis, _backend(input))
+        saved = _Pass(inp, _view(coef, inp), perm, via_float, training, ACTIVATIONS[activation or None])
+    return _backward(grad_output, input, saved)
 
 
 @_backward_op.register_fake

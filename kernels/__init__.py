@@ -2,56 +2,64 @@
 
 Every kernel works on the canonical view ``(outer, C, inner)`` of the input,
 ``C`` being the feature axis (see ``gpubn.canonical_shape``).  Per-channel
-constants travel packed in one small array:
+constants travel packed in one small array (``common``):
 
 - ``coef`` (5, C), rows ``MEAN, VAR, INVSTD, SCALE, BIAS`` (forward);
 - ``bcoef`` (5, C), rows ``B_MEAN, B_DY, B_X, B_CONST, B_BIAS`` (backward).
 
-Modules: ``common`` (the merges, and the pieces every split reduction shares:
-row blocks and chunks on the CPU, ``reduction_config`` and the last-block
-ticket on the GPU), ``stats`` (batch statistics, split reduction), ``normalize`` (the
-elementwise scale-shift pass), ``backward``, ``activation`` (the scale-shift
-pass fused with an activation and a residual, and its gradient), ``onepass``
-(small and mid tensors: a block owns whole channels, one launch per pass; its
-launchers choose between that and the split passes).  Each
-``launch_*`` function is the plain launcher of one pass; the kernels themselves can be launched directly with
-an explicit grid and block (see ``examples/kernels_direct.py``).
+Modules: ``common`` (the constants' rows, the merges, and the pieces every
+reduction shares: row blocks and chunks on the CPU, ``reduction_config``, the
+block reductions and the last-block ticket on the GPU), ``stats`` (batch
+statistics, split reduction), ``normalize`` (the elementwise pass, fused with
+an activation and a residual; the CPU forward drivers), ``backward``,
+``activation`` (the activations and their slopes), ``onepass`` (small and mid
+tensors: a block owns whole channels, one launch per pass), ``plan`` (what a
+call's shape decides, decided once: which of these run, and how).  The kernels
+can be launched directly with an explicit grid and block (see
+``examples/kernels_direct.py``).
 """
 
-from .activation import (
-    ACTIVATIONS,
-    launch_scale_shift_act_cpu,
-    launch_scale_shift_act_cuda,
-    scale_shift_act_cuda_channels,
-    scale_shift_act_cuda_inner,
-    scale_shift_act_cuda_vec4,
-)
+from .activation import ACTIVATIONS
 from .backward import (
+    backward_channels_cpu,
+    backward_inner_cpu,
+    backward_sums_channels_cpu,
+    backward_sums_cuda_channels,
+    backward_sums_cuda_inner,
+    backward_sums_inner_cpu,
+    input_grad_channels_cpu,
+    input_grad_cuda_channels,
+    input_grad_cuda_inner,
+    input_grad_cuda_vec4,
+    input_grad_inner_cpu,
+    launch_backward_cuda,
+)
+from .common import (
     B_BIAS,
     B_CONST,
     B_DY,
     B_MEAN,
     B_X,
-    backward_sums_channels_cpu,
-    backward_sums_cpu,
-    backward_sums_cuda_channels,
-    backward_sums_cuda_inner,
-    backward_sums_inner_cpu,
-    input_grad_channels_cpu,
-    input_grad_cpu,
-    input_grad_cuda_channels,
-    input_grad_cuda_inner,
-    input_grad_cuda_vec4,
-    input_grad_inner_cpu,
-    launch_backward_cpu,
-    launch_backward_cuda,
+    BIAS,
+    CUDASIM,
+    INVSTD,
+    MEAN,
+    SCALE,
+    VAR,
+    ReductionConfig,
+    block_shape,
+    chan_merge,
+    reduction_config,
+    reduction_splits,
 )
-from .common import CUDASIM, ReductionConfig, block_shape, chan_merge, reduction_config, reduction_splits
 from .normalize import (
     affine_coefficients_cpu,
     affine_coefficients_cuda,
     elementwise_launch_config,
-    launch_affine_coefficients_cpu,
+    forward_eval_channels_cpu,
+    forward_eval_inner_cpu,
+    forward_train_channels_cpu,
+    forward_train_inner_cpu,
     launch_affine_coefficients_cuda,
     launch_scale_shift_cpu,
     launch_scale_shift_cuda,
@@ -68,27 +76,19 @@ from .onepass import (
     backward_onepass_cuda_inner,
     forward_onepass_cuda_channels,
     forward_onepass_cuda_inner,
-    launch_backward_any_cuda,
-    launch_forward_train_cpu,
-    launch_forward_train_cuda,
-    launch_normalize_cpu,
-    launch_normalize_cuda,
     one_pass,
     one_pass_config,
 )
+from .plan import CPUPlan, CUDAPlan, Mask, plan_for
 from .stats import (
-    BIAS,
-    INVSTD,
-    MEAN,
-    SCALE,
-    VAR,
     batch_stats_cuda_channels,
     batch_stats_cuda_inner,
     channel_moments_channels_cpu,
     channel_moments_cpu,
     channel_moments_inner_cpu,
     finish_channels_cpu,
-    launch_stats_cpu,
     launch_stats_cuda,
+    moments_channels_cpu,
+    moments_inner_cpu,
     stats_launch_config,
 )

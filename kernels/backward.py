@@ -43,16 +43,25 @@ from numba import cuda, prange
 
 from .activation import slope
 from .common import (
+    B_BIAS,
+    B_CONST,
+    B_DY,
+    B_MEAN,
+    B_X,
+    BIAS,
     CHUNK,
+    INVSTD,
     JIT,
     JIT_STREAM,
     MAX_THREADS,
+    MEAN,
+    SCALE,
     block_slice,
     block_sum2,
     channel_parts,
     coherent,
+    cpu_driver,
     cpu_kernel,
-    fold_rows,
     gpu_kernel,
     last_block,
     part_of,
@@ -63,13 +72,10 @@ from .common import (
     tree_sum2,
     twin,
 )
-from .half import bits, compute_dtype, narrow, widen
+from .half import compute_dtype, narrow, widen
 from .normalize import elementwise_launch_config, vec4_launch
-from .stats import BIAS, INVSTD, MEAN, SCALE
 from .vector import load4, quad_grid, store4
 from .workspace import workspace
-
-B_MEAN, B_DY, B_X, B_CONST, B_BIAS = range(5)
 
 
 def finish_backward_channel(c, n, sum_dy, sum_dyx, coef, training, bcoef, dgamma, dbeta):
@@ -268,35 +274,19 @@ def backward_sums_channels_cpu(dy, x, coef, out, act, z, rows):
         out[1, c] = t2
 
 
-def backward_sums_cpu(dy, x, coef, out, act=(), z=None, mask=None):
-    """out (2, C) float64 <- sum(dv) and sum(dv * (x - mean)) per channel.
-
-    dy, x (and z): (outer, C, inner), same float dtype; coef: (5, C) forward
-    constants; dv = dy, or dy * g'(v) with ``act`` (an ACTIVATIONS code).
-    mask: None, or (outer, inner) bool: only its True positions are summed.
-    Partial sums in the input's dtype over bounded pieces, combined in float64.
-    """
-    if x.shape[2] > 1:
-        backward_sums_inner_cpu(dy, x, coef, out, act, z, mask)
-        return
-    if mask is not None:  # only some rows: no folding
-        z2 = None if z is None else z[:, :, 0]
-        backward_sums_channels_cpu(dy[:, :, 0], x[:, :, 0], coef, out, act, z2, mask[:, 0])
-        return
-    # a 2-D view: the compiler then knows the channels are contiguous; narrow
-    # rows folded side by side (common.fold_rows), the f partial sums added
-    arrays = [a[:, :, 0] for a in (dy, x, x if z is None else z)]
-    folded = [fold_rows(a) for a in arrays]
-    f = folded[0][1]
-    if all(g == f for _, g in folded):
-        arrays = [a for a, _ in folded]
-    else:
-        f = 1
-    part = out if f == 1 else np.empty((2, arrays[1].shape[1]))
-    z2 = None if z is None else arrays[2]
-    backward_sums_channels_cpu(arrays[0], arrays[1], repeat_groups(coef, f), part, act, z2, None)
-    if f > 1:
-        out[...] = part.reshape(2, f, -1).sum(axis=1)
+@cpu_driver
+def backward_sums_folded_cpu(dyf, xf, zf, coef, act, rows, out):
+    """out (2, C) float64 <- sum(dv), sum(dv * (x - mean)) per channel of
+    2-D dy, x (and z) with contiguous channels, folded f rows side by side
+    (``common.fold_rows``: (outer / f, f * C); f = 1 unfolded, and always
+    with ``rows``, the (outer,) bool mask of the rows that count)."""
+    C = coef.shape[1]
+    f = xf.shape[1] // C
+    part = np.empty((2, f * C))
+    backward_sums_channels_cpu(dyf, xf, repeat_groups(coef, f), part, act, zf, rows)
+    out[:, :] = 0.0
+    for g in range(f):
+        out[:, :] += part[:, g * C : (g + 1) * C]
 
 
 @numba.njit(**JIT)
@@ -359,59 +349,28 @@ def input_grad_channels_cpu(dy, x, mask, bcoef, dx, act, z, dz):
         _row_grad(dy[o], x[o], part_of(z, o), mask is None or mask[o], bcoef, dx[o], part_of(dz, o), act)
 
 
-def input_grad_cpu(dy, x, bcoef, dx, mask=None, act=(), z=None, dz=None):
-    """dx = A * dv + B * (x - mean) + K on (outer, C, inner) views, 0 outside
-    ``mask`` (outer, inner) bool (None: everywhere); dv = dy, or dy * g'(v)
-    with ``act``, written to dz when given (the residual's gradient; 0 outside the mask)."""
-    if x.shape[2] > 1:
-        input_grad_inner_cpu(dy, x, mask, bcoef, dx, act, z, dz)
-    else:  # a 2-D view: the compiler then knows the channels are contiguous
-        two = [None if a is None else a[:, :, 0] for a in (dy, x, z, dx, dz)]
-        rows = None if mask is None else mask[:, 0]
-        input_grad_channels_cpu(two[0], two[1], rows, bcoef, two[3], act, two[2], two[4])
+@cpu_driver
+def backward_inner_cpu(dy, x, z, mask, coef, training, n, bcoef, dgamma, dbeta, act, dx, dz):
+    """Both backward passes on dy, x, z, dx, dz (outer, C, inner), inner > 1:
+    the sums over the True positions of ``mask`` (outer, inner) (None: all),
+    dgamma, dbeta and bcoef, then dx = A * dv + B * (x - mean) + K (0 outside
+    the mask; dz = dv when given).  n: the values per channel the forward's
+    statistics came from; act: a token (``activation.act_token``)."""
+    sums = np.empty((2, x.shape[1]))
+    backward_sums_inner_cpu(dy, x, coef, sums, act, z, mask)
+    finish_backward_cpu(sums, n, coef, training, bcoef, dgamma, dbeta)
+    input_grad_inner_cpu(dy, x, mask, bcoef, dx, act, z, dz)
 
 
-def launch_backward_cpu(
-    dy, x, coef, training, bcoef, dgamma, dbeta, dx, reduce=None, mask=None, count=None, act=(), z=None, dz=None
-):
-    """Both backward passes on the CPU.
-
-    Args:
-        dy, x: (outer, C, inner) float16/32/64 arrays (float16 computed in float32).
-        coef: (5, C) forward constants (MEAN, VAR, INVSTD, SCALE, BIAS).
-        training: whether the forward used batch statistics.
-        bcoef: (5, C) out (MEAN, A, B, K, BIAS); dgamma, dbeta: (C,) out; dx: like x, out
-            (a float16 dx is rounded once).
-        reduce: None, or (fn, n) for synchronized batch norm: ``fn`` maps this
-            process's (2, C) float64 sums to the sums over every process and
-            ``n`` is the global count per channel; dx then is the gradient of
-            the global batch's function, dgamma and dbeta stay this process's
-            share (their sum over processes is the global gradient).
-        mask: None, or the forward's (outer, inner) bool mask (training only:
-            its True positions gave the statistics); count: its True positions.
-            Positions outside it are padding: left out of the sums, dx = 0 there.
-        act: the forward's activation as a token (``activation.act_token``; () for none): dy is
-            then the gradient w.r.t. g(v), v = BN(x) (+ z), z the forward's
-            residual (None without one); dz: None, or like x, out: dy * g'(v).
-    """
-    outer, C, inner = x.shape
-    n = outer * inner if mask is None else count
-    dy, x, dx = bits(dy), bits(x), bits(dx)
-    z = None if z is None else bits(z)
-    sums = np.empty((2, C))
-    if outer * inner:
-        backward_sums_cpu(dy, x, coef, sums, act, z, mask if training else None)
-    else:  # an empty share of a synchronized batch
-        sums[...] = 0.0
-    if reduce is None:
-        finish_backward_cpu(sums, float(n), coef, training, bcoef, dgamma, dbeta)
-    else:
-        fn, n = reduce
-        finish_backward_cpu(fn(sums), float(n), coef, training, bcoef, dgamma, dbeta)
-        dbeta[...] = sums[0]
-        dgamma[...] = sums[1] * coef[INVSTD]
-    if outer * inner:
-        input_grad_cpu(dy, x, bcoef, dx, mask if training else None, act, z, None if dz is None else bits(dz))
+@cpu_driver
+def backward_channels_cpu(dy, x, z, dyf, xf, zf, rows, coef, training, n, bcoef, dgamma, dbeta, act, dx, dz):
+    """backward_inner_cpu for 2-D dy, x, z, dx, dz (outer, C), channels
+    contiguous; dyf, xf, zf: folded views (``backward_sums_folded_cpu``);
+    rows: None, or the (outer,) bool mask."""
+    sums = np.empty((2, x.shape[1]))
+    backward_sums_folded_cpu(dyf, xf, zf, coef, act, rows, sums)
+    finish_backward_cpu(sums, n, coef, training, bcoef, dgamma, dbeta)
+    input_grad_channels_cpu(dy, x, rows, bcoef, dx, act, z, dz)
 
     # ----------------------------------------------------------------------------
     # CUDA kernels
@@ -637,22 +596,30 @@ def launch_input_grad_cuda(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=Non
 
 
 def launch_backward_cuda(
-    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0,
+    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=None, z=None, dz=None, stream=0,
     scratch=None,
 ):  # fmt: skip
     """Both backward passes on the GPU: two launches.
 
-    Args as launch_backward_cpu, as device arrays; dy, x, dx float16/32/64 and
-    coef, bcoef, dgamma, dbeta of the accumulation dtype; with a mask, count
-    is its number of True positions.  stream: the caller's stream handle;
-    scratch: the caller's allocator for the partials (``workspace.workspace``).
+    Args:
+        dy, x: (outer, C, inner) device arrays, float16/32/64.
+        coef: (5, C) forward constants (MEAN, VAR, INVSTD, SCALE, BIAS), the
+            accumulation dtype, as bcoef (5, C) out (MEAN, A, B, K, BIAS) and
+            dgamma, dbeta (C,) out; training: whether the forward used batch
+            statistics; dx: like x, out.
+        mask: None, or the forward's (outer, inner) bool mask (training only),
+            count its True positions: outside it, padding (dx = 0 there).
+        act: None, or the forward's ACTIVATIONS code: dy is then the gradient
+            w.r.t. g(v), v = BN(x) (+ z), z the forward's residual or None;
+            dz: None, or like x, out: dv = dy * g'(v).
+        stream: the caller's stream handle; scratch: the caller's allocator
+            for the partials (``workspace.workspace``).
     """
     outer, C, inner = x.shape
     grid, block, inner_splits, splits, columns = reduction_config(x.shape)[1:]
     work = workspace("backward.work", (2, splits, C), np.float64, stream=stream, scratch=scratch)
     counter = workspace("backward.counter", (columns,), np.int32, zero=True, stream=stream, scratch=scratch)
     n = float(outer * inner if mask is None else count)
-    act = len(act) or None  # the CUDA kernels take the code (None: plain batch norm, the branch removed)
     mask = mask if training else None
     args = [dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), n, act, z, mask]
     if inner_splits is not None:

@@ -52,15 +52,23 @@ JIT_PARALLEL = {**JIT_STREAM, "parallel": True}
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
-def renamed(fn, suffix):
-    """A copy of ``fn`` whose qualified name ends in ``suffix``.
+#: The per-channel constants travel packed in one (5, C) array: ``coef`` of the
+#: forward (rows below), ``bcoef`` of the backward (dx = A * dv + B * (x - mean) + K).
+MEAN, VAR, INVSTD, SCALE, BIAS = range(5)
+B_MEAN, B_DY, B_X, B_CONST, B_BIAS = range(5)
+
+
+def renamed(fn, suffix, globals_=None):
+    """A copy of ``fn`` whose qualified name ends in ``suffix`` (and that
+    resolves its globals in ``globals_`` when given).
 
     numba's disk cache names compiled code by the function's qualified name and
     argument types, not by its compile options: two variants of one function
     (parallel and serial) compiled under one name would share cache entries, and
     whichever was compiled first would be loaded for both.
     """
-    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    scope = fn.__globals__ if globals_ is None else globals_
+    copy = types.FunctionType(fn.__code__, scope, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
     copy.__qualname__ = fn.__qualname__ + suffix
     copy.__module__ = fn.__module__
     copy.__doc__ = fn.__doc__
@@ -68,26 +76,58 @@ def renamed(fn, suffix):
 
 
 class CPUKernel:
-    """A streaming CPU kernel compiled twice from one Python function:
-    ``parallel`` (prange spread over the cores) and ``serial`` (prange is range),
-    cached on disk under distinct names.  Calling it picks by the size of the
-    first argument."""
+    """A CPU function compiled twice from one Python function: ``parallel``
+    and ``serial``, cached on disk under distinct names.
 
-    def __init__(self, fn):
+    A kernel (``cpu_kernel``) runs its prange loops on every core in the
+    parallel variant and as plain loops in the serial one.  A driver
+    (``cpu_driver``: one whole op, the kernels it calls and the per-channel
+    steps between them, one call from Python) calls the parallel variants of
+    the kernels and drivers it names in its parallel variant, the serial ones
+    in its serial variant.  Variants are built at their first use (the
+    module's names are all defined by then).  Calling the object picks by the
+    size of its first argument (a plan picks once per shape: ``variant``)."""
+
+    def __init__(self, fn, options):
         self.py_func = fn
-        self.parallel = numba.njit(**JIT_PARALLEL)(fn)
-        self.serial = numba.njit(**JIT_STREAM)(renamed(fn, "_serial"))
+        self.options = options  # (parallel, serial) njit options
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
+        self._variants = {}
+
+    def variant(self, parallel: bool):
+        v = self._variants.get(parallel)
+        if v is None:
+            scope = dict(self.py_func.__globals__)
+            for name in self.py_func.__code__.co_names:  # the kernels and drivers it calls
+                value = scope.get(name)
+                if isinstance(value, CPUKernel):
+                    scope[name] = value.variant(parallel)
+            suffix = "_parallel" if parallel else "_serial"
+            options = self.options[0] if parallel else self.options[1]
+            v = self._variants[parallel] = numba.njit(**options)(renamed(self.py_func, suffix, scope))
+        return v
+
+    @property
+    def parallel(self):
+        return self.variant(True)
+
+    @property
+    def serial(self):
+        return self.variant(False)
 
     def __call__(self, x, *args):
-        kernel = self.parallel if x.size >= PARALLEL_MIN_ELEMENTS else self.serial
-        return kernel(x, *args)
+        return self.variant(x.size >= PARALLEL_MIN_ELEMENTS)(x, *args)
 
 
 def cpu_kernel(fn):
-    """Decorator: ``fn`` becomes a CPUKernel."""
-    return CPUKernel(fn)
+    """Decorator: ``fn`` (prange loops) becomes a CPUKernel."""
+    return CPUKernel(fn, (JIT_PARALLEL, JIT_STREAM))
+
+
+def cpu_driver(fn):
+    """Decorator: ``fn`` (one op: calls kernels) becomes a CPUKernel."""
+    return CPUKernel(fn, (JIT, JIT))
 
 
 class NoneAsNull:
@@ -546,25 +586,38 @@ def row_blocks(outer, C):
     return blocks, rows_per, max(1, min(rows_per, SUB_BLOCK // C, SUB_ROWS))
 
 
-def fold_rows(x):
-    """x (outer, C), C-contiguous, viewed as (outer / f, f * C): f consecutive
-    rows side by side, f the largest power of two with f * C <= FOLD_WIDTH that
-    divides outer (f = 1 where x is not contiguous).  Column g * C + c of the
-    view holds channel c: a kernel that treats the f * C columns as channels
-    computes f partial results per channel, and runs its vectorised loop over
-    rows long enough to amortise the loop's overhead (NHWC with C = 64: 1.5x)."""
-    outer, C = x.shape
-    if x.strides != (C * x.itemsize, x.itemsize):
-        return x, 1
+def fold_factor(outer: int, C: int) -> int:
+    """How many consecutive rows of a C-contiguous (outer, C) array ``fold_rows``
+    puts side by side: the largest power of two f with f * C <= FOLD_WIDTH
+    that divides outer."""
     f = 1
     while 2 * f * C <= FOLD_WIDTH and outer % (2 * f) == 0:
         f *= 2
+    return f
+
+
+def fold_rows(x, f=None):
+    """x (outer, C), C-contiguous, viewed as (outer / f, f * C): f consecutive
+    rows side by side (``fold_factor``; f = 1 where x is not contiguous).
+    Column g * C + c of the view holds channel c: a kernel that treats the f * C
+    columns as channels computes f partial results per channel, and runs its
+    vectorised loop over rows long enough to amortise the loop's overhead
+    (NHWC with C = 64: 1.5x).  Returns (view, f)."""
+    outer, C = x.shape
+    if x.strides != (C * x.itemsize, x.itemsize):
+        return x, 1
+    f = fold_factor(outer, C) if f is None else f
     return x.reshape(outer // f, f * C), f
 
 
-def repeat_groups(v, f):
-    """v (C,) repeated for f side-by-side groups of folded rows: (f * C,)."""
-    return v if f == 1 else np.tile(v, f)
+@numba.njit(**JIT)
+def repeat_groups(a, f):
+    """a (k, C) repeated for f side-by-side groups of folded rows: (k, f * C)."""
+    C = a.shape[1]
+    out = np.empty((a.shape[0], f * C), a.dtype)
+    for g in range(f):
+        out[:, g * C : (g + 1) * C] = a
+    return out
 
 
 # ----------------------------------------------------------------------------

@@ -2,7 +2,11 @@
 
 For each element of the canonical view ``x`` (outer, C, inner)
 
-    y[o, c, i] = (x[o, c, i] - mean[c]) * scale[c] + bias[c]
+    y[o, c, i] = g((x[o, c, i] - mean[c]) * scale[c] + bias[c] (+ z[o, c, i]))
+
+g the activation (identity, relu, sigmoid, tanh: ``activation.py``), z an
+optional residual (None: none; a None argument removes its branch at compile
+time), both fused into the same pass,
 
 with ``scale = gamma / sqrt(var + eps)`` and ``bias = beta`` precomputed once per
 channel in ``coef`` (rows MEAN, SCALE, BIAS of the (5, C) layout of
@@ -22,9 +26,25 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
-from .common import JIT, block_shape, channel_parts, cpu_kernel, gpu_kernel, sm_count, task_channels, twin
+from .activation import act_token, activate
+from .common import (
+    BIAS,
+    INVSTD,
+    JIT,
+    MEAN,
+    SCALE,
+    VAR,
+    block_shape,
+    channel_parts,
+    cpu_driver,
+    cpu_kernel,
+    gpu_kernel,
+    sm_count,
+    task_channels,
+    twin,
+)
 from .half import bits, narrow, widen
-from .stats import BIAS, INVSTD, MEAN, SCALE, VAR
+from .stats import finish_channels_cpu, moments_channels_cpu, moments_inner_cpu
 from .vector import aligned16, load4, quad_grid, store4
 
 # ----------------------------------------------------------------------------
@@ -70,8 +90,8 @@ def affine_coefficients_cuda(
 
 
 @cpu_kernel
-def scale_shift_inner_cpu(x, coef, y):
-    """scale_shift_cpu for inner > 1: x, y (outer, C, inner)."""
+def scale_shift_inner_cpu(x, z, coef, act, y):
+    """scale_shift_cpu for inner > 1: x, z, y (outer, C, inner)."""
     outer, C, inner = x.shape
     parts = channel_parts(outer, C)
     for k in prange(outer * parts):
@@ -81,37 +101,91 @@ def scale_shift_inner_cpu(x, coef, y):
             s = coef[SCALE, c]
             b = coef[BIAS, c]
             for i in range(inner):
-                y[o, c, i] = narrow((widen(x[o, c, i]) - m) * s + b, y)
+                v = (widen(x[o, c, i]) - m) * s + b
+                if z is not None:
+                    v += widen(z[o, c, i])
+                y[o, c, i] = narrow(activate(v, len(act)), y)
 
 
 @cpu_kernel
-def scale_shift_channels_cpu(x, coef, y):
-    """scale_shift_cpu for inner == 1: x, y (outer, C), channels contiguous."""
+def scale_shift_channels_cpu(x, z, coef, act, y):
+    """scale_shift_cpu for inner == 1: x, z, y (outer, C), channels contiguous."""
     outer, C = x.shape
     # coef indexed directly (not as row views): fewer arrays that might alias
     # y, so the compiler's runtime alias checks still allow vectorising
     for o in prange(outer):
         for c in range(C):
-            y[o, c] = narrow((widen(x[o, c]) - coef[MEAN, c]) * coef[SCALE, c] + coef[BIAS, c], y)
+            v = (widen(x[o, c]) - coef[MEAN, c]) * coef[SCALE, c] + coef[BIAS, c]
+            if z is not None:
+                v += widen(z[o, c])
+            y[o, c] = narrow(activate(v, len(act)), y)
 
 
-def scale_shift_cpu(x, coef, y):
-    """y = (x - mean) * scale + bias on (outer, C, inner) views x and y
-    (float32/64, or float16 as its bits: ``half.bits``)."""
+# ----------------------------------------------------------------------------
+# CPU: one driver per op (one call from Python: the kernels and the per-channel steps between them)
+
+
+@cpu_driver
+def forward_train_inner_cpu(x, mask, coef, gamma, beta, rmean, rvar, eps, momentum, update, act, z, y):
+    """Training forward on x (outer, C, inner), inner > 1: statistics of the
+    True positions of ``mask`` (outer, inner) (None: all), coef (5, C) and
+    the running statistics (``update``), then y = g(BN(x) (+ z)) (y None:
+    statistics only).  act: a token (``activation.act_token``)."""
+    moments = np.empty((3, x.shape[1]))
+    moments_inner_cpu(x, mask, moments)
+    finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, update)
+    if y is not None:
+        scale_shift_inner_cpu(x, z, coef, act, y)
+
+
+@cpu_driver
+def forward_train_channels_cpu(x, xf, rows, coef, gamma, beta, rmean, rvar, eps, momentum, update, act, z, y):
+    """forward_train_inner_cpu for x, z, y (outer, C), channels contiguous;
+    xf, rows: as ``stats.moments_channels_cpu``."""
+    moments = np.empty((3, x.shape[1]))
+    moments_channels_cpu(x, xf, rows, moments)
+    finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, update)
+    if y is not None:
+        scale_shift_channels_cpu(x, z, coef, act, y)
+
+
+@cpu_driver
+def forward_eval_inner_cpu(x, mean, var, gamma, beta, eps, coef, act, z, y):
+    """coef (5, C) from the given (C,) statistics, then y = g(BN(x) (+ z));
+    x, z, y (outer, C, inner), inner > 1."""
+    affine_coefficients_cpu(mean, var, gamma, beta, eps, coef)
+    scale_shift_inner_cpu(x, z, coef, act, y)
+
+
+@cpu_driver
+def forward_eval_channels_cpu(x, mean, var, gamma, beta, eps, coef, act, z, y):
+    """forward_eval_inner_cpu for x, z, y (outer, C), channels contiguous."""
+    affine_coefficients_cpu(mean, var, gamma, beta, eps, coef)
+    scale_shift_channels_cpu(x, z, coef, act, y)
+
+
+def scale_shift_cpu(x, coef, y, act=(), z=None):
+    """y = g((x - mean) * scale + bias (+ z)) on (outer, C, inner) views x, z, y
+    (float32/64, or float16 as its bits: ``half.bits``); act: the activation as
+    a token (``activation.act_token``: () for none), z None for no residual."""
     if x.shape[2] > 1:
-        scale_shift_inner_cpu(x, coef, y)
+        scale_shift_inner_cpu(x, z, coef, act, y)
     else:  # a 2-D view: the compiler then knows the channels are contiguous
-        scale_shift_channels_cpu(x[:, :, 0], coef, y[:, :, 0])
+        scale_shift_channels_cpu(x[:, :, 0], None if z is None else z[:, :, 0], coef, act, y[:, :, 0])
 
 
 @gpu_kernel
 def scale_shift_cuda_inner(
     x,  # (outer, C, inner) input
+    z,  # None, or (outer, C, inner) residual added before the activation
     coef,  # (5, C) per-channel MEAN, SCALE, BIAS (accumulation dtype)
+    act,  # int: an ACTIVATIONS code (0: none)
     y,  # (outer, C, inner) out, x's dtype
 ):
-    """Block (TX, TY); grid.y strides over the outer*C rows, grid.x over inner."""
+    """y = g((x - mean) * scale + bias (+ z)).  Block (TX, TY); grid.y
+    strides over the outer*C rows, grid.x over inner."""
     outer, C, inner = x.shape
+    acc = coef.dtype.type
     tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
     TX, TY = cuda.blockDim.x, cuda.blockDim.y
     for r in range(cuda.blockIdx.y * TY + ty, outer * C, cuda.gridDim.y * TY):
@@ -121,17 +195,24 @@ def scale_shift_cuda_inner(
         s = coef[SCALE, c]
         b = coef[BIAS, c]
         for i in range(cuda.blockIdx.x * TX + tx, inner, cuda.gridDim.x * TX):
-            y[o, c, i] = (x[o, c, i] - m) * s + b
+            v = (acc(x[o, c, i]) - m) * s + b
+            if z is not None:
+                v += acc(z[o, c, i])
+            y[o, c, i] = activate(v, act)
 
 
 @gpu_kernel
 def scale_shift_cuda_channels(
     x,  # (outer, C, 1) input, channels contiguous
+    z,  # None, or (outer, C, 1) residual
     coef,  # (5, C) per-channel MEAN, SCALE, BIAS
+    act,  # int: an ACTIVATIONS code (0: none)
     y,  # (outer, C, 1) out
 ):
-    """Block (TX, TY); grid.x tiles channels, grid.y strides over rows."""
+    """scale_shift_cuda_inner for inner == 1.  Block (TX, TY); grid.x tiles
+    channels, grid.y strides over rows."""
     outer, C, _ = x.shape
+    acc = coef.dtype.type
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < C:
         m = coef[MEAN, c]
@@ -139,13 +220,18 @@ def scale_shift_cuda_channels(
         b = coef[BIAS, c]
         TY = cuda.blockDim.y
         for o in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, outer, cuda.gridDim.y * TY):
-            y[o, c, 0] = (x[o, c, 0] - m) * s + b
+            v = (acc(x[o, c, 0]) - m) * s + b
+            if z is not None:
+                v += acc(z[o, c, 0])
+            y[o, c, 0] = activate(v, act)
 
 
 @gpu_kernel
 def scale_shift_cuda_vec4(
     x,  # (outer * C * inner,) float32 input: the C-contiguous view, flat, 16-byte aligned
+    z,  # None, or (outer * C * inner,) float32 residual, 16-byte aligned
     coef,  # (5, C) float32 per-channel MEAN, SCALE, BIAS
+    act,  # int: an ACTIVATIONS code (0: none)
     y,  # (outer * C * inner,) float32 out, 16-byte aligned
     inner,  # int: a multiple of 4, so that every row starts 16-byte aligned
 ):
@@ -162,7 +248,11 @@ def scale_shift_cuda_vec4(
         for q in range(quad0, quads, dquad):
             k = r * inner + 4 * q
             v0, v1, v2, v3 = load4(x, k)
-            store4(y, k, (v0 - m) * s + b, (v1 - m) * s + b, (v2 - m) * s + b, (v3 - m) * s + b)
+            v0, v1, v2, v3 = (v0 - m) * s + b, (v1 - m) * s + b, (v2 - m) * s + b, (v3 - m) * s + b
+            if z is not None:
+                z0, z1, z2, z3 = load4(z, k)
+                v0, v1, v2, v3 = v0 + z0, v1 + z1, v2 + z2, v3 + z3
+            store4(y, k, activate(v0, act), activate(v1, act), activate(v2, act), activate(v3, act))
 
 
 def vec4_launch(x, *others):
@@ -207,29 +297,31 @@ def elementwise_launch_config(shape):
     return "channels", (gx, gy), (tx, ty)
 
 
-def launch_scale_shift_cpu(x, coef, y):
-    """y = (x - mean) * scale + bias.
+def launch_scale_shift_cpu(x, coef, y, act=0, z=None):
+    """y = g((x - mean) * scale + bias (+ z)).
 
-    x, y: (outer, C, inner) float16/32/64 (float16 is computed in float32 and
-    rounded once); coef (5, C) of x's compute dtype.
+    x, z, y: (outer, C, inner) float16/32/64 (float16 is computed in float32
+    and rounded once); coef (5, C) of x's compute dtype; act an ACTIVATIONS code.
     """
-    scale_shift_cpu(bits(x), coef, bits(y))
+    scale_shift_cpu(bits(x), coef, bits(y), act_token(act), None if z is None else bits(z))
 
 
-def launch_scale_shift_cuda(x, coef, y, stream=0):
-    """y = (x - mean) * scale + bias on the GPU, one launch.
+def launch_scale_shift_cuda(x, coef, y, act=0, z=None, stream=0):
+    """y = g((x - mean) * scale + bias (+ z)) on the GPU, one launch (16-byte
+    loads for float32 rows of a multiple of 4 starting 16-byte aligned).
 
-    x, y: (outer, C, inner) device arrays (float16/32/64; y may be x for in place);
-    coef: (5, C) device array of the accumulation dtype.
+    x, z, y: (outer, C, inner) device arrays (float16/32/64; y may be x for in
+    place); coef: (5, C) device array of the accumulation dtype.
     """
-    vec = vec4_launch(x, y)
+    vec = vec4_launch(x, y) if z is None else vec4_launch(x, z, y)
     if vec is not None:  # quads of four along inner: 16-byte loads
         grid, block, size = vec
-        scale_shift_cuda_vec4[grid, block, stream](x.reshape(size), coef, y.reshape(size), x.shape[2])
+        flat = None if z is None else z.reshape(size)
+        scale_shift_cuda_vec4[grid, block, stream](x.reshape(size), flat, coef, int(act), y.reshape(size), x.shape[2])
         return
     regime, grid, block = elementwise_launch_config(x.shape)
     kernel = scale_shift_cuda_inner if regime == "inner" else scale_shift_cuda_channels
-    kernel[grid, block, stream](x, coef, y)
+    kernel[grid, block, stream](x, z, coef, int(act), y)
 
 
 def launch_affine_coefficients_cpu(mean, var, gamma, beta, eps, coef):

@@ -37,20 +37,33 @@ over (rows, inner)) and ``*_onepass_cuda_channels`` (inner == 1: grid
 (ceil(C / TX),), a block per tile of TX contiguous channels, TY threads per
 channel walking its rows).
 
-The launchers here choose between these kernels and the split passes
-(``stats.py``, ``normalize.py``, ``activation.py``, ``backward.py``) by the
-values per channel (``one_pass``).
+A plan (``plan.py``) chooses between these kernels and the split passes
+(``stats.py``, ``normalize.py``, ``backward.py``) by the values per channel
+(``one_pass``), once per call shape.
 """
 
 import numba
 from numba import cuda
 
 from . import common
-from .activation import activate, launch_scale_shift_act_cpu, launch_scale_shift_act_cuda
-from .backward import B_CONST, B_X, dv_cuda, finish_backward_channel_cuda, input_grad_at, launch_backward_cuda
-from .common import CUDASIM, MAX_THREADS, block_shape, block_sum2, gpu_kernel, next_pow2, sm_count, tree_sum2
-from .normalize import launch_scale_shift_cpu, launch_scale_shift_cuda
-from .stats import BIAS, MEAN, SCALE, finish_channel_cuda, launch_stats_cpu, launch_stats_cuda
+from .activation import activate
+from .backward import dv_cuda, finish_backward_channel_cuda, input_grad_at
+from .common import (
+    B_CONST,
+    B_X,
+    BIAS,
+    CUDASIM,
+    MAX_THREADS,
+    MEAN,
+    SCALE,
+    block_shape,
+    block_sum2,
+    gpu_kernel,
+    next_pow2,
+    sm_count,
+    tree_sum2,
+)
+from .stats import finish_channel_cuda
 
 #: Most values per channel for which one block owns a channel (one launch per
 #: pass).  On a GPU: (32, 2048, 7, 7) (1568 per channel) and (4096, 512)
@@ -350,93 +363,3 @@ def backward_onepass_cuda_channels(
         kc = bcoef[B_CONST, c]
         for o in range(ty, outer, TY):
             input_grad_at(dy, x, z, mask, o, c, 0, coef, m, sc, b, bx, kc, act, dx, dz)
-
-
-# ----------------------------------------------------------------------------
-# launchers: one launch, or the split passes
-
-
-def launch_normalize_cpu(x, coef, y, act=0, z=None):
-    """The elementwise pass y = g((x - mean) * scale + bias (+ z)) on the CPU:
-    plain scale-shift without an activation and residual."""
-    if act or z is not None:
-        launch_scale_shift_act_cpu(x, x if z is None else z, coef, act, z is not None, y)
-    else:
-        launch_scale_shift_cpu(x, coef, y)
-
-
-def launch_normalize_cuda(x, coef, y, act=0, z=None, stream=0):
-    """launch_normalize_cpu on device arrays (x itself stands in for an absent z: never read)."""
-    if act or z is not None:
-        launch_scale_shift_act_cuda(x, x if z is None else z, coef, act, z is not None, y, stream=stream)
-    else:
-        launch_scale_shift_cuda(x, coef, y, stream=stream)
-
-
-def launch_forward_train_cpu(
-    x, coef, gamma, beta, rmean, rvar, eps, momentum, update, y, act=0, z=None, mask=None, origin=0, count=None
-):
-    """Training forward on the CPU: statistics (``launch_stats_cpu``), then the
-    elementwise pass into y (None: statistics only).  Args as
-    launch_forward_train_cuda, NumPy arrays (origin and count unused here)."""
-    launch_stats_cpu(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask=mask)
-    if y is not None:
-        launch_normalize_cpu(x, coef, y, act, z)
-
-
-def launch_forward_train_cuda(
-    x, coef, gamma, beta, rmean, rvar, eps, momentum, update, y, act=0, z=None, mask=None, origin=0, count=None,
-    stream=0, scratch=None,
-):  # fmt: skip
-    """Training forward on the GPU: one launch where a channel fits a block
-    (``one_pass``), else the statistics' split reduction and the elementwise pass.
-
-    Args:
-        x: (outer, C, inner) device array, float16/32/64.
-        coef: (5, C) out, the accumulation dtype (float64 for float64 x, else
-            float32): MEAN, VAR, INVSTD, SCALE, BIAS.
-        gamma, beta, rmean, rvar: (C,) device arrays of the accumulation dtype;
-            rmean/rvar updated in place when ``update``.
-        eps, momentum: floats.  update: bool.
-        y: None (statistics only), or (outer, C, inner) out, x's dtype:
-            g((x - mean) * scale + beta (+ z)).
-        act: an ACTIVATIONS code (0: none).  z: None, or the residual, like x.
-        mask: None, or (outer, inner) bool device array: statistics from its
-            True positions; origin: flat index of one of them; count: how many.
-        stream: the caller's stream handle (every launch and copy on it).
-        scratch: None, or the caller's allocator for the split reduction's
-            partials and counters (``workspace.workspace``).
-    """
-    outer, C, inner = x.shape
-    if not one_pass(x.shape, x.dtype.itemsize):
-        launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask, origin, stream, scratch)
-        if y is not None:
-            launch_normalize_cuda(x, coef, y, act, z, stream)
-        return
-    regime, grid, block = one_pass_config(x.shape)
-    kernel = forward_onepass_cuda_inner if regime == "inner" else forward_onepass_cuda_channels
-    acc = coef.dtype.type
-    n = float(outer * inner if mask is None else count)
-    kernel[grid, block, stream](
-        x, mask, int(origin), n, coef, gamma, beta, rmean, rvar, acc(eps), acc(momentum), bool(update), int(act), z, y
-    )
-
-
-def launch_backward_any_cuda(
-    dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=(), z=None, dz=None, stream=0,
-    scratch=None,
-):  # fmt: skip
-    """The backward on the GPU: one launch where a channel fits a block
-    (``one_pass``), else ``backward.launch_backward_cuda`` (two launches).
-    Args as launch_backward_cuda."""
-    if not one_pass(x.shape, x.dtype.itemsize):
-        launch_backward_cuda(dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask, count, act, z, dz, stream, scratch)
-        return
-    outer, C, inner = x.shape
-    regime, grid, block = one_pass_config(x.shape)
-    kernel = backward_onepass_cuda_inner if regime == "inner" else backward_onepass_cuda_channels
-    n = float(outer * inner if mask is None else count)
-    code = len(act) or None  # None: plain batch norm, the activation's branch removed at compile time
-    kernel[grid, block, stream](
-        dy, x, mask if training else None, coef, bcoef, dgamma, dbeta, bool(training), n, code, z, dx, dz
-    )

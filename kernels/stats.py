@@ -44,15 +44,22 @@ import numpy as np
 from numba import cuda, prange
 
 from .common import (
+    BIAS,
     CHUNK,
+    INVSTD,
     JIT,
     JIT_STREAM,
     MAX_THREADS,
+    MEAN,
+    PARALLEL_MIN_ELEMENTS,
+    SCALE,
+    VAR,
     block_merge,
     block_slice,
     chan_merge,
     channel_parts,
     coherent,
+    cpu_driver,
     cpu_kernel,
     finalize_channel,
     fold_chunk,
@@ -70,10 +77,8 @@ from .common import (
     tree_merge,
     twin,
 )
-from .half import bits, compute_dtype, widen
+from .half import compute_dtype, widen
 from .workspace import workspace
-
-MEAN, VAR, INVSTD, SCALE, BIAS = range(5)
 
 #: Rows averaged into the center of the one-pass moments (channels contiguous).
 CENTER_ROWS = 16
@@ -303,27 +308,34 @@ def merge_groups(part, center, out):
     out[2, :] = m2
 
 
-def channel_moments_channels(x, out, rows=None):
-    """channel_moments_cpu for x (outer, C) with contiguous channels, over the
-    given ``rows`` (int64, the unmasked rows) or all of them (None).
+@cpu_driver
+def moments_inner_cpu(x, mask, out):
+    """out (3, C) float64 <- count, mean, M2 of every channel of x (outer, C,
+    inner), inner > 1; only the True positions of ``mask`` (outer, inner)
+    count (None: all).  One pass around the mean of the first values
+    (``leading_center``), a second around the measured mean where that center
+    was far from it (``recenter``)."""
+    center = leading_center(x, mask)
+    channel_moments_inner_cpu(x, mask, center, out)
+    if recenter(out, center):
+        channel_moments_inner_cpu(x, mask, center, out)
 
-    One pass around the mean of the first CENTER_ROWS rows; where that center
-    lies more than sqrt(RECENTER) standard deviations from the channel's mean
-    (an outlier among the first rows), a second pass around the mean just
-    measured (now within a few ulps of it) restores full accuracy.  Narrow
-    rows are folded first (``fold_rows``; not when only some rows count).
-    """
-    if rows is None:
-        center = leading_center(x[:, :, None], None)
-        x, f = fold_rows(x)
-    else:
-        center = leading_center(x[rows[:CENTER_ROWS], :, None], None)
-        f = 1
-    part = np.empty((3, x.shape[1]))
-    channel_moments_channels_cpu(x, rows, repeat_groups(center, f), part)
+
+@cpu_driver
+def moments_channels_cpu(x, xf, rows, out):
+    """moments_inner_cpu for x (outer, C) with contiguous channels, over the
+    ``rows`` listed (int64, the unmasked rows; xf is then x) or all of them
+    (None).  xf: x folded (``fold_rows``: (outer / f, f * C), f rows side by
+    side; x itself for f = 1)."""
+    C = x.shape[1]
+    f = xf.shape[1] // C
+    first = np.ascontiguousarray(x[:CENTER_ROWS]) if rows is None else x[rows[:CENTER_ROWS]]
+    center = leading_center(first.reshape((-1, C, 1)), None)
+    part = np.empty((3, xf.shape[1]))
+    channel_moments_channels_cpu(xf, rows, repeat_groups(center.reshape((1, C)), f)[0], part)
     merge_groups(part, center, out)
     if recenter(out, center):
-        channel_moments_channels_cpu(x, rows, repeat_groups(center, f), part)
+        channel_moments_channels_cpu(xf, rows, repeat_groups(center.reshape((1, C)), f)[0], part)
         merge_groups(part, center, out)
 
 
@@ -338,14 +350,13 @@ def channel_moments_cpu(x, out, mask=None):
     values), so partial sums are small and combining them loses nothing to the
     offset (float64 data with mean 1e8 and spread 1e-4 keeps its variance to 1e-9).
     """
-    if x.shape[2] > 1:  # centered on the mean of the first values of the first row
-        center = leading_center(x, mask)
-        channel_moments_inner_cpu(x, mask, center, out)
-        if recenter(out, center):
-            channel_moments_inner_cpu(x, mask, center, out)
-    else:  # a 2-D view: the compiler then knows the channels are contiguous
-        rows = None if mask is None else np.flatnonzero(mask[:, 0])
-        channel_moments_channels(x[:, :, 0], out, rows)
+    if x.shape[2] > 1:
+        moments_inner_cpu(x, mask, out)
+        return
+    x2 = x[:, :, 0]  # a 2-D view: the compiler then knows the channels are contiguous
+    rows = None if mask is None else np.flatnonzero(mask[:, 0])
+    xf = fold_rows(x2)[0] if rows is None else x2
+    moments_channels_cpu.variant(x.size >= PARALLEL_MIN_ELEMENTS)(x2, xf, rows, out)
 
 
 @numba.njit(**JIT)
@@ -358,25 +369,8 @@ def finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, 
         )  # fmt: skip
 
 
-def launch_stats_cpu(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask=None, origin=0):
-    """Batch statistics and forward constants on the CPU.
-
-    Args:
-        x: (outer, C, inner) float16/32/64 NumPy array (any strides).
-        coef: (5, C) out, x's compute dtype: rows MEAN, VAR, INVSTD, SCALE, BIAS.
-        gamma, beta: (C,) arrays of coef's dtype.
-        rmean, rvar: (C,) running statistics, updated in place when ``update``.
-        eps, momentum: floats.  update: bool.
-        mask: None, or (outer, inner) bool: statistics from the True positions
-            only (the running variance's n / (n - 1) then counts those).
-        origin: unused here (the CUDA kernels' reference position).
-    """
-    moments = np.empty((3, x.shape[1]))
-    channel_moments_cpu(bits(x), moments, mask)
-    finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, update)
-
-    # ----------------------------------------------------------------------------
-    # CUDA kernels
+# ----------------------------------------------------------------------------
+# CUDA kernels
 
 
 @gpu_kernel(whole_warps=True)

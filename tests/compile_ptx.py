@@ -170,14 +170,12 @@ def main():
             K.batch_stats_cuda_inner: (x3, MASK, i64, w3, i32, m2, v, v, v, v, acc, acc, flag, i64),
             K.batch_stats_cuda_channels: (strided, MASK, i64, w3, i32, m2, v, v, v, v, acc, acc, flag),
             K.affine_coefficients_cuda: (v, v, v, v, acc, m2),
-            K.scale_shift_cuda_inner: (x3, m2, x3),
-            K.scale_shift_cuda_channels: (strided, m2, x3),
+            K.scale_shift_cuda_inner: (x3, Z, m2, i64, x3),
+            K.scale_shift_cuda_channels: (strided, Z, m2, i64, x3),
             K.backward_sums_cuda_inner: (x3, x3, m2, w3, i32, m2, v, v, flag, f64, ACT, Z, MASK, i64),
             K.backward_sums_cuda_channels: (strided, x3, m2, w3, i32, m2, v, v, flag, f64, ACT, Z, MASK),
             K.input_grad_cuda_inner: (x3, x3, MASK, m2, x3, ACT, Z, Z),
             K.input_grad_cuda_channels: (x3, strided, MASK, m2, x3, ACT, Z, Z),
-            K.scale_shift_act_cuda_inner: (x3, x3, m2, i64, flag, x3),
-            K.scale_shift_act_cuda_channels: (strided, x3, m2, i64, flag, x3),
             K.forward_onepass_cuda_inner: (x3, MASK, i64, f64, m2, v, v, v, v, acc, acc, flag, i64, Z, x3),
             K.forward_onepass_cuda_channels: (strided, MASK, i64, f64, m2, v, v, v, v, acc, acc, flag, i64, Z, x3),
             K.backward_onepass_cuda_inner: (x3, x3, MASK, m2, m2, v, v, flag, f64, ACT, Z, x3, Z),
@@ -216,9 +214,8 @@ def main():
     # in the PTX as v4 instructions, not split into scalar ones
     f1, m2 = types.float32[::1], types.float32[:, ::1]
     vector_kernels = {
-        K.scale_shift_cuda_vec4: (f1, m2, f1, types.int64),
+        K.scale_shift_cuda_vec4: (f1, f1, m2, types.int64, f1, types.int64),
         K.input_grad_cuda_vec4: (f1, f1, m2, f1, types.int64),
-        K.scale_shift_act_cuda_vec4: (f1, f1, m2, types.int64, types.boolean, f1, types.int64),
     }
     for kernel, sig in vector_kernels.items():
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)

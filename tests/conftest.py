@@ -69,6 +69,18 @@ def pytest_report_header(config):
     return f"gpubn {gpubn.__version__}: backends {gpubn.available_backends()}; CUDA backend on {mode}"
 
 
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Every test builds its own plans (kernels.plan): a test that patches a
+    module-level choice (block shape, SM count, one-launch limit) or spies on
+    kernels sees them in the plans it runs, and leaves none behind."""
+    from gpubn.kernels import plan
+
+    plan.clear()
+    yield
+    plan.clear()
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Every test body runs on both backends."""

@@ -12,7 +12,7 @@ import textwrap
 
 import numpy as np
 
-from gpubn.kernels.common import CPUKernel
+from gpubn.kernels.common import cpu_kernel
 
 SOURCE = textwrap.dedent(
     """
@@ -38,11 +38,11 @@ def test_serial_cache_entry_is_not_loaded_as_parallel(tmp_path):
     x = np.arange(8.0)
     y = np.empty_like(x)
 
-    first = CPUKernel(load(path).double)
+    first = cpu_kernel(load(path).double)
     first.serial(x, y)  # compiled and written to tmp_path/__pycache__
     np.testing.assert_array_equal(y, 2 * x)
 
-    second = CPUKernel(load(path).double)  # a fresh process would see the same
+    second = cpu_kernel(load(path).double)  # a fresh process would see the same
     second.parallel(x, y)
     second.serial(x, y)
     np.testing.assert_array_equal(y, 2 * x)

@@ -67,18 +67,19 @@ def test_every_call_runs_in_its_inputs_device_context(monkeypatch, rng):
 
     monkeypatch.setattr(functional, "device_scope", scope)
     seen = []
-    engine = functional._ENGINES["cuda"]
-    for name in ("forward_train", "affine", "normalize", "backward"):
-        fn = getattr(engine, name)
+    from gpubn.kernels.plan import CUDAPlan
+
+    for name in ("forward_train", "forward_eval", "backward"):
+        fn = getattr(CUDAPlan, name)
         monkeypatch.setattr(
-            engine, name, lambda *a, _fn=fn, _n=name, **k: (seen.append((_n, list(inside))), _fn(*a, **k))[1]
+            CUDAPlan, name, lambda *a, _fn=fn, _n=name, **k: (seen.append((_n, list(inside))), _fn(*a, **k))[1]
         )
     x = rng.standard_normal((4, 3, 5)).astype(np.float32)
     y, cache = gpubn.batch_norm_forward(device(x), backend="cuda")
     gpubn.batch_norm_backward(device(x), cache)
     gpubn.batch_stats(device(x), backend="cuda")
     gpubn.normalize(device(x), np.zeros(3), np.ones(3), backend="cuda")
-    assert {n for n, _ in seen} == {"forward_train", "affine", "normalize", "backward"}
+    assert {n for n, _ in seen} == {"forward_train", "forward_eval", "backward"}
     assert all(devices == [1] for _, devices in seen), seen
 
 

@@ -11,7 +11,7 @@ from numba import prange
 
 import gpubn
 from gpubn.kernels import half
-from gpubn.kernels.common import CPUKernel
+from gpubn.kernels.common import cpu_kernel
 
 from reference import backward, forward, tol
 
@@ -38,8 +38,8 @@ def _recipe_narrow_all(src, dst):
 
 # what the kernels use (F16C instructions here when half.HARDWARE_HALF), and
 # the portable bit recipes used where it is False
-WIDEN = {"kernels": CPUKernel(_widen_all), "recipe": CPUKernel(_recipe_widen_all)}
-NARROW = {"kernels": CPUKernel(_narrow_all), "recipe": CPUKernel(_recipe_narrow_all)}
+WIDEN = {"kernels": cpu_kernel(_widen_all), "recipe": cpu_kernel(_recipe_widen_all)}
+NARROW = {"kernels": cpu_kernel(_narrow_all), "recipe": cpu_kernel(_recipe_narrow_all)}
 CASES = [(impl, variant) for impl in ("kernels", "recipe") for variant in ("serial", "parallel")]
 
 
@@ -139,8 +139,8 @@ def _bf16_round_reference(x):
     return out.view(np.int16)
 
 
-BF16_WIDEN = CPUKernel(_widen_all)  # int16 in: the bfloat16 overload
-BF16_NARROW = CPUKernel(_narrow_all)  # int16 out: the bfloat16 overload
+BF16_WIDEN = cpu_kernel(_widen_all)  # int16 in: the bfloat16 overload
+BF16_NARROW = cpu_kernel(_narrow_all)  # int16 out: the bfloat16 overload
 
 
 @pytest.mark.parametrize("variant", ["serial", "parallel"])

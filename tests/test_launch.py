@@ -126,18 +126,18 @@ def test_interface_objects_are_converted_at_the_boundary(rng):
     x = rng.standard_normal((2, 3, 8)).astype(np.float32)
     coef = rng.standard_normal((5, 3)).astype(np.float32)
     y = np.zeros_like(x)
-    args = launch.launch_arguments(K.scale_shift_cuda_inner, (_Interface(x), _Interface(coef), _Interface(y)))
-    assert all(getattr(a, "__cuda_ndarray__", False) for a in args)
-    K.scale_shift_cuda_inner[(1, 2), (8, 4)](_Interface(x), _Interface(coef), _Interface(y))
+    args = launch.launch_arguments(K.scale_shift_cuda_inner, (_Interface(x), None, _Interface(coef), 0, _Interface(y)))
+    assert all(getattr(a, "__cuda_ndarray__", False) for a in args[::2])
+    K.scale_shift_cuda_inner[(1, 2), (8, 4)](_Interface(x), None, _Interface(coef), 0, _Interface(y))
     want = (x - coef[0][None, :, None]) * coef[3][None, :, None] + coef[4][None, :, None]
     np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
 
 
 def test_unknown_arguments_are_refused_naming_the_parameter():
-    with pytest.raises(TypeError, match=r"scale_shift_cuda_inner: argument 1 \(coef\) is a builtins.list"):
-        launch.launch_arguments(K.scale_shift_cuda_inner, (None, [1.0, 2.0], None))
+    with pytest.raises(TypeError, match=r"scale_shift_cuda_inner: argument 2 \(coef\) is a builtins.list"):
+        launch.launch_arguments(K.scale_shift_cuda_inner, (None, None, [1.0, 2.0], 0, None))
     with pytest.raises(TypeError, match=r"argument 0 \(x\) is a numpy.ndarray"):
-        launch.launch_arguments(K.scale_shift_cuda_inner, (np.ones(3), None, None))
+        launch.launch_arguments(K.scale_shift_cuda_inner, (np.ones(3), None, None, 0, None))
 
 
 @pytest.mark.parametrize("block", [(33, 1), (16, 1), (8, 3), (64, 32)])
@@ -173,8 +173,8 @@ def test_driver_launch_equals_numba_launch(rng):
     coef = cuda.to_device(rng.standard_normal((5, 5)).astype(np.float32))
     y_driver, y_numba = cuda.device_array_like(x), cuda.device_array_like(x)
     kernel = K.scale_shift_cuda_inner
-    kernel[(2, 3), (32, 4)](x, coef, y_driver)
-    kernel.dispatcher[(2, 3), (32, 4)](x, coef, y_numba)
+    kernel[(2, 3), (32, 4)](x, None, coef, 0, y_driver)
+    kernel.dispatcher[(2, 3), (32, 4)](x, None, coef, 0, y_numba)
     np.testing.assert_array_equal(y_driver.copy_to_host(), y_numba.copy_to_host())
     # a None argument and scalars: the statistics kernel, plain and through numba
     x3 = cuda.to_device((3 + rng.standard_normal((64, 5, 9))).astype(np.float32))
@@ -194,4 +194,4 @@ def test_driver_errors_raise_launch_error(rng):
     x = cuda.to_device(np.ones((2, 3, 4), np.float32))
     coef = cuda.to_device(np.ones((5, 3), np.float32))
     with pytest.raises(launch.LaunchError, match="scale_shift_cuda_inner: cuLaunchKernel.*CUDA_ERROR"):
-        K.scale_shift_cuda_inner[(1, 1), (2048, 1)](x, coef, cuda.device_array_like(x))  # > 1024 threads
+        K.scale_shift_cuda_inner[(1, 1), (2048, 1)](x, None, coef, 0, cuda.device_array_like(x))  # > 1024 threads

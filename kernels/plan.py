@@ -1,0 +1,203 @@
+"""Plans: everything a call's shape decides, decided once (design.md 4.3).
+
+A call's work splits into what depends only on its *shape* -- backend, the
+canonical ``(outer, C, inner)``, dtype, layout, device -- and what depends on
+its *values* (pointers, eps, momentum).  ``plan_for`` builds a plan on the
+first call of a shape and caches it; every later call of that shape only runs
+it.  A plan holds the choices:
+
+- CPU: the access regime (inner > 1, or channels contiguous), the fold of
+  narrow rows (``common.fold_rows``), the serial or parallel variant of each
+  op's driver (one compiled call per op: ``normalize.forward_*_cpu``,
+  ``backward.backward_*_cpu``);
+- CUDA: one launch per pass (``onepass``) or the split passes (``stats``,
+  ``normalize``, ``backward``), and their launch configurations.
+
+Every op takes the canonical views of its arrays (the backend's arrays: NumPy
+on the CPU, numba device arrays on CUDA) and writes its outputs in place:
+
+    forward_train(x, mask, coef, gamma, beta, rmean, rvar, eps, momentum, update, act, z, y)
+    forward_eval(x, mean, var, gamma, beta, eps, coef, act, z, y)
+    backward(dy, x, z, mask, coef, training, bcoef, dgamma, dbeta, act, dx, dz)
+
+``act`` is the activation's code (``activation.ACTIVATIONS``), z/y/dz None
+where absent, ``mask`` a ``Mask`` or None (training only).  CUDA ops also
+take the caller's ``stream`` and ``scratch`` allocator.
+"""
+
+import threading
+from typing import NamedTuple
+
+import numpy as np
+
+from . import common, onepass
+from .activation import act_token
+from .backward import backward_channels_cpu, backward_inner_cpu, launch_backward_cuda
+from .common import PARALLEL_MIN_ELEMENTS, fold_factor
+from .normalize import (
+    forward_eval_channels_cpu,
+    forward_eval_inner_cpu,
+    forward_train_channels_cpu,
+    forward_train_inner_cpu,
+    launch_affine_coefficients_cuda,
+    launch_scale_shift_cuda,
+)
+from .stats import launch_stats_cuda
+
+
+class Mask(NamedTuple):
+    """A validated mask over the (outer, inner) positions: which give the statistics."""
+
+    view: object  # (outer, inner) bool, on the backend's side
+    count: int  # True positions: the values per channel the statistics come from
+    origin: int  # flat index (o * inner + i) of the first True position (the CUDA kernels' reference value)
+    rows: object  # (CPU, inner == 1) int64 indices of the True rows, else None
+
+
+class CPUPlan:
+    """The CPU drivers and views of one call shape."""
+
+    def __init__(self, shape3, dtype, contiguous: bool):
+        outer, C, inner = shape3
+        self.shape3 = shape3
+        self.inner = inner > 1
+        self.half = np.dtype(dtype) == np.float16  # read as its bits (``half.bits``)
+        parallel = outer * C * inner >= PARALLEL_MIN_ELEMENTS
+        if self.inner:
+            self._train = forward_train_inner_cpu.variant(parallel)
+            self._eval = forward_eval_inner_cpu.variant(parallel)
+            self._backward = backward_inner_cpu.variant(parallel)
+        else:
+            self._train = forward_train_channels_cpu.variant(parallel)
+            self._eval = forward_eval_channels_cpu.variant(parallel)
+            self._backward = backward_channels_cpu.variant(parallel)
+        # folding pays once the rows are many (its partials cost ~3 us on (64, 16))
+        fold = contiguous and not self.inner and outer * C >= common.BLOCK_MIN
+        self.fold = fold_factor(outer, C) if fold else 1
+        self.folded = (outer // self.fold, self.fold * C)
+
+    def _views(self, *arrays):
+        """The kernels' views: (outer, C) of (outer, C, 1) arrays (the
+        compiler then knows the channels are contiguous), float16 as bits."""
+        if self.half:
+            arrays = [a.view(np.uint16) if a is not None and a.dtype == np.float16 else a for a in arrays]
+        if self.inner:
+            return arrays
+        return [None if a is None else a[:, :, 0] for a in arrays]
+
+    def _fold(self, a2):
+        """a2 folded (``common.fold_rows``), or None where it is not C-contiguous."""
+        if self.fold == 1:
+            return a2
+        return a2.reshape(self.folded) if a2.flags.c_contiguous else None
+
+    def forward_train(self, x, mask, coef, gamma, beta, rmean, rvar, eps, momentum, update, act, z, y):
+        x, z, y = self._views(x, z, y)
+        if self.inner:
+            m = None if mask is None else mask.view
+            self._train(x, m, coef, gamma, beta, rmean, rvar, eps, momentum, update, act_token(act), z, y)
+            return
+        xf, rows = (self._fold(x), None) if mask is None else (x, mask.rows)
+        self._train(x, xf, rows, coef, gamma, beta, rmean, rvar, eps, momentum, update, act_token(act), z, y)
+
+    def forward_eval(self, x, mean, var, gamma, beta, eps, coef, act, z, y):
+        x, z, y = self._views(x, z, y)
+        self._eval(x, mean, var, gamma, beta, eps, coef, act_token(act), z, y)
+
+    def backward(self, dy, x, z, mask, coef, training, bcoef, dgamma, dbeta, act, dx, dz):
+        outer, C, inner = self.shape3
+        n = float(outer * inner if mask is None else mask.count)
+        dy, x, z, dx, dz = self._views(dy, x, z, dx, dz)
+        if self.inner:
+            m = None if mask is None else mask.view
+            self._backward(dy, x, z, m, coef, training, n, bcoef, dgamma, dbeta, act_token(act), dx, dz)
+            return
+        rows = None if mask is None else mask.view[:, 0]
+        folded = [dy, x, z]
+        if rows is None and self.fold > 1:
+            folded = [self._fold(a) for a in (dy, x, x if z is None else z)]
+            if any(a is None for a in folded):  # a non-contiguous gradient: every view unfolded
+                folded = [dy, x, z]
+            elif z is None:
+                folded[2] = None
+        args = (coef, training, n, bcoef, dgamma, dbeta, act_token(act), dx, dz)
+        self._backward(dy, x, z, *folded, rows, *args)
+
+
+class CUDAPlan:
+    """The CUDA launches of one call shape: one launch per pass where a
+    channel fits a block (``onepass.one_pass``), else the split passes."""
+
+    def __init__(self, shape3, dtype):
+        self.shape3 = shape3
+        self.onepass = onepass.one_pass(shape3, np.dtype(dtype).itemsize)
+        if self.onepass:
+            regime, self.grid, self.block = onepass.one_pass_config(shape3)
+            regime = "inner" if regime == "inner" else "channels"
+            self._train = getattr(onepass, f"forward_onepass_cuda_{regime}")
+            self._backward = getattr(onepass, f"backward_onepass_cuda_{regime}")
+
+    def forward_train(
+        self, x, mask, coef, gamma, beta, rmean, rvar, eps, momentum, update, act, z, y, stream=0, scratch=None
+    ):
+        m, origin = (None, 0) if mask is None else (mask.view, mask.origin)
+        if not self.onepass:
+            launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, m, origin, stream, scratch)
+            if y is not None:
+                launch_scale_shift_cuda(x, coef, y, act, z, stream)
+            return
+        outer, C, inner = self.shape3
+        acc = coef.dtype.type
+        n = float(outer * inner if mask is None else mask.count)
+        self._train[self.grid, self.block, stream](
+            x, m, int(origin), n, coef, gamma, beta, rmean, rvar, acc(eps), acc(momentum), bool(update), int(act), z, y
+        )
+
+    def forward_eval(self, x, mean, var, gamma, beta, eps, coef, act, z, y, stream=0, scratch=None):
+        launch_affine_coefficients_cuda(mean, var, gamma, beta, eps, coef, stream=stream)
+        launch_scale_shift_cuda(x, coef, y, act, z, stream)
+
+    def backward(self, dy, x, z, mask, coef, training, bcoef, dgamma, dbeta, act, dx, dz, stream=0, scratch=None):
+        outer, C, inner = self.shape3
+        m, count = (None, None) if mask is None else (mask.view, mask.count)
+        code = int(act) or None  # None: plain batch norm, the activation's branch removed when compiled
+        if not self.onepass:
+            args = (dy, x, coef, training, bcoef, dgamma, dbeta, dx, m, count, code, z, dz)
+            launch_backward_cuda(*args, stream, scratch)
+            return
+        n = float(outer * inner if mask is None else count)
+        self._backward[self.grid, self.block, stream](
+            dy, x, m, coef, bcoef, dgamma, dbeta, bool(training), n, code, z, dx, dz
+        )
+
+
+_plans = {}
+_lock = threading.Lock()
+
+
+def clear():
+    """Forget every plan (tests that change a module-level choice: block
+    shapes, SM counts, the one-launch limit, or spy on kernels)."""
+    with _lock:
+        _plans.clear()
+        for forget in forgetters:
+            forget()
+
+
+#: callbacks of the caches that hold plans (gpubn.functional's shapes)
+forgetters = []
+
+
+def plan_for(backend: str, shape3: tuple, dtype, contiguous: bool = True, device: int = 0):
+    """The plan of a call shape, built on the first call (thread-safe).
+
+    ``contiguous``: the CPU input's (outer, C) view is C-contiguous (narrow
+    rows can then be folded); ``device``: the CUDA device ordinal (launch
+    configurations depend on its SM count)."""
+    key = (backend, shape3, dtype, contiguous, device)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = CPUPlan(shape3, dtype, contiguous) if backend == "cpu" else CUDAPlan(shape3, dtype)
+        with _lock:
+            _plans[key] = plan
+    return plan
