@@ -66,12 +66,13 @@ def main(argv=None):
         counter = cuda.to_device(np.zeros(columns, np.int32))  # blocks done per channel
         mask, origin = None, 0  # no mask: every position counts (else a bool (outer, inner) array)
         stats_args = (d_x, mask, origin, work, counter, d_coef, d_gamma, d_beta, d_rm, d_rv)
-        kernel[grid, block](*stats_args, np.float32(eps), np.float32(momentum), True, inner_splits)
+        act, residual = 0, None  # no activation (an ACTIVATIONS code), no residual
+        # y None: statistics only (a launch with one block per channel may pass y and write it too)
+        kernel[grid, block](*stats_args, np.float32(eps), np.float32(momentum), True, inner_splits, act, residual, None)
         print(f"launched {kernel.py_func.__name__}[grid={grid}, block={block}] ({splits} blocks per channel)")
         # the elementwise kernel: a 2-D grid over (inner, outer*C rows)
         regime, grid, block = K.elementwise_launch_config(x3.shape)
         d_y = cuda.device_array_like(d_x)
-        act, residual = 0, None  # no activation (an ACTIVATIONS code), no residual
         K.scale_shift_cuda_inner[grid, block](d_x, residual, d_coef, act, d_y)
         print(f"launched scale_shift_cuda_inner[grid={grid}, block={block}]")
         coef, y3 = d_coef.copy_to_host(), d_y.copy_to_host()

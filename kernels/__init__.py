@@ -10,13 +10,13 @@ constants travel packed in one small array (``common``):
 Modules: ``common`` (the constants' rows, the merges, and the pieces every
 reduction shares: row blocks and chunks on the CPU, ``reduction_config``, the
 block reductions and the last-block ticket on the GPU), ``stats`` (batch
-statistics, split reduction), ``normalize`` (the elementwise pass, fused with
-an activation and a residual; the CPU forward drivers), ``backward``,
-``activation`` (the activations and their slopes), ``onepass`` (small and mid
-tensors: a block owns whole channels, one launch per pass), ``plan`` (what a
-call's shape decides, decided once: which of these run, and how).  The kernels
-can be launched directly with an explicit grid and block (see
-``examples/kernels_direct.py``).
+statistics; on the GPU a block per channel also writes y when a channel fits
+one: ``common.one_pass``), ``normalize`` (the elementwise pass, fused with an
+activation and a residual; the CPU forward drivers), ``backward``,
+``activation`` (the activations, their slopes, the forward's element on the
+GPU), ``plan`` (what a call's shape decides, decided once: which of these run,
+and how).  The kernels can be launched directly with an explicit grid and
+block (see ``examples/kernels_direct.py``).
 """
 
 from .activation import ACTIVATIONS
@@ -44,11 +44,13 @@ from .common import (
     CUDASIM,
     INVSTD,
     MEAN,
+    ONE_PASS_MAX,
     SCALE,
     VAR,
     ReductionConfig,
     block_shape,
     chan_merge,
+    one_pass,
     reduction_config,
     reduction_splits,
 )
@@ -69,15 +71,6 @@ from .normalize import (
     scale_shift_cuda_inner,
     scale_shift_cuda_vec4,
     scale_shift_inner_cpu,
-)
-from .onepass import (
-    ONE_PASS_MAX,
-    backward_onepass_cuda_channels,
-    backward_onepass_cuda_inner,
-    forward_onepass_cuda_channels,
-    forward_onepass_cuda_inner,
-    one_pass,
-    one_pass_config,
 )
 from .plan import CPUPlan, CUDAPlan, Mask, plan_for
 from .stats import (

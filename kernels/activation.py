@@ -25,6 +25,7 @@ import math
 
 import numba
 import numpy as np
+from numba import cuda
 
 from .common import JIT, JIT_STREAM
 
@@ -49,6 +50,17 @@ def activate(v, act):
     if act == TANH:
         return math.tanh(v)
     return v
+
+
+@cuda.jit(device=True)
+def forward_at(x, z, o, c, i, m, s, b, act, y):
+    """y[o, c, i] = g((x[o, c, i] - m) * s + b (+ z[o, c, i])): the forward's
+    element on the GPU (m, s, b: the channel's MEAN, SCALE, BIAS, in the
+    accumulation dtype; z None removes its branch at compile time)."""
+    v = (x[o, c, i] - m) * s + b
+    if z is not None:
+        v += z[o, c, i]
+    y[o, c, i] = activate(v, act)
 
 
 def act_token(code: int) -> tuple:

@@ -69,7 +69,6 @@ from .common import (
     repeat_groups,
     row_blocks,
     task_channels,
-    tree_sum2,
     twin,
 )
 from .half import compute_dtype, narrow, widen
@@ -392,6 +391,8 @@ def backward_sums_cuda_inner(
     z,  # None, or (outer, C, inner) the forward's residual (with act)
     mask,  # None, or (outer, inner) bool: only True positions are summed
     inner_splits,  # splits along inner; gridDim.y = outer splits * inner_splits
+    dx,  # None, or (outer, C, inner) out (one block per channel only: gridDim.y == 1)
+    dz,  # None, or (outer, C, inner) out: dv, the residual's gradient (with dx and act)
 ):
     """Grid (C, splits), block (TX, TY), the same slicing as batch_stats_cuda_inner."""
     outer, C, inner = x.shape
@@ -417,7 +418,7 @@ def backward_sums_cuda_inner(
     a1 = cuda.shared.array(MAX_THREADS, numba.float64)
     a2 = cuda.shared.array(MAX_THREADS, numba.float64)
     flag = cuda.shared.array(1, numba.int32)
-    block_sum2(a1, a2, s1, s2, t, TX * TY)
+    block_sum2(a1, a2, s1, s2, t, TX * TY, 1)
     if t == 0:
         work[0, s, c] = a1[0]
         work[1, s, c] = a2[0]
@@ -428,12 +429,18 @@ def backward_sums_cuda_inner(
         for j in range(t, splits, TX * TY):
             t1 += coherent(work, 0, j, c)
             t2 += coherent(work, 1, j, c)
-        block_sum2(a1, a2, t1, t2, t, TX * TY)
+        block_sum2(a1, a2, t1, t2, t, TX * TY, 1)
         if t == 0:
             finish_backward_channel_cuda(c, n, a1[0], a2[0], coef, training, bcoef, dgamma, dbeta)
+        if dx is not None:  # the block owns channel c: the input gradient, from L1/L2
+            cuda.syncthreads()  # bcoef[:, c] written
+            bx, kc = bcoef[B_X, c], bcoef[B_CONST, c]
+            for o in range(ty, outer, TY):
+                for i in range(tx, inner, TX):
+                    input_grad_at(dy, x, z, mask, o, c, i, coef, m, sc, b, bx, kc, act, dx, dz)
 
 
-@gpu_kernel
+@gpu_kernel(whole_warps=True)
 def backward_sums_cuda_channels(
     dy,  # (outer, C, 1) upstream gradient, channels contiguous
     x,  # (outer, C, 1) forward input
@@ -448,6 +455,8 @@ def backward_sums_cuda_channels(
     act,  # None, or an ACTIVATIONS code
     z,  # None, or (outer, C, 1) the forward's residual (with act)
     mask,  # None, or (outer, 1) bool: only True rows are summed
+    dx,  # None, or (outer, C, 1) out (one block per tile only: gridDim.y == 1)
+    dz,  # None, or (outer, C, 1) out: dv (with dx and act)
 ):
     """Grid (ceil(C / TX), splits), block (TX, TY), as batch_stats_cuda_channels."""
     outer, C, _ = x.shape
@@ -464,6 +473,9 @@ def backward_sums_cuda_channels(
     o1 = min(outer, o0 + rows)
     s1 = acc(0)
     s2 = acc(0)
+    m = acc(0)
+    sc = acc(0)
+    b = acc(0)
     if c < C:
         m = coef[MEAN, c]
         sc = coef[SCALE, c]
@@ -477,11 +489,8 @@ def backward_sums_cuda_channels(
     a1 = cuda.shared.array(MAX_THREADS, numba.float64)
     a2 = cuda.shared.array(MAX_THREADS, numba.float64)
     flag = cuda.shared.array(1, numba.int32)
-    a1[t] = s1
-    a2[t] = s2
-    cuda.syncthreads()
-    tree_sum2(a1, a2, ty, tx, TX, TY)
-    if ty == 0 and c < C:
+    block_sum2(a1, a2, s1, s2, t, TX * TY, TX)
+    if t < TX and c < C:
         work[0, s, c] = a1[tx]
         work[1, s, c] = a2[tx]
 
@@ -491,12 +500,15 @@ def backward_sums_cuda_channels(
             for j in range(ty, splits, TY):
                 t1 += coherent(work, 0, j, c)
                 t2 += coherent(work, 1, j, c)
-        a1[t] = t1
-        a2[t] = t2
-        cuda.syncthreads()
-        tree_sum2(a1, a2, ty, tx, TX, TY)
-        if ty == 0 and c < C:
+        block_sum2(a1, a2, t1, t2, t, TX * TY, TX)
+        if t < TX and c < C:
             finish_backward_channel_cuda(c, n, a1[tx], a2[tx], coef, training, bcoef, dgamma, dbeta)
+        if dx is not None:  # the block owns its channels: the input gradient, from L1/L2
+            cuda.syncthreads()  # bcoef[:, c] written
+            if c < C:
+                bx, kc = bcoef[B_X, c], bcoef[B_CONST, c]
+                for o in range(ty, outer, TY):
+                    input_grad_at(dy, x, z, mask, o, c, 0, coef, m, sc, b, bx, kc, act, dx, dz)
 
 
 @gpu_kernel
@@ -597,9 +609,10 @@ def launch_input_grad_cuda(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=Non
 
 def launch_backward_cuda(
     dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=None, z=None, dz=None, stream=0,
-    scratch=None,
+    scratch=None, one_launch=False,
 ):  # fmt: skip
-    """Both backward passes on the GPU: two launches.
+    """Both backward passes on the GPU: the sums, then the input gradient
+    (one launch with ``one_launch``, a block per channel: ``common.one_pass``).
 
     Args:
         dy, x: (outer, C, inner) device arrays, float16/32/64.
@@ -616,14 +629,16 @@ def launch_backward_cuda(
             for the partials (``workspace.workspace``).
     """
     outer, C, inner = x.shape
-    grid, block, inner_splits, splits, columns = reduction_config(x.shape)[1:]
+    grid, block, inner_splits, splits, columns = reduction_config(x.shape, one_launch)[1:]
     work = workspace("backward.work", (2, splits, C), np.float64, stream=stream, scratch=scratch)
     counter = workspace("backward.counter", (columns,), np.int32, zero=True, stream=stream, scratch=scratch)
     n = float(outer * inner if mask is None else count)
     mask = mask if training else None
     args = [dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), n, act, z, mask]
     if inner_splits is not None:
-        backward_sums_cuda_inner[grid, block, stream](*args, inner_splits)
-    else:
-        backward_sums_cuda_channels[grid, block, stream](*args)
-    launch_input_grad_cuda(dy, x, bcoef, dx, mask, act, z, dz, stream)
+        args.append(inner_splits)
+    tail = (dx, dz) if one_launch else (None, None)
+    kernel = backward_sums_cuda_inner if inner_splits is not None else backward_sums_cuda_channels
+    kernel[grid, block, stream](*args, *tail)
+    if not one_launch:
+        launch_input_grad_cuda(dy, x, bcoef, dx, mask, act, z, dz, stream)

@@ -1,5 +1,6 @@
 """Pieces shared by every kernel family: the stable merge, per-channel finalize,
-the block-level tree reduction and the one helper that picks grids and blocks.
+the block reductions (warp shuffles, then across warps) and the helpers that
+pick grids and blocks (``block_shape``, ``reduction_config``, ``one_pass``).
 
 Per-channel statistics are carried as ``(count, mean, M2)`` triples, where
 ``M2 = sum((x - mean)**2)``.  Two triples merge exactly by Chan's formula
@@ -164,7 +165,8 @@ def gpu_kernel(fn=None, *, whole_warps: bool = False):
 
 
 #: Threads per CUDA block.  The simulator runs one Python thread per CUDA thread,
-#: so it gets small blocks (still two levels of every tree reduction).
+#: so it gets small blocks (one warp: the block reductions' cross-warp step is
+#: run by tests that set BLOCK_OVERRIDE or launch wider blocks).
 MAX_THREADS = 32 if CUDASIM else 256
 
 #: Fewest elements per thread worth a reduction block of its own.  The
@@ -310,43 +312,12 @@ def finalize_channel(n, mean, m2, eps, gamma, momentum):
 
 
 @cuda.jit(device=True)
-def tree_merge(sn, sm, sq, lane, base, stride, count):
-    """Chan-merge ``count`` (a power of two) triples held in shared memory at
-    ``base + k * stride``; the result lands at ``base``.  Every thread of the
-    block must call this (it synchronises); ``lane`` is the caller's k."""
-    step = count // 2
-    while step > 0:
-        if lane < step:
-            a = base + lane * stride
-            b = a + step * stride
-            n, m, q = chan_merge(sn[a], sm[a], sq[a], sn[b], sm[b], sq[b])
-            sn[a] = n
-            sm[a] = m
-            sq[a] = q
-        cuda.syncthreads()
-        step //= 2
-
-
-@cuda.jit(device=True)
-def tree_sum2(s1, s2, lane, base, stride, count):
-    """Sum ``count`` (a power of two) pairs in shared memory at ``base + k*stride``
-    into ``base``; every thread of the block must call it."""
-    step = count // 2
-    while step > 0:
-        if lane < step:
-            a = base + lane * stride
-            b = a + step * stride
-            s1[a] += s1[b]
-            s2[a] += s2[b]
-        cuda.syncthreads()
-        step //= 2
-
-
-@cuda.jit(device=True)
-def _warp_sum2(a, b):
-    """Sums of a and b over the 32 lanes of a warp, in lane 0 (shuffles)."""
+def _warp_sum2(a, b, width):
+    """Sums of a and b over the lanes of a warp that agree modulo ``width``
+    (a power of two, at most 32), in lanes 0 .. width - 1 (shuffles down to
+    offset ``width``; width 32: every lane keeps its own)."""
     off = 16
-    while off > 0:
+    while off >= width:
         a += cuda.shfl_down_sync(0xFFFFFFFF, a, off)
         b += cuda.shfl_down_sync(0xFFFFFFFF, b, off)
         off //= 2
@@ -354,10 +325,11 @@ def _warp_sum2(a, b):
 
 
 @cuda.jit(device=True)
-def _warp_merge(n, m, q):
-    """The Chan merge of the 32 lanes' (count, mean, M2) triples, in lane 0."""
+def _warp_merge(n, m, q, width):
+    """The Chan merge of the (count, mean, M2) triples of the lanes that
+    agree modulo ``width``, in lanes 0 .. width - 1 (as ``_warp_sum2``)."""
     off = 16
-    while off > 0:
+    while off >= width:
         nb = cuda.shfl_down_sync(0xFFFFFFFF, n, off)
         mb = cuda.shfl_down_sync(0xFFFFFFFF, m, off)
         qb = cuda.shfl_down_sync(0xFFFFFFFF, q, off)
@@ -366,50 +338,55 @@ def _warp_merge(n, m, q):
     return n, m, q
 
 
+# The block reductions of every CUDA kernel.  Thread t of a block holds a
+# partial of channel t % width: width 1 when the whole block reduces one
+# channel (inner > 1), width TX when thread (tx, ty) walks channel tx of a
+# tile (inner == 1).  Warp shuffles combine the lanes of a channel inside each
+# warp; the warps' partials then meet in shared memory, where thread j < width
+# combines channel j's (a few per block, in a fixed order: deterministic).
+# ``threads`` is the block's size, a multiple of 32 (``check_whole_warps``);
+# every thread calls, and finds channel j's result at index j on return.
+
+
 @cuda.jit(device=True)
-def block_sum2(a1, a2, s1, s2, t, count):
-    """Sums of every thread's s1, s2 over the block (``count`` threads, a
-    multiple of 32: ``check_whole_warps``; thread t): in a1[0], a2[0] for every
-    thread on return.  Warp shuffles, then one shared-memory step across the
-    warps.  a1, a2: float64 shared arrays; every thread calls."""
-    w1, w2 = _warp_sum2(numba.float64(s1), numba.float64(s2))
+def block_sum2(a1, a2, s1, s2, t, threads, width):
+    """Sums of s1 and s2 per channel over the block into a1[j], a2[j]
+    (a1, a2: float64 shared arrays of at least ``threads`` slots)."""
+    v1, v2 = _warp_sum2(numba.float64(s1), numba.float64(s2), width)
+    lanes = min(width, 32)  # partials a warp leaves
     lane = t % 32
-    warp = t // 32
-    if lane == 0:
-        a1[warp] = w1
-        a2[warp] = w2
+    if lane < lanes:
+        a1[(t // 32) * lanes + lane] = v1
+        a2[(t // 32) * lanes + lane] = v2
     cuda.syncthreads()
-    if warp == 0:
-        v1 = a1[lane] if lane < count // 32 else 0.0
-        v2 = a2[lane] if lane < count // 32 else 0.0
-        v1, v2 = _warp_sum2(v1, v2)
-        if lane == 0:
-            a1[0] = v1
-            a2[0] = v2
+    if t < width:
+        for e in range(t + width, (threads // 32) * lanes, width):
+            v1 += a1[e]
+            v2 += a2[e]
+        a1[t] = v1
+        a2[t] = v2
     cuda.syncthreads()
 
 
 @cuda.jit(device=True)
-def block_merge(sn, sm, sq, n, m, q, t, count):
-    """The Chan merge of every thread's (n, m, q) over the block: in sn[0],
-    sm[0], sq[0] for every thread on return (as block_sum2)."""
-    wn, wm, wq = _warp_merge(numba.float64(n), numba.float64(m), numba.float64(q))
+def block_merge(sn, sm, sq, n, m, q, t, threads, width):
+    """The Chan merge of (n, m, q) per channel over the block into sn[j],
+    sm[j], sq[j] (as ``block_sum2``)."""
+    vn, vm, vq = _warp_merge(numba.float64(n), numba.float64(m), numba.float64(q), width)
+    lanes = min(width, 32)
     lane = t % 32
-    warp = t // 32
-    if lane == 0:
-        sn[warp] = wn
-        sm[warp] = wm
-        sq[warp] = wq
+    if lane < lanes:
+        e = (t // 32) * lanes + lane
+        sn[e] = vn
+        sm[e] = vm
+        sq[e] = vq
     cuda.syncthreads()
-    if warp == 0:
-        vn, vm, vq = 0.0, 0.0, 0.0
-        if lane < count // 32:
-            vn, vm, vq = sn[lane], sm[lane], sq[lane]
-        vn, vm, vq = _warp_merge(vn, vm, vq)
-        if lane == 0:
-            sn[0] = vn
-            sm[0] = vm
-            sq[0] = vq
+    if t < width:
+        for e in range(t + width, (threads // 32) * lanes, width):
+            vn, vm, vq = chan_merge(vn, vm, vq, sn[e], sm[e], sq[e])
+        sn[t] = vn
+        sm[t] = vm
+        sq[t] = vq
     cuda.syncthreads()
 
 
@@ -667,12 +644,14 @@ def coherent(work, k, j, c):
 
 
 class ReductionConfig(NamedTuple):
-    """How a split reduction over the canonical view is launched (the
-    statistics and the backward sums share it).
+    """How a reduction over the canonical view is launched (the statistics
+    and the backward sums share it).
 
     regime: "inner" (threads walk the contiguous inner axis; grid (C, splits))
     or "channels" (inner == 1: threads walk channels; grid (columns, splits)).
     inner_splits: splits along inner ("inner" regime; None otherwise).
+    splits: blocks per channel; 1 when a block owns whole channels, and then
+    the same launch runs the elementwise pass too (``one_pass``).
     columns: blocks across channels, one ticket counter each.
     """
 
@@ -684,12 +663,47 @@ class ReductionConfig(NamedTuple):
     columns: int
 
 
-def reduction_config(shape) -> ReductionConfig:
-    """The split reduction's launch for a view shape (outer, C, inner)."""
+#: Most values per channel for which one block owns a channel: the reduction
+#: and the elementwise pass in one launch (a block re-reads its channels from
+#: L1/L2 instead of handing partials to a second launch).  On a GPU: (32,
+#: 2048, 7, 7) (1568 per channel) and (4096, 512) (4096 per channel) take one
+#: launch; (64, 256, 28, 28) (50 176) takes the split path.  Chosen from the
+#: shapes, NOT yet measured on a card.  The simulator gets a small limit so
+#: that its tiny test shapes run both paths.
+ONE_PASS_MAX_GPU = 1 << 14
+ONE_PASS_MAX = 64 if CUDASIM else ONE_PASS_MAX_GPU
+#: ... and most bytes of x: the re-reads must hit L2 (50 MB on an H100, 60 MB
+#: on an H200, with y or dx beside x).
+ONE_PASS_MAX_BYTES = 32 << 20
+#: Inputs of at most this many bytes are host-bound on any card (a launch costs
+#: more host time than moving them takes): one launch however few blocks it fills.
+HOST_BOUND_BYTES = 1 << 20
+
+
+def one_pass(shape, itemsize: int = 4) -> bool:
+    """Whether a canonical view (outer, C, inner) of ``itemsize``-byte values
+    is reduced and written in one launch per pass (a block per channel, or per
+    tile of channels): few values per channel, x small enough to be re-read
+    from L2, and either enough blocks for two per SM or so small that the
+    launch is host-bound ((4096, 512) gave 16 blocks of 32 channels to a
+    132-SM card: it takes the split passes)."""
+    outer, C, inner = shape
+    nbytes = outer * C * inner * itemsize
+    if outer * inner > ONE_PASS_MAX or nbytes > ONE_PASS_MAX_BYTES:
+        return False
+    return nbytes <= HOST_BOUND_BYTES or reduction_config(shape, True).columns >= 2 * sm_count()
+
+
+def reduction_config(shape, one_launch: bool = False) -> ReductionConfig:
+    """The reduction's launch for a view shape (outer, C, inner): channels
+    split over blocks for ~4 blocks per SM, or (``one_launch``) a block per
+    channel (inner > 1) or per tile of channels (inner == 1)."""
     outer, C, inner = shape
     tx, ty = block_shape(outer, C, inner)
     n = outer * inner
     if inner > 1:
+        if one_launch:
+            return ReductionConfig("inner", (C, 1), (tx, ty), 1, 1, C)
         splits = reduction_splits(n, C, tx * ty)
         # split the inner axis only as far as the rows cannot carry the split
         inner_splits = nonempty(inner, max(1, min(-(-splits // max(1, -(-outer // ty))), -(-inner // tx))))
@@ -699,7 +713,7 @@ def reduction_config(shape) -> ReductionConfig:
     # channels contiguous: a block covers tx channels, so only its ty threads
     # share a channel's rows (passing tx * ty left (4096, 512) with 2 blocks)
     columns = -(-C // tx)
-    splits = nonempty(outer, min(reduction_splits(n, columns, ty), max(1, -(-outer // ty))))
+    splits = 1 if one_launch else nonempty(outer, min(reduction_splits(n, columns, ty), max(1, -(-outer // ty))))
     return ReductionConfig("channels", (columns, splits), (tx, ty), None, splits, columns)
 
 

@@ -26,7 +26,7 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
-from .activation import act_token, activate
+from .activation import act_token, activate, forward_at
 from .common import (
     BIAS,
     INVSTD,
@@ -185,20 +185,14 @@ def scale_shift_cuda_inner(
     """y = g((x - mean) * scale + bias (+ z)).  Block (TX, TY); grid.y
     strides over the outer*C rows, grid.x over inner."""
     outer, C, inner = x.shape
-    acc = coef.dtype.type
     tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
     TX, TY = cuda.blockDim.x, cuda.blockDim.y
     for r in range(cuda.blockIdx.y * TY + ty, outer * C, cuda.gridDim.y * TY):
         o = r // C
         c = r - o * C
-        m = coef[MEAN, c]
-        s = coef[SCALE, c]
-        b = coef[BIAS, c]
+        m, s, b = coef[MEAN, c], coef[SCALE, c], coef[BIAS, c]
         for i in range(cuda.blockIdx.x * TX + tx, inner, cuda.gridDim.x * TX):
-            v = (acc(x[o, c, i]) - m) * s + b
-            if z is not None:
-                v += acc(z[o, c, i])
-            y[o, c, i] = activate(v, act)
+            forward_at(x, z, o, c, i, m, s, b, act, y)
 
 
 @gpu_kernel
@@ -212,18 +206,12 @@ def scale_shift_cuda_channels(
     """scale_shift_cuda_inner for inner == 1.  Block (TX, TY); grid.x tiles
     channels, grid.y strides over rows."""
     outer, C, _ = x.shape
-    acc = coef.dtype.type
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < C:
-        m = coef[MEAN, c]
-        s = coef[SCALE, c]
-        b = coef[BIAS, c]
+        m, s, b = coef[MEAN, c], coef[SCALE, c], coef[BIAS, c]
         TY = cuda.blockDim.y
         for o in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, outer, cuda.gridDim.y * TY):
-            v = (acc(x[o, c, 0]) - m) * s + b
-            if z is not None:
-                v += acc(z[o, c, 0])
-            y[o, c, 0] = activate(v, act)
+            forward_at(x, z, o, c, 0, m, s, b, act, y)
 
 
 @gpu_kernel

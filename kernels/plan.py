@@ -10,8 +10,8 @@ it.  A plan holds the choices:
   narrow rows (``common.fold_rows``), the serial or parallel variant of each
   op's driver (one compiled call per op: ``normalize.forward_*_cpu``,
   ``backward.backward_*_cpu``);
-- CUDA: one launch per pass (``onepass``) or the split passes (``stats``,
-  ``normalize``, ``backward``), and their launch configurations.
+- CUDA: one launch per pass (a block per channel: the reduction and the
+  elementwise pass together) or the split passes (``common.one_pass``).
 
 Every op takes the canonical views of its arrays (the backend's arrays: NumPy
 on the CPU, numba device arrays on CUDA) and writes its outputs in place:
@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import common, onepass
+from . import common
 from .activation import act_token
 from .backward import backward_channels_cpu, backward_inner_cpu, launch_backward_cuda
 from .common import PARALLEL_MIN_ELEMENTS, fold_factor
@@ -126,48 +126,32 @@ class CPUPlan:
 
 class CUDAPlan:
     """The CUDA launches of one call shape: one launch per pass where a
-    channel fits a block (``onepass.one_pass``), else the split passes."""
+    channel fits a block (``common.one_pass``), else the split passes."""
 
     def __init__(self, shape3, dtype):
         self.shape3 = shape3
-        self.onepass = onepass.one_pass(shape3, np.dtype(dtype).itemsize)
-        if self.onepass:
-            regime, self.grid, self.block = onepass.one_pass_config(shape3)
-            regime = "inner" if regime == "inner" else "channels"
-            self._train = getattr(onepass, f"forward_onepass_cuda_{regime}")
-            self._backward = getattr(onepass, f"backward_onepass_cuda_{regime}")
+        self.onepass = common.one_pass(shape3, np.dtype(dtype).itemsize)
 
     def forward_train(
         self, x, mask, coef, gamma, beta, rmean, rvar, eps, momentum, update, act, z, y, stream=0, scratch=None
     ):
         m, origin = (None, 0) if mask is None else (mask.view, mask.origin)
-        if not self.onepass:
-            launch_stats_cuda(x, coef, gamma, beta, rmean, rvar, eps, momentum, update, m, origin, stream, scratch)
-            if y is not None:
-                launch_scale_shift_cuda(x, coef, y, act, z, stream)
-            return
-        outer, C, inner = self.shape3
-        acc = coef.dtype.type
-        n = float(outer * inner if mask is None else mask.count)
-        self._train[self.grid, self.block, stream](
-            x, m, int(origin), n, coef, gamma, beta, rmean, rvar, acc(eps), acc(momentum), bool(update), int(act), z, y
+        fused = y if self.onepass else None
+        launch_stats_cuda(
+            x, coef, gamma, beta, rmean, rvar, eps, momentum, update, m, origin, stream, scratch, act, z, fused
         )
+        if y is not None and fused is None:
+            launch_scale_shift_cuda(x, coef, y, act, z, stream)
 
     def forward_eval(self, x, mean, var, gamma, beta, eps, coef, act, z, y, stream=0, scratch=None):
         launch_affine_coefficients_cuda(mean, var, gamma, beta, eps, coef, stream=stream)
         launch_scale_shift_cuda(x, coef, y, act, z, stream)
 
     def backward(self, dy, x, z, mask, coef, training, bcoef, dgamma, dbeta, act, dx, dz, stream=0, scratch=None):
-        outer, C, inner = self.shape3
         m, count = (None, None) if mask is None else (mask.view, mask.count)
         code = int(act) or None  # None: plain batch norm, the activation's branch removed when compiled
-        if not self.onepass:
-            args = (dy, x, coef, training, bcoef, dgamma, dbeta, dx, m, count, code, z, dz)
-            launch_backward_cuda(*args, stream, scratch)
-            return
-        n = float(outer * inner if mask is None else count)
-        self._backward[self.grid, self.block, stream](
-            dy, x, m, coef, bcoef, dgamma, dbeta, bool(training), n, code, z, dx, dz
+        launch_backward_cuda(
+            dy, x, coef, training, bcoef, dgamma, dbeta, dx, m, count, code, z, dz, stream, scratch, self.onepass
         )
 
 

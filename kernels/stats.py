@@ -23,18 +23,29 @@ values), a second only where that center turned out far from the mean:
 inner > 1 over each contiguous (o, c) row; inner == 1 over blocks of rows,
 vectorised across channels.
 
-CUDA: one launch.  Each channel's reduction is split over many blocks; each
-thread shifts its values by its first one (an offset of 1e6 costs nothing),
-sums them around its running mean in chunks of ``SHIFT_CHUNK`` and folds each
-chunk into its running triple by Chan's formula (``common.fold_chunk``: one
-division per chunk, where Welford's update divides per value; short chunks
-around the running mean keep a huge outlier from costing digits), the block
-merges its threads' triples in shared memory, every block writes its
-partial triple to a workspace, and the last block of a channel column to finish
-(threadfence + atomic ticket) merges the partials and finalizes.  Two kernels,
-one per access regime of the view: ``batch_stats_cuda_inner`` (inner > 1:
-threads walk the contiguous inner axis) and ``batch_stats_cuda_channels``
-(inner == 1: threads walk channels).
+CUDA: one launch.  Each channel's reduction is split over ``splits`` blocks;
+each thread shifts its values by its first one (an offset of 1e6 costs
+nothing), sums them around its running mean in chunks of ``SHIFT_CHUNK`` and
+folds each chunk into its running triple by Chan's formula
+(``common.fold_chunk``: one division per chunk, where Welford's update divides
+per value; short chunks around the running mean keep a huge outlier from
+costing digits), the block merges its threads' triples (``common.block_merge``:
+warp shuffles, then across warps), every block writes its partial triple to a
+workspace, and the last block of a channel column to finish (threadfence +
+atomic ticket) merges the partials and finalizes.  Where a channel fits one
+block (``common.one_pass``: splits == 1) the same block then writes y from
+L1/L2: one launch for the whole training forward.  Two kernels, one per access
+regime of the view: ``batch_stats_cuda_inner`` (inner > 1: threads walk the
+contiguous inner axis) and ``batch_stats_cuda_channels`` (inner == 1: threads
+walk channels).
+
+One algorithm on both backends, split or one launch: sums of deviations from a
+value of the data (the CPU's center, the GPU's shift), pieces merged by Chan's
+formula.  Error analysis: an offset costs nothing; a piece's M2 = s2 - s1**2 / k
+loses about eps * k * (shift - piece mean)**2 / M2, small while the shift is
+within a few standard deviations of the piece's mean (the running mean, after
+the first chunk); pieces meet by Chan's formula in float64.  Relative error of
+the variance: a few eps of the compute dtype times log2 of the pieces merged.
 """
 
 import math
@@ -43,6 +54,7 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
+from .activation import forward_at
 from .common import (
     BIAS,
     CHUNK,
@@ -74,7 +86,6 @@ from .common import (
     shifted_add,
     shifted_to_moments,
     task_channels,
-    tree_merge,
     twin,
 )
 from .half import compute_dtype, widen
@@ -389,6 +400,9 @@ def batch_stats_cuda_inner(
     momentum,  # float, weight of this batch in the running statistics
     update,  # bool
     inner_splits,  # splits along inner; gridDim.y = outer splits * inner_splits
+    act,  # int: an ACTIVATIONS code (0: none), with y
+    z,  # None, or (outer, C, inner) residual added before the activation, with y
+    y,  # None, or (outer, C, inner) out (one block per channel only: gridDim.y == 1)
 ):
     """Grid (C, splits), block (TX, TY): block (c, s) reduces one slice of channel c."""
     outer, C, inner = x.shape
@@ -428,7 +442,7 @@ def batch_stats_cuda_inner(
     sm = cuda.shared.array(MAX_THREADS, numba.float64)
     sq = cuda.shared.array(MAX_THREADS, numba.float64)
     flag = cuda.shared.array(1, numba.int32)
-    block_merge(sn, sm, sq, n, (numba.float64(shift) - base) + numba.float64(mean), m2, t, TX * TY)
+    block_merge(sn, sm, sq, n, (numba.float64(shift) - base) + numba.float64(mean), m2, t, TX * TY, 1)
     if t == 0:
         work[0, s, c] = sn[0]
         work[1, s, c] = sm[0]
@@ -441,12 +455,18 @@ def batch_stats_cuda_inner(
             n2, m2, q2 = chan_merge(
                 n2, m2, q2, coherent(work, 0, j, c), coherent(work, 1, j, c), coherent(work, 2, j, c)
             )
-        block_merge(sn, sm, sq, n2, m2, q2, t, TX * TY)
+        block_merge(sn, sm, sq, n2, m2, q2, t, TX * TY, 1)
         if t == 0:
             finish_channel_cuda(c, sn[0], base + sm[0], sq[0], coef, gamma, beta, rmean, rvar, eps, momentum, update)
+        if y is not None:  # the block owns channel c: the elementwise pass, from L1/L2
+            cuda.syncthreads()  # coef[:, c] written
+            m, sc, b = coef[MEAN, c], coef[SCALE, c], coef[BIAS, c]
+            for o in range(ty, outer, TY):
+                for i in range(tx, inner, TX):
+                    forward_at(x, z, o, c, i, m, sc, b, act, y)
 
 
-@gpu_kernel
+@gpu_kernel(whole_warps=True)
 def batch_stats_cuda_channels(
     x,  # (outer, C, 1) input, channels contiguous
     mask,  # None, or (outer, 1) bool: only True rows count
@@ -461,6 +481,9 @@ def batch_stats_cuda_channels(
     eps,  # float
     momentum,  # float
     update,  # bool
+    act,  # int: an ACTIVATIONS code (0: none), with y
+    z,  # None, or (outer, C, 1) residual, with y
+    y,  # None, or (outer, C, 1) out (one block per tile only: gridDim.y == 1)
 ):
     """Grid (ceil(C / TX), splits), block (TX, TY): thread (tx, ty) of block
     (tile, s) walks channel tile*TX + tx over rows s*rows + ty, step TY."""
@@ -501,10 +524,8 @@ def batch_stats_cuda_channels(
     sm = cuda.shared.array(MAX_THREADS, numba.float64)
     sq = cuda.shared.array(MAX_THREADS, numba.float64)
     flag = cuda.shared.array(1, numba.int32)
-    sn[t], sm[t], sq[t] = n, (numba.float64(shift) - base) + numba.float64(mean), m2
-    cuda.syncthreads()
-    tree_merge(sn, sm, sq, ty, tx, TX, TY)
-    if ty == 0 and c < C:
+    block_merge(sn, sm, sq, n, (numba.float64(shift) - base) + numba.float64(mean), m2, t, TX * TY, TX)
+    if t < TX and c < C:
         work[0, s, c] = sn[tx]
         work[1, s, c] = sm[tx]
         work[2, s, c] = sq[tx]
@@ -516,25 +537,31 @@ def batch_stats_cuda_channels(
                 n2, m2, q2 = chan_merge(
                     n2, m2, q2, coherent(work, 0, j, c), coherent(work, 1, j, c), coherent(work, 2, j, c)
                 )
-        sn[t], sm[t], sq[t] = n2, m2, q2
-        cuda.syncthreads()
-        tree_merge(sn, sm, sq, ty, tx, TX, TY)
-        if ty == 0 and c < C:
+        block_merge(sn, sm, sq, n2, m2, q2, t, TX * TY, TX)
+        if t < TX and c < C:
             finish_channel_cuda(c, sn[tx], base + sm[tx], sq[tx], coef, gamma, beta, rmean, rvar, eps, momentum, update)
+        if y is not None:  # the block owns its channels: the elementwise pass, from L1/L2
+            cuda.syncthreads()  # coef[:, c] written
+            if c < C:
+                m, sc, b = coef[MEAN, c], coef[SCALE, c], coef[BIAS, c]
+                for o in range(ty, outer, TY):
+                    forward_at(x, z, o, c, 0, m, sc, b, act, y)
 
 
-def stats_launch_config(shape):
+def stats_launch_config(shape, one_launch=False):
     """(kernel, grid, block, inner_splits or None, splits, columns) for a view shape
     (``common.reduction_config``, with the statistics kernel of its regime)."""
-    cfg = reduction_config(shape)
+    cfg = reduction_config(shape, one_launch)
     kernel = batch_stats_cuda_inner if cfg.regime == "inner" else batch_stats_cuda_channels
     return kernel, cfg.grid, cfg.block, cfg.inner_splits, cfg.splits, cfg.columns
 
 
 def launch_stats_cuda(
-    x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask=None, origin=0, stream=0, scratch=None
-):
-    """Batch statistics and forward constants on the GPU, one launch.
+    x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask=None, origin=0, stream=0, scratch=None,
+    act=0, z=None, y=None,
+):  # fmt: skip
+    """Batch statistics and forward constants on the GPU, one launch; with y,
+    a block per channel (``common.one_pass`` decides) that writes y too.
 
     Args:
         x: (outer, C, inner) device array, float16/32/64.
@@ -546,10 +573,12 @@ def launch_stats_cuda(
         mask: None, or an (outer, inner) bool device array: statistics from
             its True positions; origin: the flat (o * inner + i) index of one
             of them (the kernels' reference value).
-    Scratch (partials, counters) comes from a per-thread cache of workspaces.
+        stream: the caller's stream handle; scratch: the caller's allocator
+            for the partials (``workspace.workspace``).
+        act, z, y: None, or y like x, out: y = g((x - mean) * scale + bias (+ z)).
     """
     acc = gamma.dtype
-    kernel, grid, block, inner_splits, splits, columns = stats_launch_config(x.shape)
+    kernel, grid, block, inner_splits, splits, columns = stats_launch_config(x.shape, y is not None)
     C = x.shape[1]
     work = workspace("stats.work", (3, splits, C), np.float64, stream=stream, scratch=scratch)
     counter = workspace("stats.counter", (columns,), np.int32, zero=True, stream=stream, scratch=scratch)
@@ -557,4 +586,4 @@ def launch_stats_cuda(
     args += [acc.type(eps), acc.type(momentum), bool(update)]
     if inner_splits is not None:
         args.append(inner_splits)
-    kernel[grid, block, stream](*args)
+    kernel[grid, block, stream](*args, int(act), z, y)

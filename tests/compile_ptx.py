@@ -25,9 +25,9 @@ import numpy as np
 #: kernels whose block reductions run on warp shuffles (common.block_sum2 / block_merge)
 WARP_SHUFFLES = {
     "batch_stats_cuda_inner",
+    "batch_stats_cuda_channels",
     "backward_sums_cuda_inner",
-    "forward_onepass_cuda_inner",
-    "backward_onepass_cuda_inner",
+    "backward_sums_cuda_channels",
 }
 
 #: kernels whose last block merges the other blocks' partials (common.last_block)
@@ -76,6 +76,13 @@ def float32_arithmetic(kernel, ptx) -> bool:
     if name.startswith("batch_stats"):
         return "fma.rn.f32" in ptx
     return True
+
+
+def float16_widened(ptx) -> bool:
+    """Whether float16 data is computed in float32: loaded, converted
+    (``cvt.f32.f16``) and never added, multiplied or subtracted as float16
+    (numba would round every step to 11 bits)."""
+    return not re.search(r"\b(?:add|sub|mul|fma|div)\.(?:rn\.)?(?:ftz\.)?f16\b", ptx)
 
 
 def packed_parameters(kernel, sig):
@@ -166,20 +173,17 @@ def main():
         # optional arguments (marked by a list), compiled twice: all None (plain
         # batch norm) and all given (mask, activation code, residual / its gradient)
         MASK, ACT, Z = [types.boolean[:, ::1]], [types.int64], [x3]
+        stats = (MASK, i64, w3, i32, m2, v, v, v, v, acc, acc, flag)
         signatures = {
-            K.batch_stats_cuda_inner: (x3, MASK, i64, w3, i32, m2, v, v, v, v, acc, acc, flag, i64),
-            K.batch_stats_cuda_channels: (strided, MASK, i64, w3, i32, m2, v, v, v, v, acc, acc, flag),
+            K.batch_stats_cuda_inner: (x3, *stats, i64, i64, Z, Z),
+            K.batch_stats_cuda_channels: (strided, *stats, i64, Z, Z),
             K.affine_coefficients_cuda: (v, v, v, v, acc, m2),
             K.scale_shift_cuda_inner: (x3, Z, m2, i64, x3),
             K.scale_shift_cuda_channels: (strided, Z, m2, i64, x3),
-            K.backward_sums_cuda_inner: (x3, x3, m2, w3, i32, m2, v, v, flag, f64, ACT, Z, MASK, i64),
-            K.backward_sums_cuda_channels: (strided, x3, m2, w3, i32, m2, v, v, flag, f64, ACT, Z, MASK),
+            K.backward_sums_cuda_inner: (x3, x3, m2, w3, i32, m2, v, v, flag, f64, ACT, Z, MASK, i64, Z, Z),
+            K.backward_sums_cuda_channels: (strided, x3, m2, w3, i32, m2, v, v, flag, f64, ACT, Z, MASK, Z, Z),
             K.input_grad_cuda_inner: (x3, x3, MASK, m2, x3, ACT, Z, Z),
             K.input_grad_cuda_channels: (x3, strided, MASK, m2, x3, ACT, Z, Z),
-            K.forward_onepass_cuda_inner: (x3, MASK, i64, f64, m2, v, v, v, v, acc, acc, flag, i64, Z, x3),
-            K.forward_onepass_cuda_channels: (strided, MASK, i64, f64, m2, v, v, v, v, acc, acc, flag, i64, Z, x3),
-            K.backward_onepass_cuda_inner: (x3, x3, MASK, m2, m2, v, v, flag, f64, ACT, Z, x3, Z),
-            K.backward_onepass_cuda_channels: (x3, strided, MASK, m2, m2, v, v, flag, f64, ACT, Z, x3, Z),
         }
         for kernel, sig in signatures.items():
             sizes = []
@@ -200,6 +204,9 @@ def main():
                     status = 1
                 if kernel.py_func.__name__ in WARP_SHUFFLES and "shfl.sync.down" not in ptx:
                     print(f"{kernel.py_func.__name__} {xt} {concrete}: no warp shuffles (common.block_sum2)")
+                    status = 1
+                if xt == types.float16 and not float16_widened(ptx):
+                    print(f"{kernel.py_func.__name__} {xt} {concrete}: float16 values computed in float16")
                     status = 1
                 if xt == types.float32 and not float32_arithmetic(kernel, ptx):
                     print(f"{kernel.py_func.__name__} {xt} {concrete}: float32 values computed in float64")

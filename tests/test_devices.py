@@ -16,7 +16,7 @@ from test_interop import Interface, device
 import gpubn
 from gpubn import _arrays, functional
 from gpubn.kernels import common, workspace
-from gpubn.kernels.onepass import one_pass
+from gpubn.kernels.common import one_pass
 
 from conftest import SIM
 from reference import backward, forward, tol

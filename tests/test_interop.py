@@ -177,7 +177,7 @@ def test_torch_side_stream_and_cuda_graph(rng, shape, split):
     a one-launch shape, and a split-path one (partials and counters from
     torch's allocator: nothing of gpubn's allocated under capture)."""
     torch = pytest.importorskip("torch")
-    from gpubn.kernels.onepass import one_pass
+    from gpubn.kernels.common import one_pass
 
     assert one_pass(shape, 4) != split
     x = torch.from_numpy((1 + rng.standard_normal(shape)).astype(np.float32)).cuda()

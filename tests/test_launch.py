@@ -21,22 +21,23 @@ from conftest import SIM
 
 
 @cuda.jit
-def _reduce(v, out):
-    """block_sum2 of (v, v**2) and block_merge of (1, v, 0) over the block, into out[:5]."""
+def _reduce(v, width, out):
+    """block_sum2 of (v, v**2) and block_merge of (1, v, 0) over the block,
+    thread t in channel t % width: channel j's five results into out[j]."""
     t = cuda.threadIdx.x
     a1 = cuda.shared.array(1024, np.float64)
     a2 = cuda.shared.array(1024, np.float64)
     a3 = cuda.shared.array(1024, np.float64)
-    block_sum2(a1, a2, v[t], v[t] * v[t], t, cuda.blockDim.x)
-    if t == 0:
-        out[0] = a1[0]
-        out[1] = a2[0]
+    block_sum2(a1, a2, v[t], v[t] * v[t], t, cuda.blockDim.x, width)
+    if t < width:
+        out[t, 0] = a1[t]
+        out[t, 1] = a2[t]
     cuda.syncthreads()
-    block_merge(a1, a2, a3, 1.0, v[t], 0.0, t, cuda.blockDim.x)
-    if t == 0:
-        out[2] = a1[0]
-        out[3] = a2[0]
-        out[4] = a3[0]
+    block_merge(a1, a2, a3, 1.0, v[t], 0.0, t, cuda.blockDim.x, width)
+    if t < width:
+        out[t, 2] = a1[t]
+        out[t, 3] = a2[t]
+        out[t, 4] = a3[t]
 
 
 def test_parameter_layout_slot_by_slot():
@@ -144,24 +145,28 @@ def test_unknown_arguments_are_refused_naming_the_parameter():
 def test_shuffle_kernels_refuse_partial_warps(block):
     """The full-mask shuffle reductions need whole warps: a custom block (as
     examples/kernels_direct.py invites) that is not one is refused at configuration."""
-    for kernel in (K.batch_stats_cuda_inner, K.backward_sums_cuda_inner, K.forward_onepass_cuda_inner,
-                   K.backward_onepass_cuda_inner):  # fmt: skip
+    for kernel in (K.batch_stats_cuda_inner, K.batch_stats_cuda_channels, K.backward_sums_cuda_inner,
+                   K.backward_sums_cuda_channels):  # fmt: skip
         with pytest.raises(ValueError, match="multiple of 32 threads"):
             kernel[(1, 1), block]
     K.scale_shift_cuda_inner[(1, 1), (8, 3)]  # no shuffles: any block
 
 
 @pytest.mark.skipif(not SIM, reason="the simulator's emulated shuffles")
-@pytest.mark.parametrize("threads", [32, 96])
-def test_block_reductions_run_their_shuffles_under_the_simulator(threads):
+@pytest.mark.parametrize("threads,width", [(32, 1), (96, 1), (64, 4), (96, 32), (128, 64)])
+def test_block_reductions_run_their_shuffles_under_the_simulator(threads, width):
     """block_sum2 and block_merge as shipped (warp shuffles, then across warps),
-    on one warp and on three, against NumPy."""
+    one channel per block (width 1: inner > 1) or thread t in channel t % width
+    (a tile of channels: inner == 1; width 64 is a GPU's (64, 4) block), on one
+    warp and on several, against NumPy."""
     v = np.random.default_rng(0).standard_normal(threads) + 3
-    out = np.zeros(5)
-    _reduce[1, threads](v, out)
-    np.testing.assert_allclose(
-        out, [v.sum(), (v * v).sum(), threads, v.mean(), ((v - v.mean()) ** 2).sum()], rtol=1e-12
-    )
+    out = np.zeros((width, 5))
+    _reduce[1, threads](v, width, out)
+    per = v.reshape(-1, width)  # column j: channel j's values
+    mean = per.mean(axis=0)
+    want = [per.sum(axis=0), (per * per).sum(axis=0), np.full(width, threads // width), mean]
+    want.append(((per - mean) ** 2).sum(axis=0))
+    np.testing.assert_allclose(out, np.stack(want, axis=1), rtol=1e-12)
 
 
 @pytest.mark.gpu

@@ -135,12 +135,11 @@ MERGE_PER_THREAD = 64
 def card(request, monkeypatch):
     """The launch configurations of a real card (256 threads a block, its SM
     count), also under the simulator."""
-    from gpubn.kernels import common, onepass
+    from gpubn.kernels import common
 
     monkeypatch.setattr(common, "MAX_THREADS", 256)
-    monkeypatch.setattr(onepass, "MAX_THREADS", 256)
     monkeypatch.setattr(common, "MIN_PER_THREAD", 16)
-    monkeypatch.setattr(onepass, "ONE_PASS_MAX", onepass.ONE_PASS_MAX_GPU)
+    monkeypatch.setattr(common, "ONE_PASS_MAX", common.ONE_PASS_MAX_GPU)
     monkeypatch.setattr(common, "SM_COUNT_OVERRIDE", request.param)
     monkeypatch.setattr(common, "BLOCK_OVERRIDE", None)
     return request.param
@@ -155,15 +154,14 @@ def test_reductions_fill_the_card_without_empty_blocks(card, name):
     """The statistics and backward sums (one launch, or the split reduction):
     at least 2 blocks per SM unless host-bound, every block with work, and
     the last block's merge of the partials bounded per thread."""
-    from gpubn.kernels.onepass import one_pass, one_pass_config
-
     shape, itemsize = CARD_SHAPES[name]
     outer, C, inner = shape
     nbytes = outer * C * inner * itemsize
-    if one_pass(shape, itemsize):
-        regime, grid, block = one_pass_config(shape)
-        assert _fills(grid[0], nbytes, card), (name, grid)
-        assert (grid[0] - 1) * (1 if regime == "inner" else block[0]) < C
+    if K.one_pass(shape, itemsize):
+        cfg = K.reduction_config(shape, True)
+        assert cfg.splits == 1 and cfg.grid[1] == 1, (name, cfg)
+        assert _fills(cfg.grid[0], nbytes, card), (name, cfg)
+        assert (cfg.grid[0] - 1) * (1 if cfg.regime == "inner" else cfg.block[0]) < C
         return
     cfg = K.reduction_config(shape)
     (gx, gy), (tx, ty) = cfg.grid, cfg.block

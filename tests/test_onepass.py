@@ -1,14 +1,15 @@
-"""The one-launch CUDA kernels (a block owns whole channels: kernels/onepass.py)
-against the float64 reference, forced on and off, and the choice between them
-and the split passes."""
+"""One launch per pass on the GPU (a block owns whole channels: the reduction
+kernels with their elementwise tail, ``common.one_pass``) against the float64
+reference, forced on and off, and the choice between it and the split passes."""
 
 import numpy as np
 import pytest
 
 import gpubn
-from gpubn.kernels import common, onepass
+from gpubn.kernels import backward as bw
+from gpubn.kernels import common, normalize, stats
 
-from conftest import SIM, spy_launches
+from conftest import SIM, _Spy
 from reference import backward, forward, running_update, tol
 
 # (shape, feature axis): both regimes (inner > 1, inner == 1), awkward sizes
@@ -20,16 +21,24 @@ def path(request, monkeypatch):
     """Every test below runs once through each path of the CUDA launchers."""
     if "cuda" not in gpubn.available_backends():
         pytest.skip("backend 'cuda' not available")
-    monkeypatch.setattr(onepass, "ONE_PASS_MAX", 1 << 40 if request.param == "one launch" else 0)
+    monkeypatch.setattr(common, "ONE_PASS_MAX", 1 << 40 if request.param == "one launch" else 0)
     return request.param
 
 
-KERNELS = [f"{p}_onepass_cuda_{r}" for p in ("forward", "backward") for r in ("inner", "channels")]
+REDUCTIONS = {stats: ["batch_stats_cuda_inner", "batch_stats_cuda_channels"]}
+REDUCTIONS[bw] = ["backward_sums_cuda_inner", "backward_sums_cuda_channels"]
+ELEMENTWISE = {normalize: [f"scale_shift_cuda_{r}" for r in ("inner", "channels", "vec4")]}
+ELEMENTWISE[bw] = [f"input_grad_cuda_{r}" for r in ("inner", "channels", "vec4")]
 
 
 def _launched(monkeypatch):
-    """Names of the one-launch kernels launched, recorded while the test runs."""
-    return spy_launches(monkeypatch, onepass, KERNELS)
+    """Names of the reduction and elementwise kernels launched, recorded while the test runs."""
+    seen = []
+    for group in (REDUCTIONS, ELEMENTWISE):
+        for module, names in group.items():
+            for name in names:
+                monkeypatch.setattr(module, name, _Spy(getattr(module, name), name, seen))
+    return seen
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
@@ -91,7 +100,7 @@ def test_one_launch_every_block_shape(monkeypatch, rng, block):
         pytest.skip("backend 'cuda' not available")
     scale = common.MAX_THREADS // 32
     monkeypatch.setattr(common, "BLOCK_OVERRIDE", (block[0] * scale, block[1]) if block[0] > 1 else (1, 32 * scale))
-    monkeypatch.setattr(onepass, "ONE_PASS_MAX", 1 << 40)
+    monkeypatch.setattr(common, "ONE_PASS_MAX", 1 << 40)
     seen = _launched(monkeypatch)
     for shape in [(5, 3, 6), (2, 2, 17), (37, 5, 1)]:
         x = (7 + rng.standard_normal(shape)).astype(np.float32)
@@ -106,7 +115,8 @@ def test_one_launch_every_block_shape(monkeypatch, rng, block):
             both = gpubn.batch_norm_backward(dy, cache), gpubn.batch_norm_backward(dy, cache_cpu)
             for g, w in zip(*both, strict=True):
                 np.testing.assert_allclose(g, w, atol=3e-5, rtol=3e-5)
-    assert set(seen) == set(KERNELS)
+    # every reduction kernel ran, each also writing y or dx: no elementwise launch
+    assert set(seen) == {name for names in REDUCTIONS.values() for name in names}
 
 
 @pytest.mark.parametrize("offset", [1e4, 1e6, 1e8])
@@ -116,7 +126,7 @@ def test_large_offsets_and_an_outlier_as_reference_value(monkeypatch, rng, offse
     value K does not cost float32 accuracy."""
     if "cuda" not in gpubn.available_backends():
         pytest.skip("backend 'cuda' not available")
-    monkeypatch.setattr(onepass, "ONE_PASS_MAX", 1 << 40)
+    monkeypatch.setattr(common, "ONE_PASS_MAX", 1 << 40)
     x = offset + 1e-4 * rng.standard_normal((40, 3))
     mean, var = gpubn.batch_stats(x, axis=1, backend="cuda")
     from reference import stats
@@ -140,28 +150,28 @@ def test_constant_channel_is_exactly_beta(path):
 def test_the_choice_follows_the_values_per_channel(monkeypatch):
     """One launch exactly while a channel has at most ONE_PASS_MAX values; the
     GPU's limit puts the small design shapes on one launch, (64, 256, 28, 28) not."""
-    limit = onepass.ONE_PASS_MAX
-    assert onepass.one_pass((limit, 3, 1)) and not onepass.one_pass((limit + 1, 3, 1))
-    assert onepass.one_pass((1, 3, limit)) and not onepass.one_pass((2, 3, limit))
-    monkeypatch.setattr(onepass, "ONE_PASS_MAX", onepass.ONE_PASS_MAX_GPU)
+    limit = common.ONE_PASS_MAX
+    assert common.one_pass((limit, 3, 1)) and not common.one_pass((limit + 1, 3, 1))
+    assert common.one_pass((1, 3, limit)) and not common.one_pass((2, 3, limit))
+    monkeypatch.setattr(common, "ONE_PASS_MAX", common.ONE_PASS_MAX_GPU)
     for shape, want in [((4096, 512, 1), True), ((32, 2048, 49), True), ((64, 16, 1), True), ((64, 256, 784), False)]:
-        assert onepass.one_pass(shape) == want, shape
+        assert common.one_pass(shape) == want, shape
     # few values a channel but too many bytes for L2: the split passes
-    assert onepass.one_pass((16384, 512, 1), 4) and not onepass.one_pass((16384, 1024, 1), 4)
-    assert onepass.one_pass((16384, 1024, 1), 2)
-    regime, grid, block = onepass.one_pass_config((4096, 512, 1))
-    assert regime == "channels" and block[0] == min(32, common.MAX_THREADS) and grid == (512 // block[0],)
-    regime, grid, block = onepass.one_pass_config((32, 2048, 49))
-    assert regime == "inner" and grid == (2048,) and block[0] * block[1] == common.MAX_THREADS
+    assert common.one_pass((16384, 512, 1), 4) and not common.one_pass((16384, 1024, 1), 4)
+    assert common.one_pass((16384, 1024, 1), 2)
+    regime, grid, block = common.reduction_config((4096, 512, 1), True)[:3]
+    assert regime == "channels" and block[0] == min(32, common.MAX_THREADS) and grid == (512 // block[0], 1)
+    regime, grid, block = common.reduction_config((32, 2048, 49), True)[:3]
+    assert regime == "inner" and grid == (2048, 1) and block[0] * block[1] == common.MAX_THREADS
 
 
 @pytest.mark.skipif(not SIM, reason="the simulator's limit")
 def test_simulated_tests_run_both_paths():
     """Under the simulator the tiny shapes of the other test files reach both
     paths: (4, 3, 5) and (13, 4) one launch, the split-reduction shapes not."""
-    assert onepass.one_pass((4, 3, 5)) and onepass.one_pass((13, 4, 1))
+    assert common.one_pass((4, 3, 5)) and common.one_pass((13, 4, 1))
     for shape in [(16, 3, 40), (2, 2, 400), (200, 5, 1), (8, 3, 24)]:
-        assert not onepass.one_pass(shape)
+        assert not common.one_pass(shape)
 
 
 @pytest.mark.parametrize(

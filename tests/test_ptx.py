@@ -27,10 +27,6 @@ CUDA_KERNELS = [
     "backward_sums_cuda_channels",
     "input_grad_cuda_inner",
     "input_grad_cuda_channels",
-    "forward_onepass_cuda_inner",
-    "forward_onepass_cuda_channels",
-    "backward_onepass_cuda_inner",
-    "backward_onepass_cuda_channels",
 ]
 #: float32 kernels with 16-byte loads: compiled once, their PTX must hold v4 instructions
 VECTOR_KERNELS = ["scale_shift_cuda_vec4", "input_grad_cuda_vec4"]

@@ -85,9 +85,9 @@ def test_backward_elementwise_pass(monkeypatch, rng, shape, kwargs, kernel):
     if "cuda" not in gpubn.available_backends():
         pytest.skip("backend 'cuda' not available")
     from gpubn.kernels import backward as bw
-    from gpubn.kernels import onepass
+    from gpubn.kernels import common
 
-    monkeypatch.setattr(onepass, "ONE_PASS_MAX", 0)  # the split passes (as on a GPU for large channels)
+    monkeypatch.setattr(common, "ONE_PASS_MAX", 0)  # the split passes (as on a GPU for large channels)
     seen = spy_launches(monkeypatch, bw, ["input_grad_cuda_vec4", "input_grad_cuda_inner"])
     x = (2 + rng.standard_normal(shape)).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
