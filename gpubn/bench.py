@@ -2,7 +2,7 @@
 
     python -m gpubn.bench [--backend cpu|cuda] [--shapes NAME ...] [--ops OP ...]
                           [--repeat N] [--json PATH] [--no-torch] [--no-numpy]
-                          [--list] [--startup]
+                          [--plot PNG] [--list] [--startup]
 
 For every shape and op: validate against a float64 NumPy reference first, then
 time (CUDA events on the GPU, a host timer on the CPU; warm-up, then the median
@@ -621,6 +621,41 @@ def _device_name(backend):
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
 
 
+def plot(meta, rows, path):
+    """Draw achieved bandwidth against the copy floor: one panel per op, a
+    pair of bars per shape (gpubn, and torch from the same run where timed),
+    the machine's memory-copy bandwidth as a line.  Needs matplotlib (the
+    ``examples`` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("op") in TRAFFIC]
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    if not ops:
+        raise ValueError("plot: no timed rows to draw")
+    fig, axes = plt.subplots(len(ops), 1, figsize=(9, 2.6 * len(ops)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops, strict=True):
+        mine = [r for r in rows if r["op"] == op]
+        names = [r["shape"] for r in mine]
+        pos = np.arange(len(mine))
+        ax.bar(pos - 0.2, [r["GB/s"] for r in mine], 0.4, label="gpubn")
+        theirs = [r["bytes"] / r["torch_ms"] / 1e6 if "torch_ms" in r else 0.0 for r in mine]
+        if any(theirs):
+            ax.bar(pos + 0.2, theirs, 0.4, label="torch")
+        ax.axhline(meta["copy_GBs"], color="k", linestyle="--", linewidth=1, label="memory copy (floor)")
+        ax.set_xticks(pos, names, fontsize=8)
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"{op}: {TRAFFIC[op]}x the bytes of x", fontsize=9, loc="left")
+    axes[0, 0].legend(fontsize=8, loc="upper right")
+    title = f"{meta['device']}, backend {meta['backend']}, commit {meta['commit']}, {meta['date'][:10]}"
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m gpubn.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=["cpu", "cuda"], default=None)
@@ -628,6 +663,9 @@ def main(argv=None):
     ap.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per op (default 30 GPU, 10 CPU)")
     ap.add_argument("--json", default=None, help="write the numbers to this file")
+    ap.add_argument(
+        "--plot", default=None, help="draw GB/s against the copy floor, gpubn and torch, to this PNG (matplotlib)"
+    )
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy baseline (CPU backend)")
     ap.add_argument("--list", action="store_true", help="list the shapes and exit")
@@ -728,6 +766,9 @@ def main(argv=None):
             f"\nsmall CNN training step (batch {row['batch']} x {row['input']}, 3 conv + BN + ReLU + pool): "
             f"gpubn BN {row['ms']:.2f} ms, torch BN {row['torch_ms']:.2f} ms ({row['speedup']:.2f}x)"
         )
+    if args.plot:
+        plot(meta, rows, args.plot)
+        print(f"\nwrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -8,7 +8,10 @@ biased variance normalizes, the unbiased variance enters the running estimate,
 
 Arrays: NumPy in, NumPy out on either backend.  On the CUDA backend, device
 arrays (numba, or anything with ``__cuda_array_interface__``: CuPy, PyTorch)
-are used in place and results are numba device arrays on the same device.
+are used in place, every kernel runs on the caller's stream, and results come
+back as the caller's library's arrays on the same device (torch tensors for
+torch tensors, CuPy for CuPy, numba device arrays for anything else).
+``out=`` writes results into the caller's own arrays.
 """
 
 import functools

@@ -19,9 +19,11 @@ How the tensors reach the kernels, with no copy:
   feature axis last, so the channels-contiguous kernels read them where they are.
 - bfloat16 CPU tensors as their int16 bits, widened to float32 and rounded back
   inline by the kernels (``kernels/half.py``); statistics in float32.
-- CUDA tensors through ``__cuda_array_interface__`` (the CUDA backend's current
-  path: launches on the default stream).  bfloat16 CUDA tensors are converted to
+- CUDA tensors through ``__cuda_array_interface__``, on the input's device and
+  torch's current stream (scratch from torch's caching allocator, so calls can
+  be captured in a CUDA graph).  bfloat16 CUDA tensors are converted to
   float32 and back by torch (the CUDA kernels have no bfloat16 loads yet).
+  No GPU has run this path since it was rewritten (BENCHMARKS.md).
 
 Autograd: in eager mode ``batch_norm`` is a ``torch.autograd.Function`` (the
 least dispatch cost per call: these layers are often small); under
