@@ -47,9 +47,10 @@ from ._arrays import (
 from ._backend import resolve_backend
 from .kernels import plan as _plan
 from .kernels import stats as _st
-from .kernels.common import INVSTD, MEAN, VAR, current_device
+from .kernels.common import current_device
 from .kernels.half import bits as _bits
 from .kernels.plan import Mask, plan_for
+from .kernels.rows import INVSTD, MEAN, VAR
 from .kernels.workspace import device_empty, host_empty
 from .moments import Moments
 

@@ -7,16 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 from numba import cuda
 
-from ._arrays import (
-    check_activation,
-    check_axis,
-    check_bool,
-    check_float,
-    check_momentum,
-    check_scalar,
-    device_view,
-    is_device_array,
-)
+from . import _arrays as _A
+from ._arrays import device_view, is_device_array
 from ._backend import resolve_backend
 from .distributed import SyncCache, batch_norm_backward_sync, batch_norm_forward_sync, communicator
 from .functional import batch_norm_backward, batch_norm_forward, moments
@@ -60,7 +52,7 @@ class _Rows(Mapping):
         label = f"{self._what}[{name!r}]"
         on_device = is_device_array(value)
         arr = device_view(value) if on_device else np.asarray(value)
-        check_float(arr.dtype, label)
+        _A.check_float(arr.dtype, label)
         if tuple(arr.shape) != (C,):
             raise ValueError(f"{label}: expected shape ({C},) for num_features={C}, got {tuple(arr.shape)}")
         target = self[name]
@@ -155,10 +147,10 @@ class BatchNorm:
             raise TypeError(f"dtype: expected float32 or float64, got {dt}")
         self.num_features = int(num_features)
         self.axis = int(axis)
-        self.eps = check_scalar(eps, "eps")
-        self.momentum = None if momentum is None else check_momentum(momentum)
-        self.affine = check_bool(affine, "affine")
-        self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
+        self.eps = _A.check_scalar(eps, "eps")
+        self.momentum = None if momentum is None else _A.check_momentum(momentum)
+        self.affine = _A.check_bool(affine, "affine")
+        self.track_running_stats = _A.check_bool(track_running_stats, "track_running_stats")
         self.backend = resolve_backend(backend)
         self.dtype = dt
         self.training = True
@@ -174,7 +166,7 @@ class BatchNorm:
         self._grads = _Rows(self, "_packed_grads", "grads")
         self._cache = None
         self._recalibration = None  # a list while inside gpubn.recalibrate
-        check_activation(activation)
+        _A.check_activation(activation)
         self.activation = activation
         self._comm = None if sync is None else communicator(sync)
         if self._comm is not None and activation is not None:
@@ -214,10 +206,10 @@ class BatchNorm:
 
     @training.setter
     def training(self, mode):
-        self._training = check_bool(mode, "training")
+        self._training = _A.check_bool(mode, "training")
 
     def train(self, mode: bool = True) -> "BatchNorm":
-        self._training = check_bool(mode, "mode")
+        self._training = _A.check_bool(mode, "mode")
         return self
 
     def eval(self) -> "BatchNorm":
@@ -245,9 +237,9 @@ class BatchNorm:
                 raise ValueError("mask: a synchronized layer takes no mask yet")
             return self._forward_sync(x)
         shape = x.shape if hasattr(x, "shape") else np.shape(x)
-        if len(shape) > 0 and shape[check_axis(self.axis, len(shape))] != self.num_features:
+        if len(shape) > 0 and shape[_A.check_axis(self.axis, len(shape))] != self.num_features:
             raise ValueError(
-                f"x: {shape[check_axis(self.axis, len(shape))]} features on axis {self.axis} "
+                f"x: {shape[_A.check_axis(self.axis, len(shape))]} features on axis {self.axis} "
                 f"(shape {tuple(shape)}), this layer has num_features={self.num_features}"
             )
         if self.backend == "cuda" and not self.on_device and is_device_array(x):

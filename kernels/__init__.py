@@ -2,12 +2,12 @@
 
 Every kernel works on the canonical view ``(outer, C, inner)`` of the input,
 ``C`` being the feature axis (see ``gpubn.canonical_shape``).  Per-channel
-constants travel packed in one small array (``common``):
+constants travel packed in one small array (``rows``):
 
 - ``coef`` (5, C), rows ``MEAN, VAR, INVSTD, SCALE, BIAS`` (forward);
 - ``bcoef`` (5, C), rows ``B_MEAN, B_DY, B_X, B_CONST, B_BIAS`` (backward).
 
-Modules: ``common`` (the constants' rows, the merges, and the pieces every
+Modules: ``rows`` (the constants' rows), ``common`` (the merges, and the pieces every
 reduction shares: row blocks and chunks on the CPU, ``reduction_config``, the
 block reductions and the last-block ticket on the GPU), ``stats`` (batch
 statistics; on the GPU a block per channel also writes y when a channel fits
@@ -30,23 +30,12 @@ from .backward import (
     input_grad_channels_cpu,
     input_grad_cuda_channels,
     input_grad_cuda_inner,
-    input_grad_cuda_vec4,
     input_grad_inner_cpu,
     launch_backward_cuda,
 )
 from .common import (
-    B_BIAS,
-    B_CONST,
-    B_DY,
-    B_MEAN,
-    B_X,
-    BIAS,
     CUDASIM,
-    INVSTD,
-    MEAN,
     ONE_PASS_MAX,
-    SCALE,
-    VAR,
     ReductionConfig,
     block_shape,
     chan_merge,
@@ -57,6 +46,7 @@ from .common import (
 from .normalize import (
     affine_coefficients_cpu,
     affine_coefficients_cuda,
+    elementwise_cuda_vec4,
     elementwise_launch_config,
     forward_eval_channels_cpu,
     forward_eval_inner_cpu,
@@ -69,10 +59,10 @@ from .normalize import (
     scale_shift_cpu,
     scale_shift_cuda_channels,
     scale_shift_cuda_inner,
-    scale_shift_cuda_vec4,
     scale_shift_inner_cpu,
 )
 from .plan import CPUPlan, CUDAPlan, Mask, plan_for
+from .rows import BIAS, INVSTD, MEAN, SCALE, VAR
 from .stats import (
     batch_stats_cuda_channels,
     batch_stats_cuda_inner,

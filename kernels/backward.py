@@ -43,19 +43,10 @@ from numba import cuda, prange
 
 from .activation import slope
 from .common import (
-    B_BIAS,
-    B_CONST,
-    B_DY,
-    B_MEAN,
-    B_X,
-    BIAS,
     CHUNK,
-    INVSTD,
     JIT,
     JIT_STREAM,
     MAX_THREADS,
-    MEAN,
-    SCALE,
     block_slice,
     block_sum2,
     channel_parts,
@@ -68,12 +59,14 @@ from .common import (
     reduction_config,
     repeat_groups,
     row_blocks,
+    sum_parts,
     task_channels,
+    tile_rows,
     twin,
 )
 from .half import compute_dtype, narrow, widen
-from .normalize import elementwise_launch_config, vec4_launch
-from .vector import load4, quad_grid, store4
+from .normalize import elementwise_cuda_vec4, elementwise_launch_config, vec4_launch
+from .rows import B_BIAS, B_CONST, B_DY, B_MEAN, B_X, BIAS, INVSTD, MEAN, SCALE
 from .workspace import workspace
 
 
@@ -184,9 +177,7 @@ def backward_sums_inner_cpu(dy, x, coef, out, act, z, mask):
     for k in prange(outer * parts):
         o, c0, c1 = task_channels(k, parts, C)
         for c in range(c0, c1):
-            m = coef[MEAN, c]
-            s = coef[SCALE, c]
-            b = coef[BIAS, c]
+            m, s, b = coef[MEAN, c], coef[SCALE, c], coef[BIAS, c]
             t1, t2 = 0.0, 0.0
             for start in range(0, inner, CHUNK):
                 stop = min(start + CHUNK, inner)
@@ -196,13 +187,7 @@ def backward_sums_inner_cpu(dy, x, coef, out, act, z, mask):
                 t2 += s2
             part[0, o, c] = t1
             part[1, o, c] = t2
-    for c in prange(C):
-        t1, t2 = 0.0, 0.0
-        for o in range(outer):
-            t1 += part[0, o, c]
-            t2 += part[1, o, c]
-        out[0, c] = t1
-        out[1, c] = t2
+    sum_parts(part, out)
 
 
 @numba.njit(inline="always", **JIT_STREAM)
@@ -264,13 +249,7 @@ def backward_sums_channels_cpu(dy, x, coef, out, act, z, rows):
             for c in range(C):
                 part[0, k, c] += s1[c]
                 part[1, k, c] += s2[c]
-    for c in prange(C):
-        t1, t2 = 0.0, 0.0
-        for k in range(blocks):
-            t1 += part[0, k, c]
-            t2 += part[1, k, c]
-        out[0, c] = t1
-        out[1, c] = t2
+    sum_parts(part, out)
 
 
 @cpu_driver
@@ -397,11 +376,8 @@ def backward_sums_cuda_inner(
     """Grid (C, splits), block (TX, TY), the same slicing as batch_stats_cuda_inner."""
     outer, C, inner = x.shape
     acc = coef.dtype.type  # float32, or float64 for float64 input
-    c = cuda.blockIdx.x
-    s = cuda.blockIdx.y
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    TX, TY = cuda.blockDim.x, cuda.blockDim.y
-    t = ty * TX + tx
+    tx, ty, TX, TY = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    c, s, t = cuda.blockIdx.x, cuda.blockIdx.y, ty * TX + tx
     o0, o1, i0, i1 = block_slice(outer, inner, s, inner_splits)
     m = coef[MEAN, c]
     sc = coef[SCALE, c]
@@ -461,21 +437,9 @@ def backward_sums_cuda_channels(
     """Grid (ceil(C / TX), splits), block (TX, TY), as batch_stats_cuda_channels."""
     outer, C, _ = x.shape
     acc = coef.dtype.type  # float32, or float64 for float64 input
-    tile = cuda.blockIdx.x
-    s = cuda.blockIdx.y
-    splits = cuda.gridDim.y
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    TX, TY = cuda.blockDim.x, cuda.blockDim.y
-    t = ty * TX + tx
-    c = tile * TX + tx
-    rows = (outer + splits - 1) // splits
-    o0 = s * rows
-    o1 = min(outer, o0 + rows)
-    s1 = acc(0)
-    s2 = acc(0)
-    m = acc(0)
-    sc = acc(0)
-    b = acc(0)
+    c, t, o0, o1 = tile_rows(outer)  # thread t < TX: the block's row ty == 0, tx == t
+    s, splits, ty, TX, TY = cuda.blockIdx.y, cuda.gridDim.y, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    s1 = s2 = m = sc = b = acc(0)
     if c < C:
         m = coef[MEAN, c]
         sc = coef[SCALE, c]
@@ -491,10 +455,10 @@ def backward_sums_cuda_channels(
     flag = cuda.shared.array(1, numba.int32)
     block_sum2(a1, a2, s1, s2, t, TX * TY, TX)
     if t < TX and c < C:
-        work[0, s, c] = a1[tx]
-        work[1, s, c] = a2[tx]
+        work[0, s, c] = a1[t]
+        work[1, s, c] = a2[t]
 
-    if last_block(counter, tile, splits, flag):
+    if last_block(counter, cuda.blockIdx.x, splits, flag):
         t1, t2 = 0.0, 0.0
         if c < C:
             for j in range(ty, splits, TY):
@@ -502,7 +466,7 @@ def backward_sums_cuda_channels(
                 t2 += coherent(work, 1, j, c)
         block_sum2(a1, a2, t1, t2, t, TX * TY, TX)
         if t < TX and c < C:
-            finish_backward_channel_cuda(c, n, a1[tx], a2[tx], coef, training, bcoef, dgamma, dbeta)
+            finish_backward_channel_cuda(c, n, a1[t], a2[t], coef, training, bcoef, dgamma, dbeta)
         if dx is not None:  # the block owns its channels: the input gradient, from L1/L2
             cuda.syncthreads()  # bcoef[:, c] written
             if c < C:
@@ -524,9 +488,8 @@ def input_grad_cuda_inner(
 ):
     """dx = A * dv + B * (x - mean) + K (0 outside the mask); the grid of scale_shift_cuda_inner."""
     outer, C, inner = x.shape
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    TX, TY = cuda.blockDim.x, cuda.blockDim.y
-    for r in range(cuda.blockIdx.y * TY + ty, outer * C, cuda.gridDim.y * TY):
+    tx, ty, TX, TY = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    for r in range(cuda.blockIdx.y * TY + ty, outer * C, cuda.gridDim.y * TY):  # rows (o, c) of the view
         o = r // C
         c = r - o * C
         m = bcoef[B_MEAN, c]
@@ -563,35 +526,6 @@ def input_grad_cuda_channels(
             input_grad_at(dy, x, z, mask, o, c, 0, bcoef, m, a, beta, b, k, act, dx, dz)
 
 
-@gpu_kernel
-def input_grad_cuda_vec4(
-    dy,  # (outer * C * inner,) float32 upstream gradient: the C-contiguous view, flat, 16-byte aligned
-    x,  # (outer * C * inner,) float32 forward input, 16-byte aligned
-    bcoef,  # (5, C) float32 MEAN, A, B, K
-    dx,  # (outer * C * inner,) float32 out, 16-byte aligned
-    inner,  # int: a multiple of 4
-):
-    """dx = A * dy + B * (x - mean) + K with 16-byte loads and stores (plain
-    batch norm: no mask, no activation); the quads of scale_shift_cuda_vec4."""
-    C = bcoef.shape[1]
-    rows, quads, row0, drow, quad0, dquad = quad_grid(x.shape[0], inner)
-    for r in range(row0, rows, drow):
-        c = r - (r // C) * C
-        m = bcoef[B_MEAN, c]
-        a = bcoef[B_DY, c]
-        b = bcoef[B_X, c]
-        k = bcoef[B_CONST, c]
-        for q in range(quad0, quads, dquad):
-            e = r * inner + 4 * q
-            g0, g1, g2, g3 = load4(dy, e)
-            v0, v1, v2, v3 = load4(x, e)
-            store4(
-                dx, e,
-                a * g0 + (b * (v0 - m) + k), a * g1 + (b * (v1 - m) + k),
-                a * g2 + (b * (v2 - m) + k), a * g3 + (b * (v3 - m) + k),
-            )  # fmt: skip
-
-
 def launch_input_grad_cuda(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=None, stream=0):
     """The elementwise backward pass: 16-byte loads for plain float32 batch
     norm on aligned rows of a multiple of 4 (``normalize.vec4_fits``), else
@@ -599,8 +533,8 @@ def launch_input_grad_cuda(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=Non
     vec = vec4_launch(x, dy, dx) if mask is None and act is None else None
     if vec is not None:
         grid, block, size = vec
-        flat = [a.reshape(size) for a in (dy, x, dx)]
-        input_grad_cuda_vec4[grid, block, stream](flat[0], flat[1], bcoef, flat[2], x.shape[2])
+        dy1, x1, dx1 = (a.reshape(size) for a in (dy, x, dx))
+        elementwise_cuda_vec4[grid, block, stream](x1, None, dy1, bcoef, 0, dx1, x.shape[2])
         return
     regime, grid, block = elementwise_launch_config(x.shape)
     kernel = input_grad_cuda_inner if regime == "inner" else input_grad_cuda_channels

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
-from numba import cuda
+from numba import cuda, prange
 from numba import types as nbtypes
 from numba.extending import overload
 
@@ -51,12 +51,6 @@ JIT_PARALLEL = {**JIT_STREAM, "parallel": True}
 #: pool costs more than it saves, and idle pool threads that spin compete with
 #: the caller's own BLAS threads (a numpy MLP ran 50x slower before this).
 PARALLEL_MIN_ELEMENTS = 1 << 16
-
-
-#: The per-channel constants travel packed in one (5, C) array: ``coef`` of the
-#: forward (rows below), ``bcoef`` of the backward (dx = A * dv + B * (x - mean) + K).
-MEAN, VAR, INVSTD, SCALE, BIAS = range(5)
-B_MEAN, B_DY, B_X, B_CONST, B_BIAS = range(5)
 
 
 def renamed(fn, suffix, globals_=None):
@@ -392,13 +386,14 @@ def block_merge(sn, sm, sq, n, m, q, t, threads, width):
 
 def check_whole_warps(block, kernel: str):
     """Raise ValueError unless ``block`` (an int or a tuple) is a whole number of
-    warps: the shuffle reductions (block_sum2, block_merge) use full masks."""
+    warps, at most MAX_THREADS: the block reductions (block_sum2, block_merge)
+    shuffle with full masks and stage their partials in MAX_THREADS slots."""
     dims = (block,) if isinstance(block, int) else tuple(block)
     threads = int(np.prod(dims))
-    if threads % 32 or threads > 1024:
+    if threads % 32 or threads > MAX_THREADS:
         raise ValueError(
             f"block: {dims} is {threads} threads; {kernel} reduces with full-warp shuffles "
-            "and needs a multiple of 32 threads, at most 1024"
+            f"and needs a multiple of 32 threads, at most {MAX_THREADS}"
         )
 
 
@@ -563,6 +558,18 @@ def row_blocks(outer, C):
     return blocks, rows_per, max(1, min(rows_per, SUB_BLOCK // C, SUB_ROWS))
 
 
+@cpu_kernel
+def sum_parts(part, out):
+    """out[j, c] = the float64 sum over k of part[j, k, c], in k's order: the
+    partials of a CPU reduction meet in a fixed order whatever the thread count."""
+    for c in prange(part.shape[2]):
+        for j in range(part.shape[0]):
+            t = 0.0
+            for k in range(part.shape[1]):
+                t += part[j, k, c]
+            out[j, c] = t
+
+
 def fold_factor(outer: int, C: int) -> int:
     """How many consecutive rows of a C-contiguous (outer, C) array ``fold_rows``
     puts side by side: the largest power of two f with f * C <= FOLD_WIDTH
@@ -612,6 +619,20 @@ def block_slice(outer, inner, s, inner_splits):
     o0 = so * rows
     i0 = si * cols
     return o0, min(outer, o0 + rows), i0, min(inner, i0 + cols)
+
+
+@cuda.jit(device=True)
+def tile_rows(outer):
+    """(c, t, o0, o1) of this thread of a channels-regime reduction (inner ==
+    1): grid (columns, splits), block (TX, TY); block (tile, s) covers channels
+    tile * TX ... tile * TX + TX - 1 over the s-th slice [o0, o1) of the rows;
+    thread (tx, ty), number t in its block, walks channel c = tile * TX + tx."""
+    TX = cuda.blockDim.x
+    splits = cuda.gridDim.y
+    rows = (outer + splits - 1) // splits
+    o0 = cuda.blockIdx.y * rows
+    c = cuda.blockIdx.x * TX + cuda.threadIdx.x
+    return c, cuda.threadIdx.y * TX + cuda.threadIdx.x, o0, min(outer, o0 + rows)
 
 
 @cuda.jit(device=True)

@@ -28,12 +28,7 @@ from numba import cuda, prange
 
 from .activation import act_token, activate, forward_at
 from .common import (
-    BIAS,
-    INVSTD,
     JIT,
-    MEAN,
-    SCALE,
-    VAR,
     block_shape,
     channel_parts,
     cpu_driver,
@@ -44,6 +39,7 @@ from .common import (
     twin,
 )
 from .half import bits, narrow, widen
+from .rows import B_CONST, B_DY, B_X, BIAS, INVSTD, MEAN, SCALE, VAR
 from .stats import finish_channels_cpu, moments_channels_cpu, moments_inner_cpu
 from .vector import aligned16, load4, quad_grid, store4
 
@@ -97,9 +93,7 @@ def scale_shift_inner_cpu(x, z, coef, act, y):
     for k in prange(outer * parts):
         o, c0, c1 = task_channels(k, parts, C)
         for c in range(c0, c1):
-            m = coef[MEAN, c]
-            s = coef[SCALE, c]
-            b = coef[BIAS, c]
+            m, s, b = coef[MEAN, c], coef[SCALE, c], coef[BIAS, c]
             for i in range(inner):
                 v = (widen(x[o, c, i]) - m) * s + b
                 if z is not None:
@@ -185,9 +179,8 @@ def scale_shift_cuda_inner(
     """y = g((x - mean) * scale + bias (+ z)).  Block (TX, TY); grid.y
     strides over the outer*C rows, grid.x over inner."""
     outer, C, inner = x.shape
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    TX, TY = cuda.blockDim.x, cuda.blockDim.y
-    for r in range(cuda.blockIdx.y * TY + ty, outer * C, cuda.gridDim.y * TY):
+    tx, ty, TX, TY = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    for r in range(cuda.blockIdx.y * TY + ty, outer * C, cuda.gridDim.y * TY):  # rows (o, c) of the view
         o = r // C
         c = r - o * C
         m, s, b = coef[MEAN, c], coef[SCALE, c], coef[BIAS, c]
@@ -215,32 +208,47 @@ def scale_shift_cuda_channels(
 
 
 @gpu_kernel
-def scale_shift_cuda_vec4(
+def elementwise_cuda_vec4(
     x,  # (outer * C * inner,) float32 input: the C-contiguous view, flat, 16-byte aligned
-    z,  # None, or (outer * C * inner,) float32 residual, 16-byte aligned
-    coef,  # (5, C) float32 per-channel MEAN, SCALE, BIAS
-    act,  # int: an ACTIVATIONS code (0: none)
-    y,  # (outer * C * inner,) float32 out, 16-byte aligned
+    z,  # None, or (outer * C * inner,) float32 residual (forward), 16-byte aligned
+    dy,  # None (forward), or (outer * C * inner,) float32 upstream gradient (input gradient)
+    coef,  # (5, C) float32: MEAN, SCALE, BIAS (forward), or bcoef's B_MEAN, B_DY, B_X, B_CONST
+    act,  # int: an ACTIVATIONS code (forward; 0: none)
+    out,  # (outer * C * inner,) float32 out: y, or dx; 16-byte aligned
     inner,  # int: a multiple of 4, so that every row starts 16-byte aligned
 ):
-    """scale_shift_cuda_inner with 16-byte loads and stores: thread (tx, ty)
+    """Both elementwise passes with 16-byte loads and stores: thread (tx, ty)
     takes quads of four values along a row (grid.x over quads, grid.y over
-    rows), each one ``ld.global.v4.f32`` and one ``st.global.v4.f32``."""
+    rows), each one ``ld.global.v4.f32`` per array and one ``st.global.v4.f32``.
+
+    Forward (dy None): y = g((x - mean) * scale + bias (+ z)).
+    Input gradient (dy given: plain batch norm): dx = A * dy + B * (x - mean) + K.
+    ``dy is None`` is decided when the kernel is compiled."""
     C = coef.shape[1]
     rows, quads, row0, drow, quad0, dquad = quad_grid(x.shape[0], inner)
     for r in range(row0, rows, drow):
         c = r - (r // C) * C
-        m = coef[MEAN, c]
-        s = coef[SCALE, c]
-        b = coef[BIAS, c]
+        m = coef[MEAN, c]  # = B_MEAN
+        if dy is None:
+            s, b, k = coef[SCALE, c], coef[BIAS, c], coef[BIAS, c]
+        else:
+            s, b, k = coef[B_DY, c], coef[B_X, c], coef[B_CONST, c]
         for q in range(quad0, quads, dquad):
-            k = r * inner + 4 * q
-            v0, v1, v2, v3 = load4(x, k)
-            v0, v1, v2, v3 = (v0 - m) * s + b, (v1 - m) * s + b, (v2 - m) * s + b, (v3 - m) * s + b
-            if z is not None:
-                z0, z1, z2, z3 = load4(z, k)
-                v0, v1, v2, v3 = v0 + z0, v1 + z1, v2 + z2, v3 + z3
-            store4(y, k, activate(v0, act), activate(v1, act), activate(v2, act), activate(v3, act))
+            e = r * inner + 4 * q
+            v0, v1, v2, v3 = load4(x, e)
+            if dy is None:
+                v0, v1, v2, v3 = (v0 - m) * s + b, (v1 - m) * s + b, (v2 - m) * s + b, (v3 - m) * s + b
+                if z is not None:
+                    z0, z1, z2, z3 = load4(z, e)
+                    v0, v1, v2, v3 = v0 + z0, v1 + z1, v2 + z2, v3 + z3
+                store4(out, e, activate(v0, act), activate(v1, act), activate(v2, act), activate(v3, act))
+            else:
+                g0, g1, g2, g3 = load4(dy, e)
+                store4(
+                    out, e,
+                    s * g0 + (b * (v0 - m) + k), s * g1 + (b * (v1 - m) + k),
+                    s * g2 + (b * (v2 - m) + k), s * g3 + (b * (v3 - m) + k),
+                )  # fmt: skip
 
 
 def vec4_launch(x, *others):
@@ -255,7 +263,7 @@ def vec4_launch(x, *others):
 
 
 def vec4_fits(x, y) -> bool:
-    """Whether ``scale_shift_cuda_vec4`` can take x and y (outer, C, inner):
+    """Whether ``elementwise_cuda_vec4`` can take x and y (outer, C, inner):
     float32, C-contiguous, inner a multiple of 4, both 16-byte aligned."""
     return (
         x.dtype == np.float32
@@ -305,7 +313,8 @@ def launch_scale_shift_cuda(x, coef, y, act=0, z=None, stream=0):
     if vec is not None:  # quads of four along inner: 16-byte loads
         grid, block, size = vec
         flat = None if z is None else z.reshape(size)
-        scale_shift_cuda_vec4[grid, block, stream](x.reshape(size), flat, coef, int(act), y.reshape(size), x.shape[2])
+        x1, y1 = x.reshape(size), y.reshape(size)
+        elementwise_cuda_vec4[grid, block, stream](x1, flat, None, coef, int(act), y1, x.shape[2])
         return
     regime, grid, block = elementwise_launch_config(x.shape)
     kernel = scale_shift_cuda_inner if regime == "inner" else scale_shift_cuda_channels

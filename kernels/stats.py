@@ -56,16 +56,11 @@ from numba import cuda, prange
 
 from .activation import forward_at
 from .common import (
-    BIAS,
     CHUNK,
-    INVSTD,
     JIT,
     JIT_STREAM,
     MAX_THREADS,
-    MEAN,
     PARALLEL_MIN_ELEMENTS,
-    SCALE,
-    VAR,
     block_merge,
     block_slice,
     chan_merge,
@@ -86,9 +81,11 @@ from .common import (
     shifted_add,
     shifted_to_moments,
     task_channels,
+    tile_rows,
     twin,
 )
 from .half import compute_dtype, widen
+from .rows import BIAS, INVSTD, MEAN, SCALE, VAR
 from .workspace import workspace
 
 #: Rows averaged into the center of the one-pass moments (channels contiguous).
@@ -407,11 +404,8 @@ def batch_stats_cuda_inner(
     """Grid (C, splits), block (TX, TY): block (c, s) reduces one slice of channel c."""
     outer, C, inner = x.shape
     acc = coef.dtype.type  # float32, or float64 for float64 input
-    c = cuda.blockIdx.x
-    s = cuda.blockIdx.y
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    TX, TY = cuda.blockDim.x, cuda.blockDim.y
-    t = ty * TX + tx
+    tx, ty, TX, TY = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    c, s, t = cuda.blockIdx.x, cuda.blockIdx.y, ty * TX + tx
     o0, o1, i0, i1 = block_slice(outer, inner, s, inner_splits)
 
     # per thread: values shifted by the thread's first value (large offsets
@@ -489,22 +483,10 @@ def batch_stats_cuda_channels(
     (tile, s) walks channel tile*TX + tx over rows s*rows + ty, step TY."""
     outer, C, _ = x.shape
     acc = coef.dtype.type  # float32, or float64 for float64 input
-    tile = cuda.blockIdx.x
-    s = cuda.blockIdx.y
-    splits = cuda.gridDim.y
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    TX, TY = cuda.blockDim.x, cuda.blockDim.y
-    t = ty * TX + tx
-    c = tile * TX + tx
-    rows = (outer + splits - 1) // splits
-    o0 = s * rows
-    o1 = min(outer, o0 + rows)
+    c, t, o0, o1 = tile_rows(outer)  # thread t < TX: the block's row ty == 0, tx == t
+    s, splits, ty, TX, TY = cuda.blockIdx.y, cuda.gridDim.y, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
 
-    one = acc(1)
-    n = acc(0)
-    mean = acc(0)
-    m2 = acc(0)
-    shift = acc(0)
+    one, n, mean, m2, shift = acc(1), acc(0), acc(0), acc(0), acc(0)
     base = 0.0  # the channel's first value: partial means are relative to it
     if c < C:
         base = numba.float64(x[origin, c, 0])  # a counted value
@@ -526,11 +508,11 @@ def batch_stats_cuda_channels(
     flag = cuda.shared.array(1, numba.int32)
     block_merge(sn, sm, sq, n, (numba.float64(shift) - base) + numba.float64(mean), m2, t, TX * TY, TX)
     if t < TX and c < C:
-        work[0, s, c] = sn[tx]
-        work[1, s, c] = sm[tx]
-        work[2, s, c] = sq[tx]
+        work[0, s, c] = sn[t]
+        work[1, s, c] = sm[t]
+        work[2, s, c] = sq[t]
 
-    if last_block(counter, tile, splits, flag):
+    if last_block(counter, cuda.blockIdx.x, splits, flag):
         n2, m2, q2 = 0.0, 0.0, 0.0
         if c < C:
             for j in range(ty, splits, TY):
@@ -539,7 +521,7 @@ def batch_stats_cuda_channels(
                 )
         block_merge(sn, sm, sq, n2, m2, q2, t, TX * TY, TX)
         if t < TX and c < C:
-            finish_channel_cuda(c, sn[tx], base + sm[tx], sq[tx], coef, gamma, beta, rmean, rvar, eps, momentum, update)
+            finish_channel_cuda(c, sn[t], base + sm[t], sq[t], coef, gamma, beta, rmean, rvar, eps, momentum, update)
         if y is not None:  # the block owns its channels: the elementwise pass, from L1/L2
             cuda.syncthreads()  # coef[:, c] written
             if c < C:

@@ -54,7 +54,38 @@ def workspace(name, shape, dtype, zero=False, stream=0, scratch=None):
 
 
 # ----------------------------------------------------------------------------
-# host: a caching allocator for large outputs
+# large outputs, host and device: freed buffers kept for reuse, by size
+
+
+class _FreeList:
+    """Freed buffers by size in bytes, at most ``limit`` bytes kept (thread-safe)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.cached, self.free, self.lock = limit, 0, {}, threading.Lock()
+
+    def take(self, nbytes: int):
+        """A kept buffer of ``nbytes``, or None."""
+        with self.lock:
+            free = self.free.get(nbytes)
+            if not free:
+                return None
+            self.cached -= nbytes
+            return free.pop()
+
+    def give(self, buffer, nbytes: int):
+        """Keep ``buffer`` for reuse (dropped when the list is full)."""
+        with self.lock:
+            if self.cached + nbytes <= self.limit:
+                self.free.setdefault(nbytes, []).append(buffer)
+                self.cached += nbytes
+
+
+#: Outputs of at least this many bytes come from the caches.
+CACHE_MIN_BYTES = 1 << 20
+#: At most this much freed memory is kept for reuse (GPUBN_HOST_CACHE_MB,
+#: GPUBN_DEVICE_CACHE_MB; 0 = off).
+_host = _FreeList(int(os.environ.get("GPUBN_HOST_CACHE_MB", "1024")) << 20)
+_device = _FreeList(int(os.environ.get("GPUBN_DEVICE_CACHE_MB", "4096")) << 20)
 
 
 class _HostBlock:
@@ -71,23 +102,7 @@ class _HostBlock:
         }
 
     def __del__(self):
-        _host_release(self.buffer)
-
-
-#: Outputs of at least this many bytes come from the cache.
-HOST_CACHE_MIN_BYTES = 1 << 20
-#: At most this much freed memory is kept for reuse (GPUBN_HOST_CACHE_MB, 0 = off).
-HOST_CACHE_BYTES = int(os.environ.get("GPUBN_HOST_CACHE_MB", "1024")) << 20
-_host_lock = threading.Lock()
-_host_free = {}  # nbytes -> [buffers]
-_host_cached = [0]
-
-
-def _host_release(buffer):
-    with _host_lock:
-        if _host_cached[0] + buffer.nbytes <= HOST_CACHE_BYTES:
-            _host_free.setdefault(buffer.nbytes, []).append(buffer)
-            _host_cached[0] += buffer.nbytes
+        _host.give(self.buffer, self.buffer.nbytes)
 
 
 def host_empty(shape, dtype):
@@ -99,35 +114,12 @@ def host_empty(shape, dtype):
     """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < HOST_CACHE_MIN_BYTES or HOST_CACHE_BYTES == 0:
+    if nbytes < CACHE_MIN_BYTES or _host.limit == 0:
         return np.empty(shape, dtype)
-    with _host_lock:
-        free = _host_free.get(nbytes)
-        buffer = free.pop() if free else None
-        if buffer is not None:
-            _host_cached[0] -= nbytes
+    buffer = _host.take(nbytes)
     if buffer is None:
         buffer = np.empty(nbytes, np.uint8)
     return np.asarray(_HostBlock(buffer, shape, dtype))
-
-
-# ----------------------------------------------------------------------------
-# device: the same for large outputs on the GPU
-
-#: Device outputs of at least this many bytes come from the cache.
-DEVICE_CACHE_MIN_BYTES = 1 << 20
-#: At most this much freed device memory is kept (GPUBN_DEVICE_CACHE_MB, 0 = off).
-DEVICE_CACHE_BYTES = int(os.environ.get("GPUBN_DEVICE_CACHE_MB", "4096")) << 20
-_device_lock = threading.Lock()
-_device_free = {}  # nbytes -> [DeviceNDArray of uint8 owning the allocation]
-_device_cached = [0]
-
-
-def _device_release(base):
-    with _device_lock:
-        if _device_cached[0] + base.nbytes <= DEVICE_CACHE_BYTES:
-            _device_free.setdefault(base.nbytes, []).append(base)
-            _device_cached[0] += base.nbytes
 
 
 def device_empty(shape, dtype):
@@ -143,22 +135,18 @@ def device_empty(shape, dtype):
     """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if CUDASIM or nbytes < DEVICE_CACHE_MIN_BYTES or DEVICE_CACHE_BYTES == 0:
+    if CUDASIM or nbytes < CACHE_MIN_BYTES or _device.limit == 0:
         return cuda.device_array(shape, dtype)
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
     from numba.cuda.cudadrv.driver import AutoFreePointer
 
-    with _device_lock:
-        free = _device_free.get(nbytes)
-        base = free.pop() if free else None
-        if base is not None:
-            _device_cached[0] -= nbytes
+    base = _device.take(nbytes)
     if base is None:
         base = cuda.device_array(nbytes, np.uint8)
 
     def give_back():
         _device_live.discard(pointer)
-        _device_release(base)
+        _device.give(base, nbytes)
 
     memory = base.gpu_data
     pointer = AutoFreePointer(memory.context, memory.device_pointer, nbytes, finalizer=give_back)

@@ -71,7 +71,7 @@ def float32_arithmetic(kernel, ptx) -> bool:
     float64 division per value; no float32 FMA at all), and the fused sigmoid
     (float64 exp and division)."""
     name = kernel.py_func.__name__
-    if name.startswith(("scale_shift", "input_grad")):
+    if name.startswith(("scale_shift", "input_grad", "elementwise")):
         return not re.search(r"\b(?:add|sub|mul|fma|div)\.(?:rn\.)?f64", ptx)
     if name.startswith("batch_stats"):
         return "fma.rn.f32" in ptx
@@ -220,11 +220,11 @@ def main():
     # float32 only: 16-byte loads and stores (kernels/vector.py), which must be
     # in the PTX as v4 instructions, not split into scalar ones
     f1, m2 = types.float32[::1], types.float32[:, ::1]
-    vector_kernels = {
-        K.scale_shift_cuda_vec4: (f1, f1, m2, types.int64, f1, types.int64),
-        K.input_grad_cuda_vec4: (f1, f1, m2, f1, types.int64),
-    }
-    for kernel, sig in vector_kernels.items():
+    vector_kernels = [  # the forward (dy None), the input gradient (z None)
+        (K.elementwise_cuda_vec4, (f1, f1, types.none, m2, types.int64, f1, types.int64)),
+        (K.elementwise_cuda_vec4, (f1, types.none, f1, m2, types.int64, f1, types.int64)),
+    ]
+    for kernel, sig in vector_kernels:
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
         vector = all(op in ptx for op in ("ld.global.v4.f32", "st.global.v4.f32"))
         packed_ok = packed_parameters(kernel, sig) == ptx_parameters(ptx)

@@ -141,10 +141,11 @@ def test_unknown_arguments_are_refused_naming_the_parameter():
         launch.launch_arguments(K.scale_shift_cuda_inner, (np.ones(3), None, None, 0, None))
 
 
-@pytest.mark.parametrize("block", [(33, 1), (16, 1), (8, 3), (64, 32)])
+@pytest.mark.parametrize("block", [(33, 1), (16, 1), (8, 3), (64, 32), (32, 16)])
 def test_shuffle_kernels_refuse_partial_warps(block):
-    """The full-mask shuffle reductions need whole warps: a custom block (as
-    examples/kernels_direct.py invites) that is not one is refused at configuration."""
+    """The full-mask shuffle reductions need whole warps, at most MAX_THREADS
+    (their shared partials): a custom block (as examples/kernels_direct.py
+    invites) that is not is refused at configuration."""
     for kernel in (K.batch_stats_cuda_inner, K.batch_stats_cuda_channels, K.backward_sums_cuda_inner,
                    K.backward_sums_cuda_channels):  # fmt: skip
         with pytest.raises(ValueError, match="multiple of 32 threads"):

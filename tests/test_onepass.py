@@ -27,8 +27,8 @@ def path(request, monkeypatch):
 
 REDUCTIONS = {stats: ["batch_stats_cuda_inner", "batch_stats_cuda_channels"]}
 REDUCTIONS[bw] = ["backward_sums_cuda_inner", "backward_sums_cuda_channels"]
-ELEMENTWISE = {normalize: [f"scale_shift_cuda_{r}" for r in ("inner", "channels", "vec4")]}
-ELEMENTWISE[bw] = [f"input_grad_cuda_{r}" for r in ("inner", "channels", "vec4")]
+ELEMENTWISE = {normalize: ["scale_shift_cuda_inner", "scale_shift_cuda_channels", "elementwise_cuda_vec4"]}
+ELEMENTWISE[bw] = ["input_grad_cuda_inner", "input_grad_cuda_channels", "elementwise_cuda_vec4"]
 
 
 def _launched(monkeypatch):

@@ -1,4 +1,4 @@
-"""The 16-byte-load elementwise kernel (kernels/vector.py, normalize.scale_shift_cuda_vec4):
+"""The 16-byte-load elementwise kernel (kernels/vector.py, normalize.elementwise_cuda_vec4, both passes):
 taken exactly when float32 rows of a multiple of 4 start 16-byte aligned, and
 equal to the scalar kernel's results.  (The PTX test checks its v4 instructions.)"""
 
@@ -18,16 +18,16 @@ def launched(monkeypatch):
     if "cuda" not in gpubn.available_backends():
         pytest.skip("backend 'cuda' not available")
     return spy_launches(
-        monkeypatch, normalize, ["scale_shift_cuda_vec4", "scale_shift_cuda_inner", "scale_shift_cuda_channels"]
+        monkeypatch, normalize, ["elementwise_cuda_vec4", "scale_shift_cuda_inner", "scale_shift_cuda_channels"]
     )
 
 
 @pytest.mark.parametrize(
     "shape,dtype,kernel",
     [
-        ((3, 5, 8), np.float32, "scale_shift_cuda_vec4"),
-        ((2, 3, 4, 3), np.float32, "scale_shift_cuda_vec4"),  # inner = 12
-        ((3, 5, 4), np.float32, "scale_shift_cuda_vec4"),  # one quad a row
+        ((3, 5, 8), np.float32, "elementwise_cuda_vec4"),
+        ((2, 3, 4, 3), np.float32, "elementwise_cuda_vec4"),  # inner = 12
+        ((3, 5, 4), np.float32, "elementwise_cuda_vec4"),  # one quad a row
         ((3, 5, 6), np.float32, "scale_shift_cuda_inner"),  # inner % 4 != 0
         ((3, 5, 8), np.float64, "scale_shift_cuda_inner"),  # float32 only
         ((3, 5, 8), np.float16, "scale_shift_cuda_inner"),
@@ -68,14 +68,14 @@ def test_eval_forward_uses_it(launched, rng):
     x = rng.standard_normal((2, 3, 16)).astype(np.float32)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
     y, _ = gpubn.batch_norm_forward(x, training=False, running_mean=rm, running_var=rv, backend="cuda")
-    assert launched == ["scale_shift_cuda_vec4"]
+    assert launched == ["elementwise_cuda_vec4"]
     np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)
 
 
 @pytest.mark.parametrize(
     "shape,kwargs,kernel",
     [
-        ((3, 5, 40), {}, "input_grad_cuda_vec4"),  # the split path (more than ONE_PASS_MAX values a channel)
+        ((3, 5, 40), {}, "elementwise_cuda_vec4"),  # the split path (more than ONE_PASS_MAX values a channel)
         ((3, 5, 42), {}, "input_grad_cuda_inner"),  # inner % 4 != 0
         ((3, 5, 40), {"activation": "relu"}, "input_grad_cuda_inner"),  # fused: the scalar kernel
     ],
@@ -88,7 +88,7 @@ def test_backward_elementwise_pass(monkeypatch, rng, shape, kwargs, kernel):
     from gpubn.kernels import common
 
     monkeypatch.setattr(common, "ONE_PASS_MAX", 0)  # the split passes (as on a GPU for large channels)
-    seen = spy_launches(monkeypatch, bw, ["input_grad_cuda_vec4", "input_grad_cuda_inner"])
+    seen = spy_launches(monkeypatch, bw, ["elementwise_cuda_vec4", "input_grad_cuda_inner"])
     x = (2 + rng.standard_normal(shape)).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     _, cache = gpubn.batch_norm_forward(x, backend="cuda", **kwargs)
@@ -106,12 +106,12 @@ def test_fused_forward_elementwise_pass(monkeypatch, rng, activation, residual):
     the split path's), against the CPU backend."""
     if "cuda" not in gpubn.available_backends():
         pytest.skip("backend 'cuda' not available")
-    seen = spy_launches(monkeypatch, normalize, ["scale_shift_cuda_vec4", "scale_shift_cuda_inner"])
+    seen = spy_launches(monkeypatch, normalize, ["elementwise_cuda_vec4", "scale_shift_cuda_inner"])
     x = rng.standard_normal((2, 3, 8)).astype(np.float32)
     z = rng.standard_normal(x.shape).astype(np.float32) if residual else None
     rm, rv = (0.1 * rng.standard_normal(3)).astype(np.float32), (1 + rng.random(3)).astype(np.float32)
     kw = dict(training=False, running_mean=rm, running_var=rv, activation=activation, residual=z)
     got, _ = gpubn.batch_norm_forward(x, backend="cuda", **kw)
     want, _ = gpubn.batch_norm_forward(x, backend="cpu", **kw)
-    assert seen == ["scale_shift_cuda_vec4"]
+    assert seen == ["elementwise_cuda_vec4"]
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
