@@ -55,8 +55,8 @@ from .common import (
     cpu_kernel,
     gpu_kernel,
     last_block,
+    launches,
     part_of,
-    reduction_config,
     repeat_groups,
     row_blocks,
     sum_parts,
@@ -65,7 +65,7 @@ from .common import (
     twin,
 )
 from .half import compute_dtype, narrow, widen
-from .normalize import elementwise_cuda_vec4, elementwise_launch_config, vec4_launch
+from .normalize import elementwise_cuda_vec4, vec4_fits
 from .rows import B_BIAS, B_CONST, B_DY, B_MEAN, B_X, BIAS, INVSTD, MEAN, SCALE
 from .workspace import workspace
 
@@ -526,27 +526,27 @@ def input_grad_cuda_channels(
             input_grad_at(dy, x, z, mask, o, c, 0, bcoef, m, a, beta, b, k, act, dx, dz)
 
 
-def launch_input_grad_cuda(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=None, stream=0):
+def launch_input_grad_cuda(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=None, stream=0, launch=None):
     """The elementwise backward pass: 16-byte loads for plain float32 batch
     norm on aligned rows of a multiple of 4 (``normalize.vec4_fits``), else
-    the scalar kernel of the view's regime."""
-    vec = vec4_launch(x, dy, dx) if mask is None and act is None else None
-    if vec is not None:
-        grid, block, size = vec
+    the scalar kernel of the view's regime (launch: ``common.Launches`` or None)."""
+    launch = launch or launches(x.shape)
+    if launch.quads is not None and mask is None and act is None and vec4_fits(x, dy, dx):
+        (grid, block), size = launch.quads, x.size
         dy1, x1, dx1 = (a.reshape(size) for a in (dy, x, dx))
         elementwise_cuda_vec4[grid, block, stream](x1, None, dy1, bcoef, 0, dx1, x.shape[2])
         return
-    regime, grid, block = elementwise_launch_config(x.shape)
+    regime, grid, block = launch.elementwise
     kernel = input_grad_cuda_inner if regime == "inner" else input_grad_cuda_channels
     kernel[grid, block, stream](dy, x, mask, bcoef, dx, act, z, dz)
 
 
 def launch_backward_cuda(
     dy, x, coef, training, bcoef, dgamma, dbeta, dx, mask=None, count=None, act=None, z=None, dz=None, stream=0,
-    scratch=None, one_launch=False,
+    scratch=None, launch=None,
 ):  # fmt: skip
     """Both backward passes on the GPU: the sums, then the input gradient
-    (one launch with ``one_launch``, a block per channel: ``common.one_pass``).
+    (one launch with a block per channel where ``launch.one_launch``).
 
     Args:
         dy, x: (outer, C, inner) device arrays, float16/32/64.
@@ -561,9 +561,12 @@ def launch_backward_cuda(
             dz: None, or like x, out: dv = dy * g'(v).
         stream: the caller's stream handle; scratch: the caller's allocator
             for the partials (``workspace.workspace``).
+        launch: the shape's ``common.Launches`` (a plan's: one launch or the
+            split passes), or None for the split passes chosen here.
     """
     outer, C, inner = x.shape
-    grid, block, inner_splits, splits, columns = reduction_config(x.shape, one_launch)[1:]
+    launch = launch or launches(x.shape)
+    grid, block, inner_splits, splits, columns = launch.reduce[1:]
     work = workspace("backward.work", (2, splits, C), np.float64, stream=stream, scratch=scratch)
     counter = workspace("backward.counter", (columns,), np.int32, zero=True, stream=stream, scratch=scratch)
     n = float(outer * inner if mask is None else count)
@@ -571,8 +574,8 @@ def launch_backward_cuda(
     args = [dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), n, act, z, mask]
     if inner_splits is not None:
         args.append(inner_splits)
-    tail = (dx, dz) if one_launch else (None, None)
+    tail = (dx, dz) if launch.one_launch else (None, None)  # a block per channel: it writes dx too
     kernel = backward_sums_cuda_inner if inner_splits is not None else backward_sums_cuda_channels
     kernel[grid, block, stream](*args, *tail)
-    if not one_launch:
-        launch_input_grad_cuda(dy, x, bcoef, dx, mask, act, z, dz, stream)
+    if not launch.one_launch:
+        launch_input_grad_cuda(dy, x, bcoef, dx, mask, act, z, dz, stream, launch)

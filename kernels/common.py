@@ -738,6 +738,51 @@ def reduction_config(shape, one_launch: bool = False) -> ReductionConfig:
     return ReductionConfig("channels", (columns, splits), (tx, ty), None, splits, columns)
 
 
+def elementwise_launch_config(shape):
+    """(regime, grid, block) for an elementwise pass over a canonical view.
+
+    Enough blocks for ~32 resident per SM; each thread then strides over several
+    elements (independent loads in flight), never dividing per element.
+    """
+    outer, C, inner = shape
+    tx, ty = block_shape(outer, C, inner)
+    budget = 32 * sm_count()
+    if inner > 1:
+        gx = min(-(-inner // tx), 65535)
+        gy = max(1, min(-(-(outer * C) // ty), budget // gx, 65535))
+        return "inner", (gx, gy), (tx, ty)
+    gx = -(-C // tx)
+    gy = max(1, min(-(-outer // ty), max(1, budget // gx), 65535))
+    return "channels", (gx, gy), (tx, ty)
+
+
+def channel_launch_config(C: int) -> tuple:
+    """(grid, block) of a kernel with a thread per channel."""
+    threads = min(128, max(32, C))
+    return -(-C // threads), threads
+
+
+class Launches(NamedTuple):
+    """Every launch configuration of one call shape, chosen once (a CUDA plan
+    holds one; the launchers choose it themselves when called without)."""
+
+    one_launch: bool  # a block per channel: the reduction kernels write y / dx too (``one_pass``)
+    reduce: ReductionConfig  # the statistics and the backward sums
+    elementwise: tuple  # (regime, grid, block) of the scalar elementwise kernels
+    quads: object  # (grid, block) of the 16-byte-load kernel over quads, or None (inner % 4 != 0)
+    channels: tuple  # (grid, block) of a thread per channel
+
+
+def launches(shape, one_launch: bool = False) -> Launches:
+    """The launch configurations of a view shape (outer, C, inner)."""
+    outer, C, inner = shape
+    quads = None
+    if inner > 1 and inner % 4 == 0:
+        quads = elementwise_launch_config((outer, C, inner // 4))[1:]
+    reduce = reduction_config(shape, one_launch)
+    return Launches(one_launch, reduce, elementwise_launch_config(shape), quads, channel_launch_config(C))
+
+
 def nonempty(length: int, parts: int) -> int:
     """The number of parts of ``length`` items cut into ceil(length / parts)
     each (``block_slice``): at most ``parts``, and none of them empty ((20,

@@ -29,12 +29,12 @@ from numba import cuda, prange
 from .activation import act_token, activate, forward_at
 from .common import (
     JIT,
-    block_shape,
+    channel_launch_config,
     channel_parts,
     cpu_driver,
     cpu_kernel,
     gpu_kernel,
-    sm_count,
+    launches,
     task_channels,
     twin,
 )
@@ -251,46 +251,15 @@ def elementwise_cuda_vec4(
                 )  # fmt: skip
 
 
-def vec4_launch(x, *others):
-    """(grid, block, size) of a 16-byte-load elementwise kernel over the
-    (outer, C, inner) view x and the arrays of its shape beside it (``vec4_fits``
-    for each, inner > 1), or None where the scalar kernel must run."""
-    outer, C, inner = x.shape
-    if inner == 1 or not all(vec4_fits(x, a) for a in others):
-        return None
-    _, grid, block = elementwise_launch_config((outer, C, inner // 4))
-    return grid, block, outer * C * inner
-
-
-def vec4_fits(x, y) -> bool:
-    """Whether ``elementwise_cuda_vec4`` can take x and y (outer, C, inner):
-    float32, C-contiguous, inner a multiple of 4, both 16-byte aligned."""
+def vec4_fits(x, *others) -> bool:
+    """Whether ``elementwise_cuda_vec4`` can take x and the arrays of its
+    shape beside it (outer, C, inner): float32, C-contiguous, inner a multiple
+    of 4, every one 16-byte aligned."""
     return (
-        x.dtype == np.float32
-        and y.dtype == np.float32
-        and x.shape[2] % 4 == 0
-        and x.is_c_contiguous()
-        and y.is_c_contiguous()
-        and aligned16(x, y)
+        x.shape[2] % 4 == 0
+        and all(a.dtype == np.float32 and a.is_c_contiguous() for a in (x, *others))
+        and aligned16(x, *others)
     )
-
-
-def elementwise_launch_config(shape):
-    """(regime, grid, block) for an elementwise pass over a canonical view.
-
-    Enough blocks for ~32 resident per SM; each thread then strides over several
-    elements (independent loads in flight), never dividing per element.
-    """
-    outer, C, inner = shape
-    tx, ty = block_shape(outer, C, inner)
-    budget = 32 * sm_count()
-    if inner > 1:
-        gx = min(-(-inner // tx), 65535)
-        gy = max(1, min(-(-(outer * C) // ty), budget // gx, 65535))
-        return "inner", (gx, gy), (tx, ty)
-    gx = -(-C // tx)
-    gy = max(1, min(-(-outer // ty), max(1, budget // gx), 65535))
-    return "channels", (gx, gy), (tx, ty)
 
 
 def launch_scale_shift_cpu(x, coef, y, act=0, z=None):
@@ -302,21 +271,23 @@ def launch_scale_shift_cpu(x, coef, y, act=0, z=None):
     scale_shift_cpu(bits(x), coef, bits(y), act_token(act), None if z is None else bits(z))
 
 
-def launch_scale_shift_cuda(x, coef, y, act=0, z=None, stream=0):
+def launch_scale_shift_cuda(x, coef, y, act=0, z=None, stream=0, launch=None):
     """y = g((x - mean) * scale + bias (+ z)) on the GPU, one launch (16-byte
     loads for float32 rows of a multiple of 4 starting 16-byte aligned).
 
     x, z, y: (outer, C, inner) device arrays (float16/32/64; y may be x for in
-    place); coef: (5, C) device array of the accumulation dtype.
+    place); coef: (5, C) device array of the accumulation dtype; launch: the
+    shape's ``common.Launches`` (a plan's), or None to choose here.
     """
-    vec = vec4_launch(x, y) if z is None else vec4_launch(x, z, y)
-    if vec is not None:  # quads of four along inner: 16-byte loads
-        grid, block, size = vec
+    launch = launch or launches(x.shape)
+    others = (y,) if z is None else (z, y)
+    if launch.quads is not None and vec4_fits(x, *others):  # quads of four along inner: 16-byte loads
+        (grid, block), size = launch.quads, x.size
         flat = None if z is None else z.reshape(size)
         x1, y1 = x.reshape(size), y.reshape(size)
         elementwise_cuda_vec4[grid, block, stream](x1, flat, None, coef, int(act), y1, x.shape[2])
         return
-    regime, grid, block = elementwise_launch_config(x.shape)
+    regime, grid, block = launch.elementwise
     kernel = scale_shift_cuda_inner if regime == "inner" else scale_shift_cuda_channels
     kernel[grid, block, stream](x, z, coef, int(act), y)
 
@@ -328,6 +299,5 @@ def launch_affine_coefficients_cpu(mean, var, gamma, beta, eps, coef):
 
 def launch_affine_coefficients_cuda(mean, var, gamma, beta, eps, coef, stream=0):
     """coef (5, C) device array from (C,) device arrays mean, var, gamma, beta."""
-    C = coef.shape[1]
-    threads = min(128, max(32, C))
-    affine_coefficients_cuda[-(-C // threads), threads, stream](mean, var, gamma, beta, coef.dtype.type(eps), coef)
+    grid, block = channel_launch_config(coef.shape[1])
+    affine_coefficients_cuda[grid, block, stream](mean, var, gamma, beta, coef.dtype.type(eps), coef)

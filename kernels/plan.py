@@ -125,34 +125,33 @@ class CPUPlan:
 
 
 class CUDAPlan:
-    """The CUDA launches of one call shape: one launch per pass where a
-    channel fits a block (``common.one_pass``), else the split passes."""
+    """The CUDA launches of one call shape (``common.launches``): one launch
+    per pass where a channel fits a block (``common.one_pass``), else the
+    split passes."""
 
     def __init__(self, shape3, dtype):
         self.shape3 = shape3
         self.onepass = common.one_pass(shape3, np.dtype(dtype).itemsize)
+        self.launch = common.launches(shape3, self.onepass)
 
     def forward_train(
         self, x, mask, coef, gamma, beta, rmean, rvar, eps, momentum, update, act, z, y, stream=0, scratch=None
     ):
         m, origin = (None, 0) if mask is None else (mask.view, mask.origin)
-        fused = y if self.onepass else None
-        launch_stats_cuda(
-            x, coef, gamma, beta, rmean, rvar, eps, momentum, update, m, origin, stream, scratch, act, z, fused
-        )
-        if y is not None and fused is None:
-            launch_scale_shift_cuda(x, coef, y, act, z, stream)
+        args = (x, coef, gamma, beta, rmean, rvar, eps, momentum, update, m, origin, stream, scratch)
+        launch_stats_cuda(*args, act, z, y, self.launch)
+        if y is not None and not self.onepass:
+            launch_scale_shift_cuda(x, coef, y, act, z, stream, self.launch)
 
     def forward_eval(self, x, mean, var, gamma, beta, eps, coef, act, z, y, stream=0, scratch=None):
         launch_affine_coefficients_cuda(mean, var, gamma, beta, eps, coef, stream=stream)
-        launch_scale_shift_cuda(x, coef, y, act, z, stream)
+        launch_scale_shift_cuda(x, coef, y, act, z, stream, self.launch)
 
     def backward(self, dy, x, z, mask, coef, training, bcoef, dgamma, dbeta, act, dx, dz, stream=0, scratch=None):
         m, count = (None, None) if mask is None else (mask.view, mask.count)
         code = int(act) or None  # None: plain batch norm, the activation's branch removed when compiled
-        launch_backward_cuda(
-            dy, x, coef, training, bcoef, dgamma, dbeta, dx, m, count, code, z, dz, stream, scratch, self.onepass
-        )
+        args = (dy, x, coef, training, bcoef, dgamma, dbeta, dx, m, count, code, z, dz)
+        launch_backward_cuda(*args, stream, scratch, self.launch)
 
 
 _plans = {}

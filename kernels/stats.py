@@ -73,6 +73,7 @@ from .common import (
     fold_rows,
     gpu_kernel,
     last_block,
+    launches,
     merge_moments,
     merge_rows,
     reduction_config,
@@ -540,10 +541,11 @@ def stats_launch_config(shape, one_launch=False):
 
 def launch_stats_cuda(
     x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask=None, origin=0, stream=0, scratch=None,
-    act=0, z=None, y=None,
+    act=0, z=None, y=None, launch=None,
 ):  # fmt: skip
-    """Batch statistics and forward constants on the GPU, one launch; with y,
-    a block per channel (``common.one_pass`` decides) that writes y too.
+    """Batch statistics and forward constants on the GPU, one launch; with
+    ``launch.one_launch`` (a block per channel: ``common.one_pass``) it
+    writes y too.
 
     Args:
         x: (outer, C, inner) device array, float16/32/64.
@@ -557,10 +559,15 @@ def launch_stats_cuda(
             of them (the kernels' reference value).
         stream: the caller's stream handle; scratch: the caller's allocator
             for the partials (``workspace.workspace``).
-        act, z, y: None, or y like x, out: y = g((x - mean) * scale + bias (+ z)).
+        act, z, y: with ``launch.one_launch``, y like x, out:
+            y = g((x - mean) * scale + bias (+ z)).
+        launch: the shape's ``common.Launches`` (a plan's), or None for the
+            split reduction chosen here (statistics only).
     """
     acc = gamma.dtype
-    kernel, grid, block, inner_splits, splits, columns = stats_launch_config(x.shape, y is not None)
+    launch = launch or launches(x.shape)
+    regime, grid, block, inner_splits, splits, columns = launch.reduce
+    kernel = batch_stats_cuda_inner if regime == "inner" else batch_stats_cuda_channels
     C = x.shape[1]
     work = workspace("stats.work", (3, splits, C), np.float64, stream=stream, scratch=scratch)
     counter = workspace("stats.counter", (columns,), np.int32, zero=True, stream=stream, scratch=scratch)
@@ -568,4 +575,5 @@ def launch_stats_cuda(
     args += [acc.type(eps), acc.type(momentum), bool(update)]
     if inner_splits is not None:
         args.append(inner_splits)
+    z, y = (z, y) if launch.one_launch else (None, None)
     kernel[grid, block, stream](*args, int(act), z, y)
