@@ -95,14 +95,20 @@ def _array(t: Tensor | None):
     return t.numpy()
 
 
-def _view(t: Tensor, inp):
-    """The kernels' view of a tensor on inp's side ((C,) vectors, or like the
-    input): NumPy on the CPU (bfloat16 as int16 bits), a numba view on CUDA."""
-    if inp.backend == "cuda":
-        return device_view(t.detach())
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.detach().numpy()
+def _views(inp, *tensors) -> list:
+    """The kernels' views of tensors on inp's side ((C,) vectors, or like the
+    input; None stays None): NumPy on the CPU (bfloat16 as int16 bits), numba
+    views on CUDA."""
+    views = []
+    for t in tensors:
+        if t is not None:
+            t = t.detach()
+            if inp.backend == "cuda":
+                t = device_view(t)
+            else:
+                t = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+        views.append(t)
+    return views
 
 
 def _output(like: Tensor, inp, dtype) -> tuple:
@@ -118,15 +124,6 @@ def _output(like: Tensor, inp, dtype) -> tuple:
     arr = host_empty(tuple(like.shape), np.int16 if bits else _NUMPY[dtype])
     t = torch.from_numpy(arr)
     return (t.view(torch.bfloat16) if bits else t), arr.reshape(inp.shape3)
-
-
-def _vector(t: Tensor | None, inp, fill: float):
-    """A (C,) parameter as the kernels take it (float16/bfloat16 widened to float32; None: fill)."""
-    if t is None:
-        return channel_vector(None, "", inp.C, inp.acc, inp.backend, fill, inp.stream)
-    if t.dtype in _HALF:
-        t = t.float()
-    return device_view(t.detach()) if inp.backend == "cuda" else t.detach().numpy()
 
 
 def _backend(t: Tensor) -> str:
@@ -184,12 +181,16 @@ def _forward_here(input, weight, bias, running_mean, running_var, training, mome
     rounded = running_mean is not None and running_mean.dtype in _HALF
     rm, rv = (running_mean.float(), running_var.float()) if rounded else (running_mean, running_var)
     y, y3 = _output(x, inp, torch.float32 if via_float else x.dtype)
-    stats = (None, None) if rm is None else (_view(rm, inp), _view(rv, inp))
+    # float16 / bfloat16 parameters: the kernels take float32 (C,) vectors
+    w = weight.float() if weight is not None and weight.dtype in _HALF else weight
+    b = bias.float() if bias is not None and bias.dtype in _HALF else bias
+    w, b, rmv, rvv = _views(inp, w, b, rm, rv)
+    if w is None:
+        w = channel_vector(None, "", inp.C, inp.acc, inp.backend, 1.0, inp.stream)
+    if b is None:
+        b = channel_vector(None, "", inp.C, inp.acc, inp.backend, 0.0, inp.stream)
     act = ACTIVATIONS[activation]
-    coef = _F._forward(
-        inp, _vector(weight, inp, 1.0), _vector(bias, inp, 0.0), *stats, eps, momentum, training, update, act,
-        None, None, y3,
-    )  # fmt: skip
+    coef = _F._forward(inp, w, b, rmv, rvv, eps, momentum, training, update, act, None, None, y3)
     if rounded and update:
         with torch.no_grad():
             running_mean.copy_(rm)
@@ -214,18 +215,19 @@ def _backward_here(grad_output, input, saved: _Pass):
     dy = grad_output.to(torch.float32 if via_float else input.dtype)
     if perm is not None:
         dy = dy.permute(perm)
-    dyv = _view(dy, inp)
+    dx, dx3 = _output(dy, inp, dy.dtype)
+    dtype = torch.float64 if inp.acc == np.float64 else torch.float32
+    dgamma = torch.empty(inp.C, dtype=dtype, device=input.device)
+    dbeta = torch.empty(inp.C, dtype=dtype, device=input.device)
+    dyv, dg, db = _views(inp, dy, dgamma, dbeta)
     if inp.backend == "cuda":
         dyv = to_canonical(dyv, inp.shape3, True, inp.stream)
     else:
         dyv = dyv.reshape(inp.shape3)
-    dx, dx3 = _output(dy, inp, dy.dtype)
-    dtype = torch.float64 if inp.acc == np.float64 else torch.float32
-    dgamma, dbeta = (torch.empty(inp.C, dtype=dtype, device=input.device) for _ in range(2))
+    bcoef = inp.empty(rows=5)
     inp.plan.backward(
-        dyv, inp.view, None, None, saved.coef, saved.training, inp.empty(rows=5), _view(dgamma, inp),
-        _view(dbeta, inp), saved.act, dx3, None, **inp.launch,
-    )  # fmt: skip
+        dyv, inp.view, None, None, saved.coef, saved.training, bcoef, dg, db, saved.act, dx3, None, **inp.launch
+    )
     if perm is not None:
         dx = _restore(dx, perm)
     return (dx.to(torch.bfloat16) if via_float else dx), dgamma, dbeta
@@ -382,7 +384,7 @@ def _backward_op(
     with device_scope(input.device.index) if input.is_cuda else contextlib.nullcontext():
         x, axis, perm = _layout(input)
         inp, via_float = _input(x, axis, _backend(input))
-        saved = _Pass(inp, _view(coef, inp), perm, via_float, training, ACTIVATIONS[activation or None])
+        saved = _Pass(inp, _views(inp, coef)[0], perm, via_float, training, ACTIVATIONS[activation or None])
     return _backward(grad_output, input, saved)
 
 

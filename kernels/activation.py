@@ -63,12 +63,16 @@ def forward_at(x, z, o, c, i, m, s, b, act, y):
     y[o, c, i] = activate(v, act)
 
 
+#: The activation as the CPU kernels take it, by code: a tuple of ``code``
+#: Nones.  Its length is a constant to the compiler, so every activation gets
+#: its own compiled loop with no branch on the activation (vectorised), and
+#: plain batch norm, ``()``, none of the activation's code.
+TOKENS = tuple((None,) * code for code in range(len(ACTIVATIONS)))
+
+
 def act_token(code: int) -> tuple:
-    """The activation as the CPU backward kernels take it: a tuple of ``code``
-    Nones.  Its length is a constant to the compiler, so every activation gets
-    its own compiled loop with no branch on the activation (vectorised), and
-    plain batch norm, ``()``, none of the activation's code."""
-    return (None,) * int(code)
+    """``TOKENS[code]``: the activation as the CPU kernels take it."""
+    return TOKENS[int(code)]
 
 
 @numba.njit(**JIT_STREAM)  # the flags of the CPU kernels that call it: cacheable

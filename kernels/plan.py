@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import common
-from .activation import act_token
+from .activation import TOKENS
 from .backward import backward_channels_cpu, backward_inner_cpu, launch_backward_cuda
 from .common import PARALLEL_MIN_ELEMENTS, fold_factor
 from .normalize import (
@@ -76,33 +76,33 @@ class CPUPlan:
         self.fold = fold_factor(outer, C) if fold else 1
         self.folded = (outer // self.fold, self.fold * C)
 
-    def _views(self, *arrays):
-        """The kernels' views: (outer, C) of (outer, C, 1) arrays (the
-        compiler then knows the channels are contiguous), float16 as bits."""
-        if self.half:
-            arrays = [a.view(np.uint16) if a is not None and a.dtype == np.float16 else a for a in arrays]
-        if self.inner:
-            return arrays
-        return [None if a is None else a[:, :, 0] for a in arrays]
-
-    def _fold(self, a2):
-        """a2 folded (``common.fold_rows``), or None where it is not C-contiguous."""
-        if self.fold == 1:
-            return a2
-        return a2.reshape(self.folded) if a2.flags.c_contiguous else None
+    def _views(self, *arrays) -> list:
+        """The kernels' views of (outer, C, inner) arrays (None stays None):
+        (outer, C) where inner == 1 (the compiler then knows the channels are
+        contiguous), float16 as its bits."""
+        views = []
+        for a in arrays:
+            if a is not None:
+                if self.half and a.dtype == np.float16:
+                    a = a.view(np.uint16)
+                if not self.inner:
+                    a = a[:, :, 0]
+            views.append(a)
+        return views
 
     def forward_train(self, x, mask, coef, gamma, beta, rmean, rvar, eps, momentum, update, act, z, y):
         x, z, y = self._views(x, z, y)
         if self.inner:
             m = None if mask is None else mask.view
-            self._train(x, m, coef, gamma, beta, rmean, rvar, eps, momentum, update, act_token(act), z, y)
+            self._train(x, m, coef, gamma, beta, rmean, rvar, eps, momentum, update, TOKENS[act], z, y)
             return
-        xf, rows = (self._fold(x), None) if mask is None else (x, mask.rows)
-        self._train(x, xf, rows, coef, gamma, beta, rmean, rvar, eps, momentum, update, act_token(act), z, y)
+        # x is C-contiguous wherever the plan folds (``contiguous``)
+        xf, rows = (x.reshape(self.folded) if self.fold > 1 else x, None) if mask is None else (x, mask.rows)
+        self._train(x, xf, rows, coef, gamma, beta, rmean, rvar, eps, momentum, update, TOKENS[act], z, y)
 
     def forward_eval(self, x, mean, var, gamma, beta, eps, coef, act, z, y):
         x, z, y = self._views(x, z, y)
-        self._eval(x, mean, var, gamma, beta, eps, coef, act_token(act), z, y)
+        self._eval(x, mean, var, gamma, beta, eps, coef, TOKENS[act], z, y)
 
     def backward(self, dy, x, z, mask, coef, training, bcoef, dgamma, dbeta, act, dx, dz):
         outer, C, inner = self.shape3
@@ -110,17 +110,14 @@ class CPUPlan:
         dy, x, z, dx, dz = self._views(dy, x, z, dx, dz)
         if self.inner:
             m = None if mask is None else mask.view
-            self._backward(dy, x, z, m, coef, training, n, bcoef, dgamma, dbeta, act_token(act), dx, dz)
+            self._backward(dy, x, z, m, coef, training, n, bcoef, dgamma, dbeta, TOKENS[act], dx, dz)
             return
         rows = None if mask is None else mask.view[:, 0]
-        folded = [dy, x, z]
-        if rows is None and self.fold > 1:
-            folded = [self._fold(a) for a in (dy, x, x if z is None else z)]
-            if any(a is None for a in folded):  # a non-contiguous gradient: every view unfolded
-                folded = [dy, x, z]
-            elif z is None:
-                folded[2] = None
-        args = (coef, training, n, bcoef, dgamma, dbeta, act_token(act), dx, dz)
+        folded = (dy, x, z)  # folded where every one is C-contiguous (a gradient may not be)
+        if rows is None and self.fold > 1 and dy.flags.c_contiguous and (z is None or z.flags.c_contiguous):
+            f = self.folded
+            folded = (dy.reshape(f), x.reshape(f), None if z is None else z.reshape(f))
+        args = (coef, training, n, bcoef, dgamma, dbeta, TOKENS[act], dx, dz)
         self._backward(dy, x, z, *folded, rows, *args)
 
 
