@@ -14,7 +14,18 @@ from .fold import fold
 from .functional import ForwardCache, batch_norm_backward, batch_norm_forward, batch_stats, moments, normalize
 from .layer import BatchNorm
 from .moments import Moments, recalibrate
-from .standardizer import Standardizer
+
+
+def __getattr__(name):
+    """``gpubn.Standardizer`` is imported on first use: it builds on
+    scikit-learn's estimator classes where scikit-learn is installed, whose
+    import (0.8 s) ``import gpubn`` need not pay."""
+    if name == "Standardizer":
+        from .standardizer import Standardizer
+
+        return Standardizer
+    raise AttributeError(f"module 'gpubn' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",

@@ -648,10 +648,11 @@ def plot(meta, rows, path):
         ax.set_xticks(pos, names, fontsize=8)
         ax.set_ylabel("GB/s")
         ax.set_title(f"{op}: {TRAFFIC[op]}x the bytes of x", fontsize=9, loc="left")
-    axes[0, 0].legend(fontsize=8, loc="upper right")
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes[:, 0]), key=lambda hl: len(hl[0]))
+    fig.legend(handles, labels, fontsize=8, loc="upper right")
     title = f"{meta['device']}, backend {meta['backend']}, commit {meta['commit']}, {meta['date'][:10]}"
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=9, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

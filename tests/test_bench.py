@@ -139,3 +139,20 @@ def test_layer_rows_time_the_layer_beside_torchs_module():
     (row,) = bench.bench_shape(spec, "cpu", ["layer"], 2, StepTimer(), 10.0, bench._torch())
     assert row["op"] == "layer" and row["ms"] == 2.0 and row["torch_ms"] == 3.0
     assert row["bytes"] == 8 * 8 * 6 * 5 * 4 * 4
+
+
+def test_plot_draws_every_op_with_torch_beside(tmp_path):
+    """``--plot``: one panel per op timed, gpubn's and torch's bars and the copy
+    floor, from the rows of a run (here: StepTimer's, so torch at 3 ms)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    spec = bench.Shape("tiny", (8, 6, 5, 4), 1)
+    torch_mods = bench._torch()
+    rows = bench.bench_shape(spec, "cpu", ["stats", "fwd-train", "backward"], 2, StepTimer(), 10.0, torch_mods)
+    meta = {"device": "test", "backend": "cpu", "commit": "abc", "date": "2026-12-02T00:00:00", "copy_GBs": 10.0}
+    bench.plot(meta, rows, tmp_path / "three.png")
+    bench.plot(meta, [r for r in rows if r["op"] == "stats"], tmp_path / "one.png")
+    three, one = (matplotlib.image.imread(tmp_path / name) for name in ("three.png", "one.png"))
+    assert three.shape[0] == pytest.approx(3 * one.shape[0], rel=0.02)  # a panel per op, one above the other
+    assert three.shape[1] == one.shape[1] > 300
+    with pytest.raises(ValueError, match="no timed rows"):
+        bench.plot(meta, [], tmp_path / "none.png")
