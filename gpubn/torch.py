@@ -116,7 +116,7 @@ def _output(like: Tensor, inp, dtype) -> tuple:
     like's shape.  On the CPU its memory comes from gpubn's host cache
     (``workspace.host_empty``): a fresh large tensor costs its size again in
     page faults and zero-filling (the module step on (64, 64, 56, 56) took 2.2x
-    as long with ``torch.empty_like``); torch's caching allocator on CUDA."""
+    as long with ``torch.empty_like`` on the 2-vCPU development VM); torch's caching allocator on CUDA."""
     if inp.backend == "cuda":
         t = torch.empty(like.shape, dtype=dtype, device=like.device)
         return t, device_view(t).reshape(inp.shape3)

@@ -109,7 +109,8 @@ def host_empty(shape, dtype):
     """np.empty(shape, dtype), but large arrays reuse memory freed by earlier ones.
 
     A fresh large array costs its size again in page faults and zero-filling by
-    the kernel (2 ms of a 7 ms forward pass on 51 MB); a reused buffer costs
+    the kernel (2 ms of a 7 ms forward pass on 51 MB, on the 2-vCPU development
+    VM); a reused buffer costs
     nothing.  Memory is reused only once every array viewing it is gone.
     """
     dtype = np.dtype(dtype)
