@@ -2,7 +2,7 @@
 
     python -m gpubn.bench [--backend cpu|cuda] [--shapes NAME ...] [--ops OP ...]
                           [--repeat N] [--json PATH] [--no-torch] [--no-numpy]
-                          [--plot PNG] [--list] [--startup]
+                          [--plot PNG [--from-json RUN.json]] [--list] [--startup]
 
 For every shape and op: validate against a float64 NumPy reference first, then
 time (CUDA events on the GPU, a host timer on the CPU; warm-up, then the median
@@ -667,6 +667,9 @@ def main(argv=None):
     ap.add_argument(
         "--plot", default=None, help="draw GB/s against the copy floor, gpubn and torch, to this PNG (matplotlib)"
     )
+    ap.add_argument(
+        "--from-json", default=None, help="with --plot: draw a recorded run (a --json file, e.g. a GPU's) instead"
+    )
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy baseline (CPU backend)")
     ap.add_argument("--list", action="store_true", help="list the shapes and exit")
@@ -690,6 +693,14 @@ def main(argv=None):
         help="alternating series per op and library (default 3); more on a noisy host",
     )
     args = ap.parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            ap.error("--from-json draws a recorded run: give --plot FILE.png")
+        with open(args.from_json) as f:
+            recorded = json.load(f)
+        plot(recorded["meta"], recorded["rows"], args.plot)
+        print(f"wrote {args.plot}")
+        return 0
     if args.list:
         for s in SHAPES.values():
             print(f"{s.name:24s} {str(s.shape):22s} axis={s.axis:2d} {s.dtype}")
@@ -767,13 +778,13 @@ def main(argv=None):
             f"\nsmall CNN training step (batch {row['batch']} x {row['input']}, 3 conv + BN + ReLU + pool): "
             f"gpubn BN {row['ms']:.2f} ms, torch BN {row['torch_ms']:.2f} ms ({row['speedup']:.2f}x)"
         )
-    if args.plot:
-        plot(meta, rows, args.plot)
-        print(f"\nwrote {args.plot}")
-    if args.json:
+    if args.json:  # before the chart: a missing matplotlib loses nothing measured
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(meta, rows, args.plot)
+        print(f"\nwrote {args.plot}")
     return 0
 
 

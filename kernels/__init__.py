@@ -55,7 +55,6 @@ from .normalize import (
     forward_train_channels_cpu,
     forward_train_inner_cpu,
     launch_affine_coefficients_cuda,
-    launch_scale_shift_cpu,
     launch_scale_shift_cuda,
     scale_shift_channels_cpu,
     scale_shift_cpu,

@@ -15,7 +15,6 @@ float32 loses nothing (unlike ``E[x^2] - E[x]^2``).
 """
 
 import math
-import os
 import types
 from typing import NamedTuple
 
@@ -520,10 +519,6 @@ def reduction_splits(n_per_channel: int, columns: int, threads: int) -> int:
     most = max(1, n_per_channel // (MIN_PER_THREAD * threads))
     least = -(-n_per_channel // (1 << 23))
     return int(min(65535, max(least, min(want, most))))
-
-
-def env_flag(name: str) -> str:
-    return os.environ.get(name, "").strip().lower()
 
 
 # ----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numba
 import numpy as np
 from numba import cuda, prange
 
-from .activation import act_token, activate, forward_at
+from .activation import activate, forward_at
 from .common import (
     JIT,
     channel_launch_config,
@@ -38,7 +38,7 @@ from .common import (
     task_channels,
     twin,
 )
-from .half import bits, narrow, widen
+from .half import narrow, widen
 from .rows import B_CONST, B_DY, B_X, BIAS, INVSTD, MEAN, SCALE, VAR
 from .stats import finish_channels_cpu, moments_channels_cpu, moments_inner_cpu
 from .vector import aligned16, load4, quad_grid, store4
@@ -262,15 +262,6 @@ def vec4_fits(x, *others) -> bool:
     )
 
 
-def launch_scale_shift_cpu(x, coef, y, act=0, z=None):
-    """y = g((x - mean) * scale + bias (+ z)).
-
-    x, z, y: (outer, C, inner) float16/32/64 (float16 is computed in float32
-    and rounded once); coef (5, C) of x's compute dtype; act an ACTIVATIONS code.
-    """
-    scale_shift_cpu(bits(x), coef, bits(y), act_token(act), None if z is None else bits(z))
-
-
 def launch_scale_shift_cuda(x, coef, y, act=0, z=None, stream=0, launch=None):
     """y = g((x - mean) * scale + bias (+ z)) on the GPU, one launch (16-byte
     loads for float32 rows of a multiple of 4 starting 16-byte aligned).
@@ -290,11 +281,6 @@ def launch_scale_shift_cuda(x, coef, y, act=0, z=None, stream=0, launch=None):
     regime, grid, block = launch.elementwise
     kernel = scale_shift_cuda_inner if regime == "inner" else scale_shift_cuda_channels
     kernel[grid, block, stream](x, z, coef, int(act), y)
-
-
-def launch_affine_coefficients_cpu(mean, var, gamma, beta, eps, coef):
-    """coef (5, C) from (C,) mean, var, gamma, beta."""
-    affine_coefficients_cpu(mean, var, gamma, beta, eps, coef)
 
 
 def launch_affine_coefficients_cuda(mean, var, gamma, beta, eps, coef, stream=0):

@@ -1,5 +1,7 @@
 """`python -m gpubn.bench`: its timer and one small shape end to end (CPU)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -156,3 +158,18 @@ def test_plot_draws_every_op_with_torch_beside(tmp_path):
     assert three.shape[1] == one.shape[1] > 300
     with pytest.raises(ValueError, match="no timed rows"):
         bench.plot(meta, [], tmp_path / "none.png")
+
+
+def test_plot_from_a_recorded_run(tmp_path):
+    """``--plot FILE --from-json RUN``: the chart of a recorded run (a GPU's
+    JSON drawn where matplotlib is), without timing anything."""
+    pytest.importorskip("matplotlib")
+    spec = bench.Shape("tiny", (8, 6, 5, 4), 1)
+    rows = bench.bench_shape(spec, "cpu", ["fwd-train"], 2, StepTimer(), 10.0, (None, None))
+    meta = {"device": "test", "backend": "cuda", "commit": "abc", "date": "2026-12-02T00:00:00", "copy_GBs": 10.0}
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"meta": meta, "rows": rows}))
+    assert bench.main(["--plot", str(tmp_path / "run.png"), "--from-json", str(run)]) == 0
+    assert (tmp_path / "run.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        bench.main(["--from-json", str(run)])  # nothing to draw to

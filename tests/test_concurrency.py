@@ -28,7 +28,7 @@ def test_threads_cuda():
         pytest.skip("no CUDA backend")
     if SIM:
         pytest.skip("numba's CUDA simulator is not thread-safe; runs on a real GPU")
-    for shape in [(64, 8, 160), (64, 8, 400)]:  # one launch per pass, and the split passes (kernels/onepass.py)
+    for shape in [(64, 8, 160), (64, 8, 400)]:  # one launch per pass, and the split passes (common.one_pass)
         _run_threads("cuda", shape, threads=4, rounds=5)
 
 
