@@ -34,7 +34,9 @@ residual's gradient, when there is one.
 Two passes, as for the forward: a split reduction of the two sums per channel
 (``backward_sums_*``) that also finalizes dgamma, dbeta and the per-channel
 constants ``bcoef`` (5, C) = (MEAN, A, B, K, BIAS); then the elementwise
-``input_grad_*`` pass.  Traffic: dy and x read twice, dx written once (5B).
+``input_grad_*`` pass.  Traffic: dy and x read twice, dx written once (5B).  On
+the GPU, where a channel fits one block (``common.one_pass``), the sums kernel
+writes dx itself after finalizing: one launch, the re-read from L1/L2.
 """
 
 import numba
@@ -118,7 +120,7 @@ def input_grad_at(dy, x, z, mask, o, c, i, coef, m, a, beta, bx, k, act, dx, dz)
     both where ``mask`` (None: every position counts) marks padding, whose
     values are then never read.  m, a, beta: the channel's MEAN, A (SCALE),
     BIAS; bx, k: its B and K.  The one place of the input gradient's element
-    on the GPU (the split pass and the one-launch kernels call it)."""
+    on the GPU (the elementwise pass and the sums kernels' one-launch tail)."""
     if mask is None or mask[o, i]:
         g, d = dv_cuda(dy, x, z, o, c, i, coef, m, a, beta, act)
         if dz is not None:

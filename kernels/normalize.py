@@ -29,6 +29,7 @@ from numba import cuda, prange
 from .activation import activate, forward_at
 from .common import (
     JIT,
+    JIT_STREAM,
     channel_launch_config,
     channel_parts,
     cpu_driver,
@@ -85,6 +86,17 @@ def affine_coefficients_cuda(
     # the elementwise pass
 
 
+@numba.njit(inline="always", **JIT_STREAM)
+def _forward_at(x, z, i, m, s, b, act, y):
+    """y[i] = g((x[i] - m) * s + b (+ z[i])) (m, s, b: the channel's MEAN,
+    SCALE, BIAS): the forward's element on the CPU (``activation.forward_at``
+    is the GPU's); z None and the token ``act`` are constants to the compiler."""
+    v = (widen(x[i]) - m) * s + b
+    if z is not None:
+        v += widen(z[i])
+    y[i] = narrow(activate(v, len(act)), y)
+
+
 @cpu_kernel
 def scale_shift_inner_cpu(x, z, coef, act, y):
     """scale_shift_cpu for inner > 1: x, z, y (outer, C, inner)."""
@@ -95,10 +107,7 @@ def scale_shift_inner_cpu(x, z, coef, act, y):
         for c in range(c0, c1):
             m, s, b = coef[MEAN, c], coef[SCALE, c], coef[BIAS, c]
             for i in range(inner):
-                v = (widen(x[o, c, i]) - m) * s + b
-                if z is not None:
-                    v += widen(z[o, c, i])
-                y[o, c, i] = narrow(activate(v, len(act)), y)
+                _forward_at(x, z, (o, c, i), m, s, b, act, y)
 
 
 @cpu_kernel
@@ -109,10 +118,7 @@ def scale_shift_channels_cpu(x, z, coef, act, y):
     # y, so the compiler's runtime alias checks still allow vectorising
     for o in prange(outer):
         for c in range(C):
-            v = (widen(x[o, c]) - coef[MEAN, c]) * coef[SCALE, c] + coef[BIAS, c]
-            if z is not None:
-                v += widen(z[o, c])
-            y[o, c] = narrow(activate(v, len(act)), y)
+            _forward_at(x, z, (o, c), coef[MEAN, c], coef[SCALE, c], coef[BIAS, c], act, y)
 
 
 # ----------------------------------------------------------------------------
