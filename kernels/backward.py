@@ -275,20 +275,27 @@ def finish_backward_cpu(sums, n, coef, training, bcoef, dgamma, dbeta):
         finish_backward_channel_cpu(c, n, sums[0, c], sums[1, c], coef, training, bcoef, dgamma, dbeta)
 
 
+@numba.njit(inline="always", **JIT_STREAM)
+def _grad_at(dy, x, z, i, kept, m, a, b, k, beta, act, dx, dz):
+    """dx[i] = A * dv + B * (x[i] - m) + K (and dz[i] = dv when given), or 0
+    in both where not ``kept`` (padding, whose values are never read); m, a,
+    b, k, beta: the channel's MEAN, A, B, K, BIAS.  The input gradient's
+    element on the CPU (``input_grad_at`` is the GPU's)."""
+    g = compute_dtype(dy)(0)
+    r = compute_dtype(dy)(0)
+    if kept:
+        g, d = _dv(dy, x, z, i, m, a, beta, act)
+        r = a * g + (b * d + k)
+    if dz is not None:
+        dz[i] = narrow(g, dz)
+    dx[i] = narrow(r, dx)
+
+
 @numba.njit(**JIT_STREAM)
 def _run_grad(dy, x, z, keep, m, a, b, k, beta, dx, dz, act):
-    """dx = A * dv + B * (x - m) + K on 1-D runs, 0 where ``keep`` (None: all
-    kept) is False; dv = dy, or dy * g'(v) (v = (x - m) * A + beta (+ z)),
-    also written to dz when given (0 where not kept)."""
+    """_grad_at along 1-D runs of one channel (keep: None, or where kept)."""
     for i in range(dy.shape[0]):
-        g = compute_dtype(dy)(0)
-        r = compute_dtype(dy)(0)
-        if keep is None or keep[i]:  # padding's values are never read
-            g, d = _dv(dy, x, z, i, m, a, beta, act)
-            r = a * g + (b * d + k)
-        if dz is not None:
-            dz[i] = narrow(g, dz)
-        dx[i] = narrow(r, dx)
+        _grad_at(dy, x, z, i, keep is None or keep[i], m, a, b, k, beta, act, dx, dz)
 
 
 @cpu_kernel
@@ -308,17 +315,10 @@ def input_grad_inner_cpu(dy, x, mask, bcoef, dx, act, z, dz):
 
 @numba.njit(**JIT_STREAM)
 def _row_grad(dy, x, z, keep, bcoef, dx, dz, act):
-    """One row of C contiguous channels: _run_grad with per-channel constants
-    (keep: a bool; a row outside the mask gets dx = dz = 0)."""
+    """_grad_at along one row of C contiguous channels (keep: a bool)."""
     for c in range(x.shape[0]):
-        g = compute_dtype(dy)(0)
-        r = compute_dtype(dy)(0)
-        if keep:  # padding's values are never read
-            g, d = _dv(dy, x, z, c, bcoef[B_MEAN, c], bcoef[B_DY, c], bcoef[B_BIAS, c], act)
-            r = bcoef[B_DY, c] * g + (bcoef[B_X, c] * d + bcoef[B_CONST, c])
-        if dz is not None:
-            dz[c] = narrow(g, dz)
-        dx[c] = narrow(r, dx)
+        m, a, b, k, beta = bcoef[B_MEAN, c], bcoef[B_DY, c], bcoef[B_X, c], bcoef[B_CONST, c], bcoef[B_BIAS, c]
+        _grad_at(dy, x, z, c, keep, m, a, b, k, beta, act, dx, dz)
 
 
 @cpu_kernel
