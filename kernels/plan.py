@@ -30,18 +30,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import common
+from . import common, normalize
 from .activation import TOKENS
 from .backward import backward_channels_cpu, backward_inner_cpu, launch_backward_cuda
 from .common import PARALLEL_MIN_ELEMENTS, fold_factor
-from .normalize import (
-    forward_eval_channels_cpu,
-    forward_eval_inner_cpu,
-    forward_train_channels_cpu,
-    forward_train_inner_cpu,
-    launch_affine_coefficients_cuda,
-    launch_scale_shift_cuda,
-)
+from .normalize import launch_affine_coefficients_cuda, launch_scale_shift_cuda
 from .stats import launch_stats_cuda
 
 
@@ -64,12 +57,12 @@ class CPUPlan:
         self.half = np.dtype(dtype) == np.float16  # read as its bits (``half.bits``)
         parallel = outer * C * inner >= PARALLEL_MIN_ELEMENTS
         if self.inner:
-            self._train = forward_train_inner_cpu.variant(parallel)
-            self._eval = forward_eval_inner_cpu.variant(parallel)
+            self._train = normalize.forward_train_inner_cpu.variant(parallel)
+            self._eval = normalize.forward_eval_inner_cpu.variant(parallel)
             self._backward = backward_inner_cpu.variant(parallel)
         else:
-            self._train = forward_train_channels_cpu.variant(parallel)
-            self._eval = forward_eval_channels_cpu.variant(parallel)
+            self._train = normalize.forward_train_channels_cpu.variant(parallel)
+            self._eval = normalize.forward_eval_channels_cpu.variant(parallel)
             self._backward = backward_channels_cpu.variant(parallel)
         # folding pays once the rows are many (its partials cost ~3 us on (64, 16), development VM)
         fold = contiguous and not self.inner and outer * C >= common.BLOCK_MIN

@@ -72,3 +72,42 @@ def test_kernels_are_stamped_with_the_whole_package(tmp_path):
     path = tmp_path / "cached_kernel.py"  # outside the package: numba's own stamp
     path.write_text(SOURCE)
     assert not isinstance(CacheImpl(load(path).double)._locator, cache.PackageLocator)
+
+
+def test_processes_compiling_at_once_never_share_a_cache_file(tmp_path, monkeypatch):
+    """Two processes that read a function's empty index before either wrote it
+    (xdist workers, MPI ranks on a cold cache) each save another signature.
+    numba's counter names both data files 1, and the index can end up naming
+    the other signature's code (the interleaving below: index A, index B, data
+    B, data A).  gpubn's files are named by their key: the index names only a
+    file that holds that key's code."""
+    from numba.core.caching import IndexDataCacheFile
+
+    from gpubn.kernels import cache
+
+    assert IndexDataCacheFile.save.numba_save is not None  # gpubn's save is installed
+    a, b = (IndexDataCacheFile(str(tmp_path), "f-1.py311", cache.PackageLocator.stamp) for _ in range(2))
+    real_load = IndexDataCacheFile._load_index
+    stale = {"b": True}
+
+    def load_index(self):  # B read the index before A wrote it
+        if self is b and stale["b"]:
+            stale["b"] = False
+            return {}
+        return real_load(self)
+
+    real_save_data = IndexDataCacheFile._save_data
+
+    def save_data(self, name, data):  # A's data lands last
+        if self is a:
+            b.save("key-B", b"code of B")
+        real_save_data(self, name, data)
+
+    monkeypatch.setattr(IndexDataCacheFile, "_load_index", load_index)
+    monkeypatch.setattr(IndexDataCacheFile, "_save_data", save_data)
+    a.save("key-A", b"code of A")
+    monkeypatch.setattr(IndexDataCacheFile, "_save_data", real_save_data)
+    for key, code in (("key-A", b"code of A"), ("key-B", b"code of B")):
+        got = a.load(key)
+        assert got is None or got == code  # missing (a recompile) or right, never another key's
+    assert a.load("key-B") == b"code of B"  # the last index written
