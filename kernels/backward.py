@@ -291,13 +291,6 @@ def _grad_at(dy, x, z, i, kept, m, a, b, k, beta, act, dx, dz):
     dx[i] = narrow(r, dx)
 
 
-@numba.njit(**JIT_STREAM)
-def _run_grad(dy, x, z, keep, m, a, b, k, beta, dx, dz, act):
-    """_grad_at along 1-D runs of one channel (keep: None, or where kept)."""
-    for i in range(dy.shape[0]):
-        _grad_at(dy, x, z, i, keep is None or keep[i], m, a, b, k, beta, act, dx, dz)
-
-
 @cpu_kernel
 def input_grad_inner_cpu(dy, x, mask, bcoef, dx, act, z, dz):
     """input_grad_cpu for inner > 1: dy, x, z, dx, dz (outer, C, inner); mask None or (outer, inner)."""
@@ -305,12 +298,10 @@ def input_grad_inner_cpu(dy, x, mask, bcoef, dx, act, z, dz):
     parts = channel_parts(outer, C)
     for t in prange(outer * parts):
         o, c0, c1 = task_channels(t, parts, C)
-        for c in range(c0, c1):
-            _run_grad(
-                dy[o, c], x[o, c], part_of(z, (o, c)), part_of(mask, o),
-                bcoef[B_MEAN, c], bcoef[B_DY, c], bcoef[B_X, c], bcoef[B_CONST, c], bcoef[B_BIAS, c],
-                dx[o, c], part_of(dz, (o, c)), act,
-            )  # fmt: skip
+        for c in range(c0, c1):  # the element inlined in the loop: rows may be short (16 values)
+            m, a, b, k, beta = bcoef[B_MEAN, c], bcoef[B_DY, c], bcoef[B_X, c], bcoef[B_CONST, c], bcoef[B_BIAS, c]
+            for i in range(inner):
+                _grad_at(dy, x, z, (o, c, i), mask is None or mask[o, i], m, a, b, k, beta, act, dx, dz)
 
 
 @numba.njit(**JIT_STREAM)
