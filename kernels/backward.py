@@ -304,20 +304,15 @@ def input_grad_inner_cpu(dy, x, mask, bcoef, dx, act, z, dz):
                 _grad_at(dy, x, z, (o, c, i), mask is None or mask[o, i], m, a, b, k, beta, act, dx, dz)
 
 
-@numba.njit(**JIT_STREAM)
-def _row_grad(dy, x, z, keep, bcoef, dx, dz, act):
-    """_grad_at along one row of C contiguous channels (keep: a bool)."""
-    for c in range(x.shape[0]):
-        m, a, b, k, beta = bcoef[B_MEAN, c], bcoef[B_DY, c], bcoef[B_X, c], bcoef[B_CONST, c], bcoef[B_BIAS, c]
-        _grad_at(dy, x, z, c, keep, m, a, b, k, beta, act, dx, dz)
-
-
 @cpu_kernel
 def input_grad_channels_cpu(dy, x, mask, bcoef, dx, act, z, dz):
     """input_grad_cpu for inner == 1: dy, x, z, dx, dz (outer, C), channels
     contiguous; mask None or (outer,)."""
-    for o in prange(x.shape[0]):
-        _row_grad(dy[o], x[o], part_of(z, o), mask is None or mask[o], bcoef, dx[o], part_of(dz, o), act)
+    for o in prange(x.shape[0]):  # the element inlined in the loop: rows may be short (C values)
+        kept = mask is None or mask[o]
+        for c in range(x.shape[1]):
+            m, a, b, k, beta = bcoef[B_MEAN, c], bcoef[B_DY, c], bcoef[B_X, c], bcoef[B_CONST, c], bcoef[B_BIAS, c]
+            _grad_at(dy, x, z, (o, c), kept, m, a, b, k, beta, act, dx, dz)
 
 
 @cpu_driver
