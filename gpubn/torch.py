@@ -95,18 +95,17 @@ def _array(t: Tensor | None):
     return t.numpy()
 
 
-def _views(inp, *tensors) -> list:
-    """The kernels' views of tensors on inp's side ((C,) vectors, or like the
-    input; None stays None): NumPy on the CPU (bfloat16 as int16 bits), numba
-    views on CUDA."""
+def _views(on_device: bool, *tensors) -> list:
+    """The kernels' views of tensors ((C,) vectors, or like the input; None
+    stays None): numba views on CUDA, NumPy on the CPU (bfloat16 as int16 bits)."""
+    if on_device:
+        return [None if t is None else device_view(t.detach()) for t in tensors]
     views = []
     for t in tensors:
         if t is not None:
-            t = t.detach()
-            if inp.backend == "cuda":
-                t = device_view(t)
-            else:
-                t = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+            if t.requires_grad:
+                t = t.detach()
+            t = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
         views.append(t)
     return views
 
@@ -121,31 +120,29 @@ def _output(like: Tensor, inp, dtype) -> tuple:
         t = torch.empty(like.shape, dtype=dtype, device=like.device)
         return t, device_view(t).reshape(inp.shape3)
     bits = dtype == torch.bfloat16
-    arr = host_empty(tuple(like.shape), np.int16 if bits else _NUMPY[dtype])
+    arr = host_empty(inp.shape, np.int16 if bits else _NUMPY[dtype])
     t = torch.from_numpy(arr)
     return (t.view(torch.bfloat16) if bits else t), arr.reshape(inp.shape3)
-
-
-def _backend(t: Tensor) -> str:
-    if t.is_cuda:
-        if "cuda" not in available_backends():
-            raise RuntimeError("input: a CUDA tensor, but gpubn's CUDA backend is not usable here")
-        return "cuda"
-    if t.device.type != "cpu":
-        raise RuntimeError(f"input: tensors on {t.device.type!r} are not supported; expected CPU or CUDA")
-    return "cpu"
 
 
 # -- the operators -----------------------------------------------------------------------
 
 
-def _input(x: Tensor, axis: int, backend: str):
+def _input(x: Tensor, axis: int):
     """(inp, via_float): the validated, materialized input of the ops (bfloat16 on
     CUDA goes through float32: the CUDA kernels have no bfloat16 loads yet)."""
-    via_float = x.is_cuda and x.dtype == torch.bfloat16
-    bits = x.dtype == torch.bfloat16 and not via_float
-    inp = _F._prepare(_array(x.float() if via_float else x), axis, backend, bfloat16=bits)
-    return _F._materialize(inp), via_float
+    if x.is_cuda:
+        if "cuda" not in available_backends():
+            raise RuntimeError("input: a CUDA tensor, but gpubn's CUDA backend is not usable here")
+        via_float = x.dtype == torch.bfloat16
+        inp = _F._prepare((x.float() if via_float else x).detach(), axis, "cuda")
+        return _F._materialize(inp), via_float
+    if x.device.type != "cpu":
+        raise RuntimeError(f"input: tensors on {x.device.type!r} are not supported; expected CPU or CUDA")
+    (arr,) = _views(False, x)
+    inp = _F._prepare(arr, axis, "cpu", bfloat16=x.dtype == torch.bfloat16)
+    inp.view = arr.reshape(inp.shape3)
+    return inp, False
 
 
 class _Pass(NamedTuple):
@@ -160,36 +157,33 @@ class _Pass(NamedTuple):
     act: int  # kernels.activation code
 
 
-def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, activation=None):
+def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, act=0):
     """(y, _Pass): y like input; the pass holds the (5, C) float32 (float64
     for float64 input) per-channel constants (MEAN, VAR, INVSTD, SCALE, BIAS)
     the backward needs.  running_mean/var are updated in place when training.
-    The arguments are checked (``_check``); the kernels get views of the tensors."""
+    The arguments are checked (``_check``); the kernels get views of the
+    tensors.  ``act``: the activation's code (``check_activation``)."""
     if input.is_cuda:
         with device_scope(input.device.index):
-            return _forward_here(input, weight, bias, running_mean, running_var, training, momentum, eps, activation)
-    return _forward_here(input, weight, bias, running_mean, running_var, training, momentum, eps, activation)
+            return _forward_here(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
+    return _forward_here(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
 
 
-def _forward_here(input, weight, bias, running_mean, running_var, training, momentum, eps, activation):
+def _forward_here(input, weight, bias, running_mean, running_var, training, momentum, eps, act):
     """_forward with input's device current."""
     x, axis, perm = _layout(input)
-    inp, via_float = _input(x, axis, _backend(input))
+    inp, via_float = _input(x, axis)
     update = training and running_mean is not None
     # float16 / bfloat16 buffers (a module cast with .half()): the kernels take
     # float32 (C,) vectors; the float32 copies are written back, rounded
     rounded = running_mean is not None and running_mean.dtype in _HALF
     rm, rv = (running_mean.float(), running_var.float()) if rounded else (running_mean, running_var)
     y, y3 = _output(x, inp, torch.float32 if via_float else x.dtype)
-    # float16 / bfloat16 parameters: the kernels take float32 (C,) vectors
-    w = weight.float() if weight is not None and weight.dtype in _HALF else weight
-    b = bias.float() if bias is not None and bias.dtype in _HALF else bias
-    w, b, rmv, rvv = _views(inp, w, b, rm, rv)
+    w, b, rmv, rvv = _views(inp.backend == "cuda", _widened(weight), _widened(bias), rm, rv)
     if w is None:
         w = channel_vector(None, "", inp.C, inp.acc, inp.backend, 1.0, inp.stream)
     if b is None:
         b = channel_vector(None, "", inp.C, inp.acc, inp.backend, 0.0, inp.stream)
-    act = ACTIVATIONS[activation]
     coef = _F._forward(inp, w, b, rmv, rvv, eps, momentum, training, update, act, None, None, y3)
     if rounded and update:
         with torch.no_grad():
@@ -212,18 +206,17 @@ def _backward(grad_output, input, saved: _Pass):
 def _backward_here(grad_output, input, saved: _Pass):
     """_backward with input's device current."""
     inp, perm, via_float = saved.inp, saved.perm, saved.via_float
-    dy = grad_output.to(torch.float32 if via_float else input.dtype)
+    dtype = torch.float32 if via_float else input.dtype
+    dy = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
     if perm is not None:
         dy = dy.permute(perm)
-    dx, dx3 = _output(dy, inp, dy.dtype)
-    dtype = torch.float64 if inp.acc == np.float64 else torch.float32
-    dgamma = torch.empty(inp.C, dtype=dtype, device=input.device)
-    dbeta = torch.empty(inp.C, dtype=dtype, device=input.device)
-    dyv, dg, db = _views(inp, dy, dgamma, dbeta)
-    if inp.backend == "cuda":
-        dyv = to_canonical(dyv, inp.shape3, True, inp.stream)
-    else:
-        dyv = dyv.reshape(inp.shape3)
+    dx, dx3 = _output(dy, inp, dtype)
+    acc = torch.float64 if inp.acc == np.float64 else torch.float32
+    dgamma = torch.empty(inp.C, dtype=acc, device=input.device)
+    dbeta = torch.empty(inp.C, dtype=acc, device=input.device)
+    on_device = inp.backend == "cuda"
+    dyv, dg, db = _views(on_device, dy, dgamma, dbeta)
+    dyv = to_canonical(dyv, inp.shape3, True, inp.stream) if on_device else dyv.reshape(inp.shape3)
     bcoef = inp.empty(rows=5)
     inp.plan.backward(
         dyv, inp.view, None, None, saved.coef, saved.training, bcoef, dg, db, saved.act, dx3, None, **inp.launch
@@ -272,8 +265,9 @@ def _no_double_backward():
 
 
 def _param_grads(dgamma, dbeta, weight_dtype, bias_dtype):
-    dw = None if weight_dtype is None else dgamma.to(weight_dtype)
-    db = None if bias_dtype is None else dbeta.to(bias_dtype)
+    """The parameters' gradients in their own dtypes (None for an absent parameter)."""
+    dw = None if weight_dtype is None else dgamma if dgamma.dtype == weight_dtype else dgamma.to(weight_dtype)
+    db = None if bias_dtype is None else dbeta if dbeta.dtype == bias_dtype else dbeta.to(bias_dtype)
     return dw, db
 
 
@@ -281,9 +275,13 @@ def _param_grads(dgamma, dbeta, weight_dtype, bias_dtype):
 
 
 class _BatchNorm(torch.autograd.Function):
+    """input, weight and bias are differentiable; ``rest`` = (running_mean,
+    running_var, training, momentum, eps, act) is not (one argument: each
+    costs ``apply`` time)."""
+
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, activation):
-        y, saved = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, activation)
+    def forward(ctx, input, weight, bias, rest):
+        y, saved = _forward(input, weight, bias, *rest)
         ctx.save_for_backward(input)  # autograd's check that input is not modified before the backward
         ctx.saved = saved  # its kernel view, plan and constants: the backward reads nothing again
         ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
@@ -294,7 +292,7 @@ class _BatchNorm(torch.autograd.Function):
         _no_double_backward()
         (input,) = ctx.saved_tensors
         dx, dgamma, dbeta = _backward(grad_output, input, ctx.saved)
-        return (dx, *_param_grads(dgamma, dbeta, *ctx.dtypes), None, None, None, None, None, None)
+        return (dx, *_param_grads(dgamma, dbeta, *ctx.dtypes), None)
 
 
 # -- synchronized: the statistics of the batch shared by a process group (gpubn.distributed) --
@@ -359,7 +357,7 @@ def _forward_op(
     update = training and running_mean is not None
     if update:
         running_mean, running_var = running_mean.clone(), running_var.clone()
-    act = activation or None  # "" for none: a plain str in the operator's schema
+    act = ACTIVATIONS[activation or None]  # "" for none: a plain str in the operator's schema
     y, saved = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
     coef = _tensor(saved.inp.deliver(saved.coef), input.device)
     if not update:
@@ -383,8 +381,9 @@ def _backward_op(
     """(grad_input, grad_weight, grad_bias) of gpubn::batch_norm."""
     with device_scope(input.device.index) if input.is_cuda else contextlib.nullcontext():
         x, axis, perm = _layout(input)
-        inp, via_float = _input(x, axis, _backend(input))
-        saved = _Pass(inp, _views(inp, coef)[0], perm, via_float, training, ACTIVATIONS[activation or None])
+        inp, via_float = _input(x, axis)
+        (coef,) = _views(input.is_cuda, coef)
+        saved = _Pass(inp, coef, perm, via_float, training, ACTIVATIONS[activation or None])
     return _backward(grad_output, input, saved)
 
 
@@ -448,13 +447,13 @@ def batch_norm(
         training), naming the argument; nothing is updated then.
     """
     _check(input, running_mean, running_var, weight, bias, training)
-    check_activation(activation)
+    act = check_activation(activation)
     if input.numel() == 0:  # an empty batch (N = 0): torch returns an empty tensor, updates nothing
         return _empty_batch(input, weight, bias)
-    args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
+    rest = (running_mean, running_var, bool(training), float(momentum), float(eps))
     if not torch.compiler.is_compiling():
-        return _BatchNorm.apply(*args, activation)  # running statistics updated in place by the kernels
-    y, _, new_mean, new_var = _forward_op(*args, activation or "")
+        return _BatchNorm.apply(input, weight, bias, (*rest, act))  # running statistics updated in place
+    y, _, new_mean, new_var = _forward_op(input, weight, bias, *rest, activation or "")
     if training and running_mean is not None:
         with torch.no_grad():  # in place, as torch's: the buffers stay the same tensors
             running_mean.copy_(new_mean)
@@ -540,46 +539,38 @@ class _GpubnBatchNorm:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        buffers, params = self._buffers, self._parameters  # read once: each attribute costs a lookup
+        mean, var, counter = buffers["running_mean"], buffers["running_var"], buffers.get("num_batches_tracked")
+        training, track = self.training, self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
-        count = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        count = training and track and counter is not None
         if count and self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked + 1)  # cumulative moving average
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        if self.training and self._comm is not None:  # statistics of every rank's share
-            track = self.track_running_stats
+            factor = 1.0 / float(counter + 1)  # cumulative moving average
+        if training and self._comm is not None:  # statistics of every rank's share
             y = _SyncBatchNorm.apply(
                 input,
-                self.weight,
-                self.bias,
-                self.running_mean if track else None,
-                self.running_var if track else None,
+                params["weight"],
+                params["bias"],
+                mean if track else None,
+                var if track else None,
                 factor if track else 0.0,
                 self.eps,
                 self._comm,
             )
         else:
-            y = self._local(input, use_running, bn_training, factor)
+            use_running = not training or track
+            bn_training = training or (mean is None and var is None)
+            if not use_running:
+                mean = var = None
+            y = batch_norm(input, mean, var, params["weight"], params["bias"], bn_training, factor, self.eps,
+                           self.activation)  # fmt: skip
         if count:
-            self.num_batches_tracked.add_(1)
+            counter.add_(1)
         if self._recalibration is not None:
             x, axis, _ = _layout(input.detach())
             x = x.float() if x.dtype == torch.bfloat16 else x  # an extra read only while recalibrating
-            self._recalibration.append(_moments(_array(x), axis, _backend(input)))
+            self._recalibration.append(_moments(_array(x), axis, "cuda" if x.is_cuda else "cpu"))
         return y
-
-    def _local(self, input, use_running, bn_training, factor):
-        return batch_norm(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            factor,
-            self.eps,
-            self.activation,
-        )
 
 
 class BatchNorm1d(_GpubnBatchNorm, torch.nn.BatchNorm1d):
