@@ -374,6 +374,18 @@ def channel_vector(v, name: str, C: int, dtype, backend: str, fill=None, stream:
         if backend == "cuda":  # read-only constants: one copy per shape and device, not a transfer per call
             return _device_full(current_device(), C, np.dtype(dtype).str, float(fill))
         return np.full(C, fill, dtype)
+    arr, on_device = _checked_vector(v, name, C, dtype, backend)
+    if on_device:
+        return arr
+    host = np.ascontiguousarray(arr, dtype=dtype)
+    if not host.flags.writeable:  # np.frombuffer, mmap: a (C,) copy keeps one kernel signature
+        host = host.copy()
+    return to_device(host, stream) if backend == "cuda" else host
+
+
+def _checked_vector(v, name: str, C: int, dtype, backend: str):
+    """(array, on_device): a per-channel argument checked (side, float dtype,
+    shape (C,), and a device array's dtype, which is not converted)."""
     on_device = is_device_array(v)
     if on_device and backend != "cuda":
         raise TypeError(f"{name}: a device array cannot be used with backend {backend!r}")
@@ -381,14 +393,9 @@ def channel_vector(v, name: str, C: int, dtype, backend: str, fill=None, stream:
     check_float(arr.dtype, name)
     if tuple(arr.shape) != (C,):
         raise ValueError(f"{name}: expected shape ({C},) to match the {C} channels of x, got {tuple(arr.shape)}")
-    if on_device:
-        if arr.dtype != dtype:
-            raise TypeError(f"{name}: device array of dtype {arr.dtype}; this input needs {np.dtype(dtype)}")
-        return arr
-    host = np.ascontiguousarray(arr, dtype=dtype)
-    if not host.flags.writeable:  # np.frombuffer, mmap: a (C,) copy keeps one kernel signature
-        host = host.copy()
-    return to_device(host, stream) if backend == "cuda" else host
+    if on_device and arr.dtype != dtype:
+        raise TypeError(f"{name}: device array of dtype {arr.dtype}; this input needs {np.dtype(dtype)}")
+    return arr, on_device
 
 
 @functools.lru_cache(maxsize=64)
@@ -415,26 +422,15 @@ class StateVector:
         if type(v) is np.ndarray and v.shape == (C,) and v.dtype == dtype and backend == "cpu" and v.flags.writeable:
             self.target = self.work = v  # the kernels update the caller's array
             return
-        on_device = is_device_array(v)
-        if on_device and backend != "cuda":
-            raise TypeError(f"{name}: a device array cannot be used with backend {backend!r}")
-        if on_device:
-            arr = device_view(v)
-        elif isinstance(v, np.ndarray):
-            arr = v
-        else:
+        if not isinstance(v, np.ndarray) and not is_device_array(v):
             raise TypeError(f"{name}: expected a NumPy or device array (updated in place), got {type(v).__name__}")
-        check_float(arr.dtype, name)
-        if tuple(arr.shape) != (C,):
-            raise ValueError(f"{name}: expected shape ({C},) to match the {C} channels of x, got {tuple(arr.shape)}")
+        arr, on_device = _checked_vector(v, name, C, dtype, backend)
         if not on_device and not arr.flags.writeable:
             if update:
                 raise ValueError(f"{name}: array is read-only; it is updated in place")
             arr = arr.copy()  # read only: a (C,) copy keeps one kernel signature
         self.target = arr
         if on_device:
-            if arr.dtype != dtype:
-                raise TypeError(f"{name}: device array of dtype {arr.dtype}; this input needs {np.dtype(dtype)}")
             self.work = arr
         elif backend == "cuda":
             self.work, self.copied = to_device(np.ascontiguousarray(arr, dtype), stream), True

@@ -48,7 +48,7 @@ class _Rows(Mapping):
         if name not in self._names():
             why = "affine=False: no gamma or beta" if self._layer.affine is False else f"keys are {self._names()}"
             raise KeyError(f"{self._what}[{name!r}]: this layer has no such entry ({why})")
-        C, dtype = self._layer.num_features, self._layer.dtype
+        C = self._layer.num_features
         label = f"{self._what}[{name!r}]"
         on_device = is_device_array(value)
         arr = device_view(value) if on_device else np.asarray(value)
@@ -58,14 +58,7 @@ class _Rows(Mapping):
         target = self[name]
         if on_device and not hasattr(target, "copy_to_device"):
             raise TypeError(f"{label}: a device array cannot be assigned to a layer whose state is on the host")
-        if hasattr(target, "copy_to_device"):  # the layer lives on the device
-            if on_device and arr.dtype == dtype:
-                target.copy_to_device(arr)
-            else:
-                host = arr.copy_to_host() if on_device else arr
-                target.copy_to_device(np.ascontiguousarray(host, dtype))
-        else:
-            target[...] = arr  # NumPy casts float32 <-> float64 here
+        _copy_into(target, arr)
 
     def __delitem__(self, name):
         raise TypeError(f"{self._what}: entries cannot be removed")
@@ -321,12 +314,8 @@ class BatchNorm:
 
     def _store_grads(self, dgamma, dbeta):
         # the kernels wrote a separate buffer (other dtype or side): copy in
-        if self.on_device:
-            self._packed_grads[0].copy_to_device(_host(dgamma).astype(self.dtype))
-            self._packed_grads[1].copy_to_device(_host(dbeta).astype(self.dtype))
-        else:
-            self._packed_grads[0] = _host(dgamma)
-            self._packed_grads[1] = _host(dbeta)
+        _copy_into(self._packed_grads[0], _host(dgamma))
+        _copy_into(self._packed_grads[1], _host(dbeta))
 
     def _running_snapshot(self):
         return _host(self.running_mean).copy(), _host(self.running_var).copy(), self.num_batches_tracked
@@ -337,11 +326,8 @@ class BatchNorm:
 
     def _set_running_stats(self, mean, var):
         """(gpubn.recalibrate) Replace the running statistics, in place."""
-        for target, value in ((self.running_mean, mean), (self.running_var, var)):
-            if hasattr(target, "copy_to_device"):
-                target.copy_to_device(np.asarray(value, self.dtype))
-            else:
-                target[...] = value
+        _copy_into(self.running_mean, np.asarray(mean))
+        _copy_into(self.running_var, np.asarray(var))
 
     # -- state ----------------------------------------------------------------
 
@@ -408,11 +394,7 @@ class BatchNorm:
             "running_var": self.running_var,
         }
         for key, arr in arrays.items():
-            target = targets[key]
-            if hasattr(target, "copy_to_device"):
-                target.copy_to_device(arr)
-            else:
-                target[...] = arr
+            _copy_into(targets[key], arr)
         if self.track_running_stats:
             self.num_batches_tracked = int(count)
 
@@ -423,6 +405,17 @@ class BatchNorm:
             f"activation={self.activation!r}, "
             f"dtype='{self.dtype}', training={self.training}{', on device' if self.on_device else ''})"
         )
+
+
+def _copy_into(target, values):
+    """Write (C,) values into the layer's own (C,) array ``target`` (host or
+    device), in place, in target's dtype (NumPy casts float32 <-> float64)."""
+    if not hasattr(target, "copy_to_device"):
+        target[...] = values
+    elif is_device_array(values) and values.dtype == target.dtype:
+        target.copy_to_device(values)
+    else:
+        target.copy_to_device(np.ascontiguousarray(_host(values), target.dtype))
 
 
 def _host(a):

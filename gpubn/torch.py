@@ -38,7 +38,6 @@ RELIABILITY.md); a gradient of the gradient (double backward) raises.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
 from typing import NamedTuple
@@ -52,6 +51,7 @@ from ._arrays import channel_vector, check_activation, device_scope, device_view
 from ._backend import available_backends
 from .distributed import batch_norm_backward_sync, batch_norm_forward_sync, communicator
 from .functional import moments as _moments
+from .kernels import plan as _plan
 from .kernels.activation import ACTIVATIONS
 from .kernels.workspace import host_empty
 
@@ -82,71 +82,177 @@ def _restore(t: Tensor, perm) -> Tensor:
     return t.permute(inverse)
 
 
+def _host(t: Tensor):
+    """A NumPy view of a CPU tensor's memory (bfloat16 as its int16 bits)."""
+    if t.requires_grad:
+        t = t.detach()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
 def _array(t: Tensor | None):
     """What gpubn's functions take: a NumPy view of a CPU tensor (bfloat16 as
     int16 bits), the tensor itself on CUDA (``__cuda_array_interface__``)."""
-    if t is None:
-        return None
-    t = t.detach()
-    if t.is_cuda:
-        return t
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy()
+    if t is None or t.is_cuda:
+        return None if t is None else t.detach()
+    return _host(t)
 
 
-def _views(on_device: bool, *tensors) -> list:
-    """The kernels' views of tensors ((C,) vectors, or like the input; None
-    stays None): numba views on CUDA, NumPy on the CPU (bfloat16 as int16 bits)."""
-    if on_device:
-        return [None if t is None else device_view(t.detach()) for t in tensors]
-    views = []
-    for t in tensors:
-        if t is not None:
-            if t.requires_grad:
-                t = t.detach()
-            t = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-        views.append(t)
-    return views
+def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, act=0):
+    """(y, pass): y like input; the pass holds the (5, C) float32 (float64
+    for float64 input) per-channel constants (MEAN, VAR, INVSTD, SCALE, BIAS)
+    the backward needs.  running_mean/var are updated in place when training.
+    The arguments are checked (``_check``); the kernels get views of the
+    tensors.  ``act``: the activation's code (``check_activation``)."""
+    if input.is_cuda:
+        with device_scope(input.device.index):
+            return _forward_cuda(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
+    return _forward_cpu(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
+
+
+def _backward(grad_output, input, saved):
+    """(grad_input, grad_weight, grad_bias) of the forward that left ``saved``;
+    the two (C,) in the constants' dtype."""
+    if input.is_cuda:
+        with device_scope(input.device.index):
+            return _backward_cuda(grad_output, input, saved)
+    return _backward_cpu(grad_output, saved)
+
+
+def _widened(t: Tensor | None) -> Tensor | None:
+    """A float16 / bfloat16 (C,) parameter as float32 (the kernels' vectors); others as they are."""
+    return t.float() if t is not None and t.dtype in _HALF else t
+
+
+def _running(running_mean, running_var):
+    """(rounded, mean, var): float16 / bfloat16 buffers (a module cast with
+    .half()) as float32 copies for the kernels, written back (rounded) after."""
+    rounded = running_mean is not None and running_mean.dtype in _HALF
+    return (True, running_mean.float(), running_var.float()) if rounded else (False, running_mean, running_var)
+
+
+def _write_back(rounded, update, running_mean, running_var, rm, rv):
+    if rounded and update:
+        with torch.no_grad():
+            running_mean.copy_(rm)
+            running_var.copy_(rv)
+
+
+# -- CPU: NumPy views of the tensors, a record per call signature ----------------------------
+
+
+class _CPUCall(NamedTuple):
+    """What a CPU input's shape, strides and dtype decide, found once (``_cpu_call``)."""
+
+    perm: object  # _layout's permutation, or None
+    shape: tuple  # the kernels' view's shape (channels-last permuted)
+    shape3: tuple  # (outer, C, inner)
+    plan: object  # kernels.plan of the call shape
+    dtype: np.dtype  # of the data (int16: bfloat16 bits)
+    acc: np.dtype  # of the statistics
+
+
+_CPU_CALLS = {}
+_plan.forgetters.append(_CPU_CALLS.clear)
+
+
+def _cpu_call(input: Tensor) -> _CPUCall:
+    """The record of input's call signature, validated by gpubn.functional on first sight."""
+    key = (input.shape, input.stride(), input.dtype)
+    call = _CPU_CALLS.get(key)
+    if call is None:
+        if input.device.type != "cpu":
+            raise RuntimeError(f"input: tensors on {input.device.type!r} are not supported; expected CPU or CUDA")
+        x, axis, perm = _layout(input)
+        arr = _host(x)
+        info = _F._shape_of(arr, axis, "cpu", "input", x.dtype == torch.bfloat16, False)
+        call = _CPU_CALLS[key] = _CPUCall(perm, arr.shape, info.shape3, info.plan, arr.dtype, info.acc)
+    return call
+
+
+class _CPUPass(NamedTuple):
+    """What a CPU forward leaves for its backward."""
+
+    call: _CPUCall
+    x: np.ndarray  # x's kernel view (outer, C, inner): x itself
+    coef: np.ndarray  # (5, C)
+    training: bool
+    act: int  # kernels.activation code
+
+
+def _cpu_view(t: Tensor, call: _CPUCall) -> np.ndarray:
+    """The (outer, C, inner) NumPy view of a tensor like the call's input."""
+    return _host(t if call.perm is None else t.permute(call.perm)).reshape(call.shape3)
+
+
+def _cpu_output(arr: np.ndarray, call: _CPUCall, bits: bool) -> Tensor:
+    """The tensor over a result the kernels wrote (the input's dtype and memory format)."""
+    t = torch.from_numpy(arr)
+    return _restore(t.view(torch.bfloat16) if bits else t, call.perm)
+
+
+def _forward_cpu(input, weight, bias, running_mean, running_var, training, momentum, eps, act):
+    call = _cpu_call(input)
+    C, acc = call.shape3[1], call.acc
+    x = _cpu_view(input, call)
+    # outputs from gpubn's host cache (``workspace.host_empty``): a fresh large
+    # tensor costs its size again in page faults and zero-filling (the module
+    # step on (64, 64, 56, 56) took 2.2x as long with ``torch.empty_like`` on
+    # the 2-vCPU development VM)
+    y = host_empty(call.shape, call.dtype)
+    w = np.ones(C, acc) if weight is None else _host(_widened(weight))
+    b = np.zeros(C, acc) if bias is None else _host(_widened(bias))
+    rounded, rm, rv = _running(running_mean, running_var)
+    update = training and rm is not None
+    coef = np.empty((5, C), acc)
+    if training:
+        rmv, rvv = (_host(rm), _host(rv)) if update else np.empty((2, C), acc)  # the latter: never written
+        call.plan.forward_train(x, None, coef, w, b, rmv, rvv, eps, momentum if update else 0.0, update, act, None,
+                                y.reshape(call.shape3))  # fmt: skip
+    else:
+        call.plan.forward_eval(x, _host(rm), _host(rv), w, b, eps, coef, act, None, y.reshape(call.shape3))
+    _write_back(rounded, update, running_mean, running_var, rm, rv)
+    return _cpu_output(y, call, input.dtype == torch.bfloat16), _CPUPass(call, x, coef, training, act)
+
+
+def _backward_cpu(grad_output, saved: _CPUPass):
+    call = saved.call
+    dtype = torch.bfloat16 if call.dtype == np.int16 else _TORCH[call.dtype.type]
+    dy = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
+    dx = host_empty(call.shape, call.dtype)
+    C, acc = call.shape3[1], call.acc
+    grads, bcoef = np.empty((2, C), acc), np.empty((5, C), acc)
+    call.plan.backward(_cpu_view(dy, call), saved.x, None, None, saved.coef, saved.training, bcoef, grads[0],
+                       grads[1], saved.act, dx.reshape(call.shape3), None)  # fmt: skip
+    return _cpu_output(dx, call, dtype == torch.bfloat16), torch.from_numpy(grads[0]), torch.from_numpy(grads[1])
+
+
+# -- CUDA: numba views of the tensors, on torch's current stream --------------------------
+
+
+def _views(*tensors) -> list:
+    """numba device views of CUDA tensors (None stays None)."""
+    return [None if t is None else device_view(t.detach()) for t in tensors]
 
 
 def _output(like: Tensor, inp, dtype) -> tuple:
-    """(tensor, its kernel view (outer, C, inner)): a new C-contiguous tensor of
-    like's shape.  On the CPU its memory comes from gpubn's host cache
-    (``workspace.host_empty``): a fresh large tensor costs its size again in
-    page faults and zero-filling (the module step on (64, 64, 56, 56) took 2.2x
-    as long with ``torch.empty_like`` on the 2-vCPU development VM); torch's caching allocator on CUDA."""
-    if inp.backend == "cuda":
-        t = torch.empty(like.shape, dtype=dtype, device=like.device)
-        return t, device_view(t).reshape(inp.shape3)
-    bits = dtype == torch.bfloat16
-    arr = host_empty(inp.shape, np.int16 if bits else _NUMPY[dtype])
-    t = torch.from_numpy(arr)
-    return (t.view(torch.bfloat16) if bits else t), arr.reshape(inp.shape3)
-
-
-# -- the operators -----------------------------------------------------------------------
+    """(tensor, its kernel view (outer, C, inner)): a new C-contiguous CUDA
+    tensor of like's shape, from torch's caching allocator."""
+    t = torch.empty(like.shape, dtype=dtype, device=like.device)
+    return t, device_view(t).reshape(inp.shape3)
 
 
 def _input(x: Tensor, axis: int):
-    """(inp, via_float): the validated, materialized input of the ops (bfloat16 on
-    CUDA goes through float32: the CUDA kernels have no bfloat16 loads yet)."""
-    if x.is_cuda:
-        if "cuda" not in available_backends():
-            raise RuntimeError("input: a CUDA tensor, but gpubn's CUDA backend is not usable here")
-        via_float = x.dtype == torch.bfloat16
-        inp = _F._prepare((x.float() if via_float else x).detach(), axis, "cuda")
-        return _F._materialize(inp), via_float
-    if x.device.type != "cpu":
-        raise RuntimeError(f"input: tensors on {x.device.type!r} are not supported; expected CPU or CUDA")
-    (arr,) = _views(False, x)
-    inp = _F._prepare(arr, axis, "cpu", bfloat16=x.dtype == torch.bfloat16)
-    inp.view = arr.reshape(inp.shape3)
-    return inp, False
+    """(inp, via_float): the validated, materialized input of the CUDA ops
+    (bfloat16 goes through float32: the CUDA kernels have no bfloat16 loads yet)."""
+    if "cuda" not in available_backends():
+        raise RuntimeError("input: a CUDA tensor, but gpubn's CUDA backend is not usable here")
+    via_float = x.dtype == torch.bfloat16
+    inp = _F._prepare((x.float() if via_float else x).detach(), axis, "cuda")
+    return _F._materialize(inp), via_float
 
 
 class _Pass(NamedTuple):
-    """What a forward leaves for its backward: the validated input (x's
+    """What a CUDA forward leaves for its backward: the validated input (x's
     kernel view, its plan), the per-channel constants, how the layout was read."""
 
     inp: object
@@ -157,54 +263,27 @@ class _Pass(NamedTuple):
     act: int  # kernels.activation code
 
 
-def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, act=0):
-    """(y, _Pass): y like input; the pass holds the (5, C) float32 (float64
-    for float64 input) per-channel constants (MEAN, VAR, INVSTD, SCALE, BIAS)
-    the backward needs.  running_mean/var are updated in place when training.
-    The arguments are checked (``_check``); the kernels get views of the
-    tensors.  ``act``: the activation's code (``check_activation``)."""
-    if input.is_cuda:
-        with device_scope(input.device.index):
-            return _forward_here(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
-    return _forward_here(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
-
-
-def _forward_here(input, weight, bias, running_mean, running_var, training, momentum, eps, act):
-    """_forward with input's device current."""
+def _forward_cuda(input, weight, bias, running_mean, running_var, training, momentum, eps, act):
+    """_forward on CUDA, with input's device current."""
     x, axis, perm = _layout(input)
     inp, via_float = _input(x, axis)
-    update = training and running_mean is not None
-    # float16 / bfloat16 buffers (a module cast with .half()): the kernels take
-    # float32 (C,) vectors; the float32 copies are written back, rounded
-    rounded = running_mean is not None and running_mean.dtype in _HALF
-    rm, rv = (running_mean.float(), running_var.float()) if rounded else (running_mean, running_var)
+    rounded, rm, rv = _running(running_mean, running_var)
+    update = training and rm is not None
     y, y3 = _output(x, inp, torch.float32 if via_float else x.dtype)
-    w, b, rmv, rvv = _views(inp.backend == "cuda", _widened(weight), _widened(bias), rm, rv)
+    w, b, rmv, rvv = _views(_widened(weight), _widened(bias), rm, rv)
     if w is None:
         w = channel_vector(None, "", inp.C, inp.acc, inp.backend, 1.0, inp.stream)
     if b is None:
         b = channel_vector(None, "", inp.C, inp.acc, inp.backend, 0.0, inp.stream)
     coef = _F._forward(inp, w, b, rmv, rvv, eps, momentum, training, update, act, None, None, y3)
-    if rounded and update:
-        with torch.no_grad():
-            running_mean.copy_(rm)
-            running_var.copy_(rv)
+    _write_back(rounded, update, running_mean, running_var, rm, rv)
     if perm is not None:
         y = _restore(y, perm)
     return (y.to(torch.bfloat16) if via_float else y), _Pass(inp, coef, perm, via_float, training, act)
 
 
-def _backward(grad_output, input, saved: _Pass):
-    """(grad_input, grad_weight, grad_bias) of the forward that left ``saved``;
-    the two (C,) in the constants' dtype."""
-    if input.is_cuda:
-        with device_scope(input.device.index):
-            return _backward_here(grad_output, input, saved)
-    return _backward_here(grad_output, input, saved)
-
-
-def _backward_here(grad_output, input, saved: _Pass):
-    """_backward with input's device current."""
+def _backward_cuda(grad_output, input, saved: _Pass):
+    """_backward on CUDA, with input's device current."""
     inp, perm, via_float = saved.inp, saved.perm, saved.via_float
     dtype = torch.float32 if via_float else input.dtype
     dy = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
@@ -214,9 +293,8 @@ def _backward_here(grad_output, input, saved: _Pass):
     acc = torch.float64 if inp.acc == np.float64 else torch.float32
     dgamma = torch.empty(inp.C, dtype=acc, device=input.device)
     dbeta = torch.empty(inp.C, dtype=acc, device=input.device)
-    on_device = inp.backend == "cuda"
-    dyv, dg, db = _views(on_device, dy, dgamma, dbeta)
-    dyv = to_canonical(dyv, inp.shape3, True, inp.stream) if on_device else dyv.reshape(inp.shape3)
+    dyv, dg, db = _views(dy, dgamma, dbeta)
+    dyv = to_canonical(dyv, inp.shape3, True, inp.stream)
     bcoef = inp.empty(rows=5)
     inp.plan.backward(
         dyv, inp.view, None, None, saved.coef, saved.training, bcoef, dg, db, saved.act, dx3, None, **inp.launch
@@ -227,12 +305,7 @@ def _backward_here(grad_output, input, saved: _Pass):
 
 
 _HALF = (torch.float16, torch.bfloat16)
-_NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
-
-
-def _widened(t: Tensor | None) -> Tensor | None:
-    """A float16 / bfloat16 (C,) parameter as float32 (the kernels' vectors); others as they are."""
-    return t.float() if t is not None and t.dtype in _HALF else t
+_TORCH = {np.float16: torch.float16, np.float32: torch.float32, np.float64: torch.float64}
 
 
 def _tensor(a, device: torch.device) -> Tensor:
@@ -359,7 +432,7 @@ def _forward_op(
         running_mean, running_var = running_mean.clone(), running_var.clone()
     act = ACTIVATIONS[activation or None]  # "" for none: a plain str in the operator's schema
     y, saved = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
-    coef = _tensor(saved.inp.deliver(saved.coef), input.device)
+    coef = _tensor(saved.coef if isinstance(saved, _CPUPass) else saved.inp.deliver(saved.coef), input.device)
     if not update:
         running_mean, running_var = input.new_empty(0), input.new_empty(0)
     return y, coef, running_mean, running_var
@@ -379,11 +452,15 @@ def _backward_op(
     grad_output: Tensor, input: Tensor, coef: Tensor, training: bool, activation: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of gpubn::batch_norm."""
-    with device_scope(input.device.index) if input.is_cuda else contextlib.nullcontext():
+    act = ACTIVATIONS[activation or None]
+    if not input.is_cuda:
+        call = _cpu_call(input)
+        return _backward(grad_output, input, _CPUPass(call, _cpu_view(input, call), _host(coef), training, act))
+    with device_scope(input.device.index):
         x, axis, perm = _layout(input)
         inp, via_float = _input(x, axis)
-        (coef,) = _views(input.is_cuda, coef)
-        saved = _Pass(inp, coef, perm, via_float, training, ACTIVATIONS[activation or None])
+        (coef,) = _views(coef)
+        saved = _Pass(inp, coef, perm, via_float, training, act)
     return _backward(grad_output, input, saved)
 
 
