@@ -524,7 +524,7 @@ def batch_norm(
         training), naming the argument; nothing is updated then.
     """
     _check(input, running_mean, running_var, weight, bias, training)
-    act = check_activation(activation)
+    act = 0 if activation is None else check_activation(activation)
     if input.numel() == 0:  # an empty batch (N = 0): torch returns an empty tensor, updates nothing
         return _empty_batch(input, weight, bias)
     rest = (running_mean, running_var, bool(training), float(momentum), float(eps))
@@ -541,30 +541,31 @@ def batch_norm(
 def _check(input, running_mean, running_var, weight, bias, training):
     if not isinstance(input, Tensor):
         raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
-    if input.dtype not in _DTYPES:
+    dtype = input.dtype
+    if dtype not in _DTYPES:
         # torch raises NotImplementedError (a RuntimeError) for integer and bool input
-        error = RuntimeError if input.dtype.is_floating_point else NotImplementedError
-        raise error(f"input: dtype {input.dtype} is not supported; expected float16, bfloat16, float32 or float64")
+        error = RuntimeError if dtype.is_floating_point else NotImplementedError
+        raise error(f"input: dtype {dtype} is not supported; expected float16, bfloat16, float32 or float64")
     if input.dim() < 2:
         raise ValueError(f"input: expected at least 2 dimensions (N, C, *), got input of size {tuple(input.shape)}")
-    C = input.shape[1]
+    C, device, given = input.shape[1], input.device, set()
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a Tensor or None, got {type(t).__name__}")
-        if t.numel() != C or t.dim() != 1:
+        if t.dim() != 1 or t.shape[0] != C:
             raise RuntimeError(f"{name}: should contain {C} elements (the channels of input), not {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
             raise RuntimeError(f"{name}: dtype {t.dtype} is not supported; expected a floating-point tensor")
-        if t.device != input.device:
-            raise RuntimeError(f"{name}: on {t.device}, input on {input.device}; expected the same device")
-    given = {t.dtype for t in (running_mean, running_var, weight, bias) if t is not None}
-    allowed = {input.dtype, torch.float32} if input.dtype in (torch.float16, torch.bfloat16) else {input.dtype}
-    if len(given) > 1 or not given <= allowed:  # torch's rule: one dtype, the input's (or float32 for half input)
+        if t.device != device:
+            raise RuntimeError(f"{name}: on {t.device}, input on {device}; expected the same device")
+        given.add(t.dtype)
+    # torch's rule: one dtype, the input's (or float32 for half input)
+    if given and (len(given) > 1 or not (dtype in given or (dtype in _HALF and torch.float32 in given))):
         raise RuntimeError(
             f"weight, bias, running_mean, running_var: dtypes {sorted(str(d) for d in given)}; expected all "
-            f"{input.dtype}" + (" or all torch.float32" if len(allowed) > 1 else "") + f" for {input.dtype} input"
+            f"{dtype}" + (" or all torch.float32" if dtype in _HALF else "") + f" for {dtype} input"
         )
     if (running_mean is None) != (running_var is None):
         raise RuntimeError("running_mean, running_var: give both or neither")
