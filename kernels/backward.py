@@ -240,13 +240,14 @@ def backward_sums_channels_cpu(dy, x, coef, out, act, z, rows):
     blocks, rows_per, sub = row_blocks(outer, C)
     part = np.empty((2, blocks, C))  # zeroed block by block, in parallel
     for k in prange(blocks):
-        part[:, k] = 0
         s1 = np.empty(C, compute_dtype(dy))
         s2 = np.empty(C, compute_dtype(dy))
+        for c in range(C):  # loops, not slice fills: an array expression in a prange body compiles slowly
+            part[0, k, c] = part[1, k, c] = 0.0
         end = min(outer, (k + 1) * rows_per)
         for o0 in range(k * rows_per, end, sub):
-            s1[:] = 0
-            s2[:] = 0
+            for c in range(C):
+                s1[c] = s2[c] = 0.0
             _rows_sums(dy, x, z, coef, o0, min(end, o0 + sub), s1, s2, act, rows)
             for c in range(C):
                 part[0, k, c] += s1[c]
@@ -264,9 +265,12 @@ def backward_sums_folded_cpu(dyf, xf, zf, coef, act, rows, out):
     f = xf.shape[1] // C
     part = np.empty((2, f * C))
     backward_sums_channels_cpu(dyf, xf, repeat_groups(coef, f), part, act, zf, rows)
-    out[:, :] = 0.0
-    for g in range(f):
-        out[:, :] += part[:, g * C : (g + 1) * C]
+    for j in range(2):
+        for c in range(C):
+            t = 0.0
+            for g in range(f):
+                t += part[j, g * C + c]
+            out[j, c] = t
 
 
 @numba.njit(**JIT)

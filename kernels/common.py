@@ -594,8 +594,9 @@ def repeat_groups(a, f):
     """a (k, C) repeated for f side-by-side groups of folded rows: (k, f * C)."""
     C = a.shape[1]
     out = np.empty((a.shape[0], f * C), a.dtype)
-    for g in range(f):
-        out[:, g * C : (g + 1) * C] = a
+    for k in range(a.shape[0]):
+        for j in range(f * C):
+            out[k, j] = a[k, j % C]
     return out
 
 

@@ -219,14 +219,15 @@ def channel_moments_channels_cpu(x, rows, center, out):
     for k in prange(blocks):
         mean = part[1, k]
         m2 = part[2, k]
-        mean[:] = 0
-        m2[:] = 0
+        for c in range(C):  # loops, not slice fills: an array expression in a prange body compiles slowly
+            mean[c] = m2[c] = 0.0
         acc = np.empty((2, C), compute_dtype(x))  # sum of d, sum of d**2 (one array: fewer alias checks)
         n = 0.0
         end = min(outer, (k + 1) * rows_per)
         for o0 in range(k * rows_per, end, sub):
             o1 = min(end, o0 + sub)
-            acc[:, :] = 0
+            for c in range(C):
+                acc[0, c] = acc[1, c] = 0.0
             quads = o0 + (o1 - o0) // 4 * 4
             for o in range(o0, quads, 4):  # four rows a step: acc, in memory, updated once
                 x0, x1, x2, x3 = x[_row(rows, o)], x[_row(rows, o + 1)], x[_row(rows, o + 2)], x[_row(rows, o + 3)]
@@ -245,7 +246,8 @@ def channel_moments_channels_cpu(x, rows, center, out):
                     acc[1, c] += d * d
             merge_rows(mean, m2, n, o1 - o0, center, center, acc[0], acc[1])
             n += o1 - o0
-        part[0, k, :] = n
+        for c in range(C):
+            part[0, k, c] = n
     mean = np.zeros(C)
     m2 = np.zeros(C)
     n = 0.0
@@ -253,9 +255,10 @@ def channel_moments_channels_cpu(x, rows, center, out):
         nb = part[0, k, 0]
         merge_moments(mean, m2, n, nb, part[1, k], part[2, k])
         n += nb
-    out[0, :] = n
-    out[1, :] = mean
-    out[2, :] = m2
+    for c in range(C):
+        out[0, c] = n
+        out[1, c] = mean[c]
+        out[2, c] = m2[c]
 
 
 @numba.njit(**JIT)
@@ -311,10 +314,10 @@ def merge_groups(part, center, out):
         nb = part[0, g * C]
         merge_moments(mean, m2, n, nb, part[1, g * C : (g + 1) * C], part[2, g * C : (g + 1) * C])
         n += nb
-    out[0, :] = n
     for c in range(C):
+        out[0, c] = n
         out[1, c] = center[c] + mean[c]
-    out[2, :] = m2
+        out[2, c] = m2[c]
 
 
 @cpu_driver
