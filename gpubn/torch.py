@@ -53,7 +53,7 @@ from .distributed import batch_norm_backward_sync, batch_norm_forward_sync, comm
 from .functional import moments as _moments
 from .kernels import plan as _plan
 from .kernels.activation import ACTIVATIONS
-from .kernels.workspace import host_empty
+from .kernels.workspace import CACHE_MIN_BYTES, host_empty
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1)), 5: (torch.channels_last_3d, (0, 2, 3, 4, 1))}
@@ -149,6 +149,8 @@ class _CPUCall(NamedTuple):
     plan: object  # kernels.plan of the call shape
     dtype: np.dtype  # of the data (int16: bfloat16 bits)
     acc: np.dtype  # of the statistics
+    tensor_dtype: torch.dtype  # the input's
+    empty: object  # the outputs' allocator: np.empty, or for large outputs ``workspace.host_empty``
 
 
 _CPU_CALLS = {}
@@ -165,7 +167,13 @@ def _cpu_call(input: Tensor) -> _CPUCall:
         x, axis, perm = _layout(input)
         arr = _host(x)
         info = _F._shape_of(arr, axis, "cpu", "input", x.dtype == torch.bfloat16, False)
-        call = _CPU_CALLS[key] = _CPUCall(perm, arr.shape, info.shape3, info.plan, arr.dtype, info.acc)
+        # large outputs from gpubn's host cache: a fresh large tensor costs its
+        # size again in page faults and zero-filling (the module step on (64,
+        # 64, 56, 56) took 2.2x as long with ``torch.empty_like`` on the 2-vCPU
+        # development VM)
+        empty = host_empty if arr.nbytes >= CACHE_MIN_BYTES else np.empty
+        call = _CPUCall(perm, arr.shape, info.shape3, info.plan, arr.dtype, info.acc, input.dtype, empty)
+        _CPU_CALLS[key] = call
     return call
 
 
@@ -184,21 +192,19 @@ def _cpu_view(t: Tensor, call: _CPUCall) -> np.ndarray:
     return _host(t if call.perm is None else t.permute(call.perm)).reshape(call.shape3)
 
 
-def _cpu_output(arr: np.ndarray, call: _CPUCall, bits: bool) -> Tensor:
+def _cpu_output(arr: np.ndarray, call: _CPUCall) -> Tensor:
     """The tensor over a result the kernels wrote (the input's dtype and memory format)."""
     t = torch.from_numpy(arr)
-    return _restore(t.view(torch.bfloat16) if bits else t, call.perm)
+    if call.tensor_dtype == torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return t if call.perm is None else _restore(t, call.perm)
 
 
 def _forward_cpu(input, weight, bias, running_mean, running_var, training, momentum, eps, act):
     call = _cpu_call(input)
     C, acc = call.shape3[1], call.acc
     x = _cpu_view(input, call)
-    # outputs from gpubn's host cache (``workspace.host_empty``): a fresh large
-    # tensor costs its size again in page faults and zero-filling (the module
-    # step on (64, 64, 56, 56) took 2.2x as long with ``torch.empty_like`` on
-    # the 2-vCPU development VM)
-    y = host_empty(call.shape, call.dtype)
+    y = call.empty(call.shape, call.dtype)
     w = np.ones(C, acc) if weight is None else _host(_widened(weight))
     b = np.zeros(C, acc) if bias is None else _host(_widened(bias))
     rounded, rm, rv = _running(running_mean, running_var)
@@ -210,20 +216,21 @@ def _forward_cpu(input, weight, bias, running_mean, running_var, training, momen
                                 y.reshape(call.shape3))  # fmt: skip
     else:
         call.plan.forward_eval(x, _host(rm), _host(rv), w, b, eps, coef, act, None, y.reshape(call.shape3))
-    _write_back(rounded, update, running_mean, running_var, rm, rv)
-    return _cpu_output(y, call, input.dtype == torch.bfloat16), _CPUPass(call, x, coef, training, act)
+    if rounded:
+        _write_back(rounded, update, running_mean, running_var, rm, rv)
+    return _cpu_output(y, call), _CPUPass(call, x, coef, training, act)
 
 
 def _backward_cpu(grad_output, saved: _CPUPass):
     call = saved.call
-    dtype = torch.bfloat16 if call.dtype == np.int16 else _TORCH[call.dtype.type]
+    dtype = call.tensor_dtype
     dy = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
-    dx = host_empty(call.shape, call.dtype)
+    dx = call.empty(call.shape, call.dtype)
     C, acc = call.shape3[1], call.acc
     grads, bcoef = np.empty((2, C), acc), np.empty((5, C), acc)
     call.plan.backward(_cpu_view(dy, call), saved.x, None, None, saved.coef, saved.training, bcoef, grads[0],
                        grads[1], saved.act, dx.reshape(call.shape3), None)  # fmt: skip
-    return _cpu_output(dx, call, dtype == torch.bfloat16), torch.from_numpy(grads[0]), torch.from_numpy(grads[1])
+    return _cpu_output(dx, call), torch.from_numpy(grads[0]), torch.from_numpy(grads[1])
 
 
 # -- CUDA: numba views of the tensors, on torch's current stream --------------------------
@@ -305,7 +312,6 @@ def _backward_cuda(grad_output, input, saved: _Pass):
 
 
 _HALF = (torch.float16, torch.bfloat16)
-_TORCH = {np.float16: torch.float16, np.float32: torch.float32, np.float64: torch.float64}
 
 
 def _tensor(a, device: torch.device) -> Tensor:
