@@ -70,6 +70,7 @@ CPU_SHAPES = [
     Shape("nhwc-64x64x56x56", (64, 56, 56, 64), -1),
     Shape("nc-4096x512", (4096, 512), 1),
     Shape("nchw-64x64x56x56-f16", (64, 64, 56, 56), 1, "float16"),
+    Shape("nc-256x64", (256, 64), 1),
 ]
 SHAPES = {s.name: s for s in GPU_SHAPES + CPU_SHAPES}
 TRAFFIC = {"stats": 1, "fwd-train": 3, "eval": 2, "backward": 5, "fwd+bwd": 8, "layer": 8, "module": 8}

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -116,6 +117,42 @@ def _backward(grad_output, input, saved):
         with device_scope(input.device.index):
             return _backward_cuda(grad_output, input, saved)
     return _backward_cpu(grad_output, saved)
+
+
+class _Memory:
+    """A NumPy view's description of a tensor's memory that does not own it (``_vector``)."""
+
+    def __init__(self, t: Tensor, dtype: np.dtype):
+        self.__array_interface__ = {
+            "data": (t.data_ptr(), False),
+            "shape": (t.shape[0],),
+            "strides": (t.stride(0) * dtype.itemsize,),
+            "typestr": dtype.str,
+            "version": 3,
+        }
+
+
+_VECTORS = {}  # id(tensor) -> (weakref to it, its data pointer, a NumPy view of that memory)
+_VECTOR_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def _vector(t: Tensor) -> np.ndarray:
+    """_host for a float32/float64 (C,) CPU tensor, the view kept from one call
+    to the next: a module passes the same parameters and buffers every step,
+    and a view costs ~1.4 us to build (about 5 % of a small layer's step).  The
+    view is used only while the caller holds t, and only while t still has the
+    memory it was built over; it does not keep t alive."""
+    hit = _VECTORS.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t.data_ptr():
+        return hit[2]
+    dtype = _VECTOR_DTYPES.get(t.dtype)
+    if dtype is None:
+        return _host(_widened(t))
+    key = id(t)
+    ref = weakref.ref(t, lambda r: _VECTORS.pop(key, None) if _VECTORS.get(key, (None,))[0] is r else None)
+    view = np.asarray(_Memory(t, dtype))
+    _VECTORS[key] = (ref, t.data_ptr(), view)
+    return view
 
 
 def _widened(t: Tensor | None) -> Tensor | None:
@@ -205,17 +242,17 @@ def _forward_cpu(input, weight, bias, running_mean, running_var, training, momen
     C, acc = call.shape3[1], call.acc
     x = _cpu_view(input, call)
     y = call.empty(call.shape, call.dtype)
-    w = np.ones(C, acc) if weight is None else _host(_widened(weight))
-    b = np.zeros(C, acc) if bias is None else _host(_widened(bias))
+    w = np.ones(C, acc) if weight is None else _vector(weight)
+    b = np.zeros(C, acc) if bias is None else _vector(bias)
     rounded, rm, rv = _running(running_mean, running_var)
     update = training and rm is not None
     coef = np.empty((5, C), acc)
     if training:
-        rmv, rvv = (_host(rm), _host(rv)) if update else np.empty((2, C), acc)  # the latter: never written
+        rmv, rvv = (_vector(rm), _vector(rv)) if update else np.empty((2, C), acc)  # the latter: never written
         call.plan.forward_train(x, None, coef, w, b, rmv, rvv, eps, momentum if update else 0.0, update, act, None,
                                 y.reshape(call.shape3))  # fmt: skip
     else:
-        call.plan.forward_eval(x, _host(rm), _host(rv), w, b, eps, coef, act, None, y.reshape(call.shape3))
+        call.plan.forward_eval(x, _vector(rm), _vector(rv), w, b, eps, coef, act, None, y.reshape(call.shape3))
     if rounded:
         _write_back(rounded, update, running_mean, running_var, rm, rv)
     return _cpu_output(y, call), _CPUPass(call, x, coef, training, act)

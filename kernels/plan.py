@@ -64,8 +64,7 @@ class CPUPlan:
             self._train = normalize.forward_train_channels_cpu.variant(parallel)
             self._eval = normalize.forward_eval_channels_cpu.variant(parallel)
             self._backward = backward_channels_cpu.variant(parallel)
-        # folding pays once the rows are many (its partials cost ~3 us on (64, 16), development VM)
-        fold = contiguous and not self.inner and outer * C >= common.BLOCK_MIN
+        fold = contiguous and not self.inner and outer * C >= common.FOLD_MIN
         self.fold = fold_factor(outer, C) if fold else 1
         self.folded = (outer // self.fold, self.fold * C)
 

@@ -83,6 +83,34 @@ def test_forward_backward_training(backend, rng, shape, axis, dtype):
     np.testing.assert_allclose(dbeta, edb, atol=atol * np.sqrt(n) * 4, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_folded_rows(rng, dtype):
+    """Narrow channel rows of a large input, folded side by side on the CPU
+    (``kernels.common.fold_rows``): statistics, y, the running statistics and
+    the gradients as the reference's."""
+    from gpubn.kernels.plan import plan_for
+
+    shape = (4096, 64)
+    assert plan_for("cpu", (*shape, 1), np.dtype(dtype)).fold > 1  # the case under test
+    x = make(rng, shape, dtype)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    gamma = (1 + 0.3 * rng.standard_normal(64)).astype(acc)
+    rm, rv = np.zeros(64, acc), np.ones(64, acc)
+    y, cache = gpubn.batch_norm_forward(x, gamma, running_mean=rm, running_var=rv, momentum=1.0, backend="cpu")
+    np.testing.assert_allclose(y.astype(np.float64), forward(x, gamma, None, 1)[0], **tol(dtype))
+    erm, erv = running_update(np.zeros(64), np.ones(64), x, 1, 1.0)
+    t = tol(np.float32 if dtype == np.float16 else dtype)
+    np.testing.assert_allclose(rm, erm, **t)
+    np.testing.assert_allclose(rv, erv, **t)
+    dy = rng.standard_normal(shape).astype(dtype)
+    dx, dgamma, dbeta = gpubn.batch_norm_backward(dy, cache)
+    edx, edg, edb = backward(dy, x, gamma, 1)
+    np.testing.assert_allclose(dx.astype(np.float64), edx, **grad_tol(dtype))
+    atol, rtol = tol(dtype).values()
+    np.testing.assert_allclose(dgamma, edg, atol=atol * np.sqrt(4096) * 4, rtol=rtol)
+    np.testing.assert_allclose(dbeta, edb, atol=atol * np.sqrt(4096) * 4, rtol=rtol)
+
+
 @pytest.mark.parametrize("shape", EDGE_SIZES)
 def test_edge_sizes(backend, rng, shape):
     x = make(rng, shape, np.float32)

@@ -527,3 +527,25 @@ def test_parameter_and_buffer_dtypes_follow_torchs_rule():
                     with pytest.raises(RuntimeError):
                         gt.batch_norm(x, *args, training=True)
                     torch.testing.assert_close(args[0], before)
+
+
+def test_parameter_views_follow_their_tensors():
+    """gpubn.torch keeps NumPy views of (C,) parameters and buffers from one
+    call to the next: a parameter given new memory is read there, a strided
+    one where its values are, and a view never keeps its tensor alive."""
+    import gc
+    import weakref
+
+    x = make_input((8, 3), None, torch.float32, "cpu")
+    m = gt.BatchNorm1d(3)
+    m(x)
+    m.weight.data = torch.tensor([2.0, -1.0, 0.5])  # new memory: the cached view must not be used
+    m.bias.data = torch.arange(6.0)[::2]  # strided: (0, 2, 4)
+    want = torch.nn.functional.batch_norm(x, None, None, m.weight.detach(), m.bias.detach(), True)
+    torch.testing.assert_close(m(x).detach(), want, atol=1e-5, rtol=1e-5)
+    w = torch.ones(3)
+    gt.batch_norm(x, None, None, w, None, True)
+    alive = weakref.ref(w)
+    del w
+    gc.collect()
+    assert alive() is None
