@@ -223,48 +223,42 @@ class BatchNorm:
         the others as padding (never in its sums, dx = 0 there; see
         batch_norm_forward).
         """
-        if self._comm is not None and self.training:
-            if residual is not None:
-                raise ValueError("residual: a synchronized layer takes no residual yet")
-            if mask is not None:
-                raise ValueError("mask: a synchronized layer takes no mask yet")
-            return self._forward_sync(x)
+        sync = self._comm is not None and self.training  # the batch shared by every rank of ``sync``
+        if sync and residual is not None:
+            raise ValueError("residual: a synchronized layer takes no residual yet")
+        if sync and mask is not None:
+            raise ValueError("mask: a synchronized layer takes no mask yet")
         shape = x.shape if hasattr(x, "shape") else np.shape(x)
-        if len(shape) > 0 and shape[_A.check_axis(self.axis, len(shape))] != self.num_features:
+        # (a synchronized layer's ranks check x together: batch_norm_forward_sync)
+        if not sync and len(shape) > 0 and shape[_A.check_axis(self.axis, len(shape))] != self.num_features:
             raise ValueError(
                 f"x: {shape[_A.check_axis(self.axis, len(shape))]} features on axis {self.axis} "
                 f"(shape {tuple(shape)}), this layer has num_features={self.num_features}"
             )
         if self.backend == "cuda" and not self.on_device and is_device_array(x):
             self.to_device()
-        batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
         momentum = self.momentum
         if update and momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)
         gamma = self._packed[0] if self.affine else None
         beta = self._packed[1] if self.affine else None
-        y, cache = batch_norm_forward(
-            x,
-            gamma,
-            beta,
+        tracked = self.track_running_stats
+        common = dict(
             axis=self.axis,
             eps=self.eps,
-            training=batch_stats,
-            running_mean=self.running_mean if self.track_running_stats else None,
-            running_var=self.running_var if self.track_running_stats else None,
+            running_mean=self.running_mean if tracked else None,
+            running_var=self.running_var if tracked else None,
             momentum=momentum if update else 0.0,
             backend=self.backend,
-            activation=self.activation,
-            residual=residual,
-            mask=mask,
         )
-        return self._done(x, y, cache, update, mask)
-
-    __call__ = forward
-
-    def _done(self, x, y, cache, update, mask=None):
-        """After a forward that succeeded: keep its cache, count it, record it for recalibrate."""
+        if sync:
+            y, cache = batch_norm_forward_sync(x, gamma, beta, self._comm, num_features=self.num_features, **common)
+        else:
+            batch_stats = self.training or not tracked
+            y, cache = batch_norm_forward(
+                x, gamma, beta, training=batch_stats, activation=self.activation, residual=residual, mask=mask, **common
+            )
         self._cache = cache
         if self._recalibration is not None:
             self._recalibration.append(moments(x, self.axis, self.backend, mask))
@@ -272,26 +266,7 @@ class BatchNorm:
             self.num_batches_tracked += 1
         return y
 
-    def _forward_sync(self, x):
-        """Training forward over the batch shared by every rank of ``sync``."""
-        update = self.track_running_stats
-        momentum = self.momentum
-        if update and momentum is None:
-            momentum = 1.0 / (self.num_batches_tracked + 1)
-        y, cache = batch_norm_forward_sync(
-            x,
-            self._packed[0] if self.affine else None,
-            self._packed[1] if self.affine else None,
-            self._comm,
-            axis=self.axis,
-            eps=self.eps,
-            running_mean=self.running_mean if update else None,
-            running_var=self.running_var if update else None,
-            momentum=momentum if update else 0.0,
-            backend=self.backend,
-            num_features=self.num_features,
-        )
-        return self._done(x, y, cache, update)
+    __call__ = forward
 
     def backward(self, dy):
         """dx for the last forward; fills ``grads`` (when affine) in place.

@@ -65,12 +65,7 @@ class Moments:
             raise TypeError(f"other: expected Moments, got {type(other).__name__}")
         if other.num_channels != self.num_channels:
             raise ValueError(f"other: {other.num_channels} channels, these moments have {self.num_channels}")
-        n = self.count + other.count
-        safe = np.where(n > 0, n, 1.0)
-        d = other.mean - self.mean
-        mean = self.mean + d * (other.count / safe)
-        m2 = self.m2 + other.m2 + d * d * (self.count * other.count / safe)
-        return Moments(n, mean, m2)
+        return Moments.merge_all((self, other))
 
     @staticmethod
     def merge_all(parts) -> "Moments":

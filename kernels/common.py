@@ -198,14 +198,9 @@ SHIFT_CHUNK = 2 if CUDASIM else 32
 def fold_chunk(n, mean, m2, cnt, k, s1, s2, one):
     """A thread's running (count, mean, M2) merged with a chunk of ``cnt``
     values v given by their sums around the shift ``k``: s1 = sum(v - k),
-    s2 = sum((v - k)**2).  Chan's formula, in the accumulators' dtype.
-
-    The chunk's own M2 = s2 - s1**2 / cnt is accurate to about
-    eps * (1 + cnt * (k - chunk mean)**2 / M2): the caller takes ``k`` = the
-    running mean (the first chunk: around the thread's first value), and the
-    chunk is short, so neither an offset nor an outlier costs digits.
-    ``one``: 1 in the accumulators' dtype (a Python 1 would promote float32
-    arithmetic to float64)."""
+    s2 = sum((v - k)**2).  Chan's formula, in the accumulators' dtype (error:
+    stats.py's docstring).  ``one``: 1 in the accumulators' dtype (a Python 1
+    would promote float32 arithmetic to float64)."""
     if cnt == 0:
         return n, mean, m2
     inv = one / cnt
@@ -239,8 +234,7 @@ def shifted_add(v, n, mean, m2, k, s1, s2, cnt, one):
 @numba.njit(**JIT)
 def shifted_to_moments(n, shift, s1, s2):
     """(count, mean, M2) from sums shifted by ``shift``: s1 = sum(x - shift),
-    s2 = sum((x - shift)**2).  Exact algebra; stable while |shift - mean| is
-    within a few standard deviations (the shift is one of the summed values)."""
+    s2 = sum((x - shift)**2) (error: stats.py's docstring)."""
     if n == 0:
         return 0.0, 0.0, 0.0
     nf = numba.float64(n)

@@ -41,11 +41,20 @@ walk channels).
 
 One algorithm on both backends, split or one launch: sums of deviations from a
 value of the data (the CPU's center, the GPU's shift), pieces merged by Chan's
-formula.  Error analysis: an offset costs nothing; a piece's M2 = s2 - s1**2 / k
-loses about eps * k * (shift - piece mean)**2 / M2, small while the shift is
-within a few standard deviations of the piece's mean (the running mean, after
-the first chunk); pieces meet by Chan's formula in float64.  Relative error of
-the variance: a few eps of the compute dtype times log2 of the pieces merged.
+formula.
+
+Error analysis (the one for every statistics kernel of the package).  An
+offset costs nothing: every deviation is taken from a value of the data.  A
+piece of k values summed around a shift s gives M2 = s2 - s1**2 / k, whose
+rounding error relative to M2 is about eps * (1 + k * (s - piece mean)**2 /
+M2): small while s is within a few standard deviations of the piece's mean.
+The GPU sums chunks of SHIFT_CHUNK values around its running mean (after the
+first chunk), so neither an offset nor an outlier costs digits; the CPU sums
+around the mean of each channel's first values and runs a second pass around
+the measured mean where n * (center - mean)**2 > RECENTER * M2.  Pieces meet
+by Chan's formula in float64.  Relative error of the variance: a few eps of
+the compute dtype times log2 of the pieces merged (float64 data with mean 1e8
+and spread 1e-4 keeps its variance to 1e-9).
 """
 
 import math
@@ -91,8 +100,7 @@ from .workspace import workspace
 
 #: Rows averaged into the center of the one-pass moments (channels contiguous).
 CENTER_ROWS = 16
-#: Largest n * (center - mean)**2 / M2 accepted from one pass around a center:
-#: the variance then keeps ~RECENTER * eps of relative error at worst.
+#: Largest n * (center - mean)**2 / M2 accepted from one pass around a center.
 RECENTER = 64.0
 # ----------------------------------------------------------------------------
 # shared per-channel finalize (CPU and CUDA)
@@ -151,13 +159,8 @@ def channel_moments_inner_cpu(x, mask, center, out):
 
     Every contiguous (o, c) row yields ``D = sum(x - center)`` and
     ``Q = sum((x - center)**2)``, in x's compute dtype over chunks of CHUNK
-    values, in float64 across chunks and rows; then
-
-        mean = center + D / n,    M2 = Q - D**2 / n
-
-    whose rounding error relative to M2 is about eps * (1 + n * (center -
-    mean)**2 / M2), however the rows' own means differ (the caller re-runs with
-    a better center where that ratio is large).  out: (3, C) count, mean, M2.
+    values, in float64 across chunks and rows; then mean = center + D / n,
+    M2 = Q - D**2 / n (error: the module docstring).  out: (3, C) count, mean, M2.
     """
     outer, C, inner = x.shape
     part = np.empty((2, outer, C))  # D and Q of every row
@@ -206,10 +209,8 @@ def channel_moments_channels_cpu(x, rows, center, out):
     ``d = x - center`` and ``d**2`` in x's dtype over sub-blocks of rows
     (vectorised across C) and folds every sub-block into float64 running
     (mean - center, M2) by Chan's formula with the correction
-    ``M2 = sum(d**2) - sum(d)**2 / n`` (``merge_rows``).  Its rounding error
-    relative to M2 is about eps * (1 + n * (center - mean)**2 / M2): the
-    caller re-runs with a better center where that ratio is large.
-    out: (3, C) float64 count, mean - center, M2.
+    ``M2 = sum(d**2) - sum(d)**2 / n`` (``merge_rows``; error: the module
+    docstring).  out: (3, C) float64 count, mean - center, M2.
     """
     outer, C = x.shape
     if rows is not None:
@@ -358,9 +359,6 @@ def channel_moments_cpu(x, out, mask=None):
     out: (3, C) float64, receives count, mean and M2 (sum of squared deviations).
     mask: None, or (outer, inner) bool: only the positions where it is True
     count (masked batch norm); the count is then the number of True.
-    Every partial is taken around a per-channel center (the mean of its first
-    values), so partial sums are small and combining them loses nothing to the
-    offset (float64 data with mean 1e8 and spread 1e-4 keeps its variance to 1e-9).
     """
     if x.shape[2] > 1:
         moments_inner_cpu(x, mask, out)
