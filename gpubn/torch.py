@@ -132,7 +132,7 @@ class _Memory:
         }
 
 
-_VECTORS = {}  # id(tensor) -> (weakref to it, its data pointer, a NumPy view of that memory)
+_VECTORS = {}  # id(tensor) -> (weakref to it, its data pointer, its dtype, a NumPy view of that memory)
 _VECTOR_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
@@ -143,15 +143,15 @@ def _vector(t: Tensor) -> np.ndarray:
     view is used only while the caller holds t, and only while t still has the
     memory it was built over; it does not keep t alive."""
     hit = _VECTORS.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == t.data_ptr():
-        return hit[2]
+    if hit is not None and hit[0]() is t and hit[1] == t.data_ptr() and hit[2] is t.dtype:
+        return hit[3]
     dtype = _VECTOR_DTYPES.get(t.dtype)
     if dtype is None:
         return _host(_widened(t))
     key = id(t)
     ref = weakref.ref(t, lambda r: _VECTORS.pop(key, None) if _VECTORS.get(key, (None,))[0] is r else None)
     view = np.asarray(_Memory(t, dtype))
-    _VECTORS[key] = (ref, t.data_ptr(), view)
+    _VECTORS[key] = (ref, t.data_ptr(), t.dtype, view)
     return view
 
 
