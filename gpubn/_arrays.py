@@ -232,6 +232,18 @@ def read_input(x, name: str, backend: str) -> Source:
     return Source(arr, False, "numpy", 0, x)
 
 
+def as_numpy(a) -> np.ndarray:
+    """A NumPy array of a host or device array, or of a torch tensor (any
+    device; bfloat16 widened to float32): a copy for device data, else a view
+    where NumPy can make one."""
+    if type(a).__module__.startswith("torch"):
+        t = a.detach().cpu()
+        return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
+    if is_device_array(a):
+        return device_view(a).copy_to_host()
+    return np.asarray(a)
+
+
 def host_copy(src: Source) -> np.ndarray:
     """A host NumPy array of an input's values: the array itself when it is
     one, else a copy of the device array made on the caller's stream (after
@@ -443,4 +455,4 @@ class StateVector:
         """Write a copy the kernels updated back to the caller's array (nothing when they updated it)."""
         if self.copied:
             w = self.work
-            self.target[...] = to_host(w, self.stream) if hasattr(w, "copy_to_host") else w
+            self.target[...] = to_host(w, self.stream) if is_device_array(w) else w

@@ -12,18 +12,12 @@ import warnings
 
 import numpy as np
 
-from ._arrays import check_axis
+from ._arrays import as_numpy, check_axis
 
 
 def _host64(a):
     """float64 NumPy copy of a torch tensor, numba device array or array; None stays None."""
-    if a is None:
-        return None
-    if hasattr(a, "detach"):
-        a = a.detach().cpu().double().numpy()  # bfloat16 has no NumPy dtype
-    elif hasattr(a, "copy_to_host"):
-        a = a.copy_to_host()
-    return np.asarray(a, np.float64)
+    return None if a is None else np.asarray(as_numpy(a), np.float64)
 
 
 def _bn_constants(bn):
@@ -70,7 +64,7 @@ def fold(weight, bias, bn, axis: int = 0):
     C = w.shape[ax]
     if rm.shape != (C,):
         raise ValueError(f"bn: {rm.shape[0]} features, weight has {C} output channels on axis {axis}")
-    b = np.zeros(C) if bias is None else np.asarray(bias.detach().cpu().numpy() if hasattr(bias, "detach") else bias)
+    b = np.zeros(C) if bias is None else as_numpy(bias)
     if b.shape != (C,):
         raise ValueError(f"bias: expected shape ({C},) for {C} output channels, got {b.shape}")
     if getattr(bn, "training", False):

@@ -8,7 +8,7 @@ import numpy as np
 from numba import cuda
 
 from . import _arrays as _A
-from ._arrays import device_view, is_device_array
+from ._arrays import as_numpy, device_view, is_device_array
 from ._backend import resolve_backend
 from .distributed import SyncCache, batch_norm_backward_sync, batch_norm_forward_sync, communicator
 from .functional import batch_norm_backward, batch_norm_forward, moments
@@ -56,7 +56,7 @@ class _Rows(Mapping):
         if tuple(arr.shape) != (C,):
             raise ValueError(f"{label}: expected shape ({C},) for num_features={C}, got {tuple(arr.shape)}")
         target = self[name]
-        if on_device and not hasattr(target, "copy_to_device"):
+        if on_device and not is_device_array(target):
             raise TypeError(f"{label}: a device array cannot be assigned to a layer whose state is on the host")
         _copy_into(target, arr)
 
@@ -176,7 +176,7 @@ class BatchNorm:
 
     @property
     def on_device(self) -> bool:
-        return hasattr(self._packed, "copy_to_host")
+        return is_device_array(self._packed)
 
     def to_device(self) -> "BatchNorm":
         """Move parameters, gradients and running statistics to the GPU (CUDA
@@ -289,11 +289,11 @@ class BatchNorm:
 
     def _store_grads(self, dgamma, dbeta):
         # the kernels wrote a separate buffer (other dtype or side): copy in
-        _copy_into(self._packed_grads[0], _host(dgamma))
-        _copy_into(self._packed_grads[1], _host(dbeta))
+        _copy_into(self._packed_grads[0], as_numpy(dgamma))
+        _copy_into(self._packed_grads[1], as_numpy(dbeta))
 
     def _running_snapshot(self):
-        return _host(self.running_mean).copy(), _host(self.running_var).copy(), self.num_batches_tracked
+        return as_numpy(self.running_mean).copy(), as_numpy(self.running_var).copy(), self.num_batches_tracked
 
     def _restore_running(self, mean, var, count):
         self._set_running_stats(mean, var)
@@ -318,11 +318,11 @@ class BatchNorm:
         """Plain dict of NumPy copies (and the int counter)."""
         state = {}
         if self.affine:
-            state["gamma"] = _host(self._packed[0]).copy()
-            state["beta"] = _host(self._packed[1]).copy()
+            state["gamma"] = as_numpy(self._packed[0]).copy()
+            state["beta"] = as_numpy(self._packed[1]).copy()
         if self.track_running_stats:
-            state["running_mean"] = _host(self.running_mean).copy()
-            state["running_var"] = _host(self.running_var).copy()
+            state["running_mean"] = as_numpy(self.running_mean).copy()
+            state["running_var"] = as_numpy(self.running_var).copy()
             state["num_batches_tracked"] = int(self.num_batches_tracked)
         return state
 
@@ -348,7 +348,7 @@ class BatchNorm:
             if key == "num_batches_tracked":
                 continue
             value = state[key]
-            arr = _host(value)
+            arr = as_numpy(value)
             if arr.dtype.kind != "f":
                 raise TypeError(f"state: {key} has dtype {arr.dtype}, expected floats")
             if arr.shape != (self.num_features,):
@@ -385,23 +385,12 @@ class BatchNorm:
 def _copy_into(target, values):
     """Write (C,) values into the layer's own (C,) array ``target`` (host or
     device), in place, in target's dtype (NumPy casts float32 <-> float64)."""
-    if not hasattr(target, "copy_to_device"):
+    if not is_device_array(target):
         target[...] = values
     elif is_device_array(values) and values.dtype == target.dtype:
         target.copy_to_device(values)
     else:
-        target.copy_to_device(np.ascontiguousarray(_host(values), target.dtype))
-
-
-def _host(a):
-    """A NumPy array of a host or device array, or of a torch tensor (any
-    device; bfloat16 widened to float32)."""
-    if type(a).__module__.startswith("torch"):
-        t = a.detach().cpu()
-        return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
-    if is_device_array(a):
-        return device_view(a).copy_to_host()
-    return np.asarray(a)
+        target.copy_to_device(np.ascontiguousarray(as_numpy(values), target.dtype))
 
 
 #: torch.nn.BatchNorm*d's state_dict keys that gpubn names otherwise
@@ -422,7 +411,7 @@ def _gpubn_names(state: dict, tracked: bool) -> dict:
         renamed["num_batches_tracked"] = 0
     count = renamed.get("num_batches_tracked")
     if type(count).__module__.startswith("torch"):
-        renamed["num_batches_tracked"] = _host(count)
+        renamed["num_batches_tracked"] = as_numpy(count)
     return renamed
 
 
