@@ -183,6 +183,7 @@ class _CPUCall(NamedTuple):
     perm: object  # _layout's permutation, or None
     shape: tuple  # the kernels' view's shape (channels-last permuted)
     shape3: tuple  # (outer, C, inner)
+    kernel_shape: tuple  # the plan's view of the data (``plan.kernel_shape``)
     plan: object  # kernels.plan of the call shape
     dtype: np.dtype  # of the data (int16: bfloat16 bits)
     acc: np.dtype  # of the statistics
@@ -209,7 +210,8 @@ def _cpu_call(input: Tensor) -> _CPUCall:
         # 64, 56, 56) took 2.2x as long with ``torch.empty_like`` on the 2-vCPU
         # development VM)
         empty = host_empty if arr.nbytes >= CACHE_MIN_BYTES else np.empty
-        call = _CPUCall(perm, arr.shape, info.shape3, info.plan, arr.dtype, info.acc, input.dtype, empty)
+        call = _CPUCall(perm, arr.shape, info.shape3, info.plan.kernel_shape, info.plan, arr.dtype, info.acc,
+                        input.dtype, empty)  # fmt: skip
         _CPU_CALLS[key] = call
     return call
 
@@ -218,15 +220,21 @@ class _CPUPass(NamedTuple):
     """What a CPU forward leaves for its backward."""
 
     call: _CPUCall
-    x: np.ndarray  # x's kernel view (outer, C, inner): x itself
+    x: np.ndarray  # x's kernel view (``_cpu_view``): x itself
     coef: np.ndarray  # (5, C)
     training: bool
     act: int  # kernels.activation code
 
 
 def _cpu_view(t: Tensor, call: _CPUCall) -> np.ndarray:
-    """The (outer, C, inner) NumPy view of a tensor like the call's input."""
-    return _host(t if call.perm is None else t.permute(call.perm)).reshape(call.shape3)
+    """The plan's NumPy view (``kernel_shape``) of a tensor like the call's input."""
+    a = _host(t if call.perm is None else t.permute(call.perm))
+    return a if a.shape == call.kernel_shape else a.reshape(call.kernel_shape)
+
+
+def _kernel_view(arr: np.ndarray, call: _CPUCall) -> np.ndarray:
+    """The plan's view of an output allocated in the call's shape."""
+    return arr if arr.shape == call.kernel_shape else arr.reshape(call.kernel_shape)
 
 
 def _cpu_output(arr: np.ndarray, call: _CPUCall) -> Tensor:
@@ -250,9 +258,9 @@ def _forward_cpu(input, weight, bias, running_mean, running_var, training, momen
     if training:
         rmv, rvv = (_vector(rm), _vector(rv)) if update else np.empty((2, C), acc)  # the latter: never written
         call.plan.forward_train(x, None, coef, w, b, rmv, rvv, eps, momentum if update else 0.0, update, act, None,
-                                y.reshape(call.shape3))  # fmt: skip
+                                _kernel_view(y, call))  # fmt: skip
     else:
-        call.plan.forward_eval(x, _vector(rm), _vector(rv), w, b, eps, coef, act, None, y.reshape(call.shape3))
+        call.plan.forward_eval(x, _vector(rm), _vector(rv), w, b, eps, coef, act, None, _kernel_view(y, call))
     if rounded:
         _write_back(rounded, update, running_mean, running_var, rm, rv)
     return _cpu_output(y, call), _CPUPass(call, x, coef, training, act)
@@ -266,7 +274,7 @@ def _backward_cpu(grad_output, saved: _CPUPass):
     C, acc = call.shape3[1], call.acc
     grads, bcoef = np.empty((2, C), acc), np.empty((5, C), acc)
     call.plan.backward(_cpu_view(dy, call), saved.x, None, None, saved.coef, saved.training, bcoef, grads[0],
-                       grads[1], saved.act, dx.reshape(call.shape3), None)  # fmt: skip
+                       grads[1], saved.act, _kernel_view(dx, call), None)  # fmt: skip
     return _cpu_output(dx, call), torch.from_numpy(grads[0]), torch.from_numpy(grads[1])
 
 
@@ -581,6 +589,9 @@ def batch_norm(
     return y
 
 
+_VECTOR_NAMES = ("running_mean", "running_var", "weight", "bias")
+
+
 def _check(input, running_mean, running_var, weight, bias, training):
     if not isinstance(input, Tensor):
         raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
@@ -591,19 +602,21 @@ def _check(input, running_mean, running_var, weight, bias, training):
         raise error(f"input: dtype {dtype} is not supported; expected float16, bfloat16, float32 or float64")
     if input.dim() < 2:
         raise ValueError(f"input: expected at least 2 dimensions (N, C, *), got input of size {tuple(input.shape)}")
-    C, device, given = input.shape[1], input.device, set()
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+    C, on_cpu, given = input.shape[1], input.is_cpu, set()
+    shape = (C,)
+    for name, t in zip(_VECTOR_NAMES, (running_mean, running_var, weight, bias), strict=True):
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a Tensor or None, got {type(t).__name__}")
-        if t.dim() != 1 or t.shape[0] != C:
+        if t.shape != shape:
             raise RuntimeError(f"{name}: should contain {C} elements (the channels of input), not {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise RuntimeError(f"{name}: dtype {t.dtype} is not supported; expected a floating-point tensor")
-        if t.device != device:
-            raise RuntimeError(f"{name}: on {t.device}, input on {device}; expected the same device")
-        given.add(t.dtype)
+        dtype_t = t.dtype
+        if dtype_t not in _DTYPES:
+            raise RuntimeError(f"{name}: dtype {dtype_t} is not supported; expected a floating-point tensor")
+        if not (on_cpu and t.is_cpu) and t.device != input.device:
+            raise RuntimeError(f"{name}: on {t.device}, input on {input.device}; expected the same device")
+        given.add(dtype_t)
     # torch's rule: one dtype, the input's (or float32 for half input)
     if given and (len(given) > 1 or not (dtype in given or (dtype in _HALF and torch.float32 in given))):
         raise RuntimeError(

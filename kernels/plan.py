@@ -14,7 +14,8 @@ it.  A plan holds the choices:
   elementwise pass together) or the split passes (``common.one_pass``).
 
 Every op takes the canonical views of its arrays (the backend's arrays: NumPy
-on the CPU, numba device arrays on CUDA) and writes its outputs in place:
+on the CPU, numba device arrays on CUDA; on the CPU also views already in the
+plan's ``kernel_shape``) and writes its outputs in place:
 
     forward_train(x, mask, coef, gamma, beta, rmean, rvar, eps, momentum, update, act, z, y)
     forward_eval(x, mean, var, gamma, beta, eps, coef, act, z, y)
@@ -67,17 +68,19 @@ class CPUPlan:
         fold = contiguous and not self.inner and outer * C >= common.FOLD_MIN
         self.fold = fold_factor(outer, C) if fold else 1
         self.folded = (outer // self.fold, self.fold * C)
+        #: the drivers' view of an array: (outer, C) where inner == 1 (the
+        #: compiler then knows the channels are contiguous), else (outer, C, inner)
+        self.kernel_shape = shape3 if self.inner else (outer, C)
 
     def _views(self, *arrays) -> list:
-        """The kernels' views of (outer, C, inner) arrays (None stays None):
-        (outer, C) where inner == 1 (the compiler then knows the channels are
-        contiguous), float16 as its bits."""
+        """The drivers' views of (outer, C, inner) arrays, or of arrays
+        already in ``kernel_shape`` (None stays None); float16 as its bits."""
         views = []
         for a in arrays:
             if a is not None:
                 if self.half and a.dtype == np.float16:
                     a = a.view(np.uint16)
-                if not self.inner:
+                if a.ndim == 3 and not self.inner:
                     a = a[:, :, 0]
             views.append(a)
         return views
