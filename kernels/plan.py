@@ -71,10 +71,13 @@ class CPUPlan:
         #: the drivers' view of an array: (outer, C) where inner == 1 (the
         #: compiler then knows the channels are contiguous), else (outer, C, inner)
         self.kernel_shape = shape3 if self.inner else (outer, C)
+        self.count = float(outer * inner)  # values per channel without a mask
 
     def _views(self, *arrays) -> list:
         """The drivers' views of (outer, C, inner) arrays, or of arrays
-        already in ``kernel_shape`` (None stays None); float16 as its bits."""
+        already in ``kernel_shape`` (None stays None); float16 as its bits.
+        The arrays of one call are all of one kind: the first one's tells
+        (``_direct``) whether any needs a view."""
         views = []
         for a in arrays:
             if a is not None:
@@ -85,8 +88,13 @@ class CPUPlan:
             views.append(a)
         return views
 
+    def _direct(self, a) -> bool:
+        """Whether the arrays of a call whose first one is ``a`` are the drivers' views already."""
+        return not self.half and a.ndim == len(self.kernel_shape)
+
     def forward_train(self, x, mask, coef, gamma, beta, rmean, rvar, eps, momentum, update, act, z, y):
-        x, z, y = self._views(x, z, y)
+        if not self._direct(x):
+            x, z, y = self._views(x, z, y)
         if self.inner:
             m = None if mask is None else mask.view
             self._train(x, m, coef, gamma, beta, rmean, rvar, eps, momentum, update, TOKENS[act], z, y)
@@ -96,13 +104,14 @@ class CPUPlan:
         self._train(x, xf, rows, coef, gamma, beta, rmean, rvar, eps, momentum, update, TOKENS[act], z, y)
 
     def forward_eval(self, x, mean, var, gamma, beta, eps, coef, act, z, y):
-        x, z, y = self._views(x, z, y)
+        if not self._direct(x):
+            x, z, y = self._views(x, z, y)
         self._eval(x, mean, var, gamma, beta, eps, coef, TOKENS[act], z, y)
 
     def backward(self, dy, x, z, mask, coef, training, bcoef, dgamma, dbeta, act, dx, dz):
-        outer, C, inner = self.shape3
-        n = float(outer * inner if mask is None else mask.count)
-        dy, x, z, dx, dz = self._views(dy, x, z, dx, dz)
+        n = self.count if mask is None else float(mask.count)
+        if not self._direct(dy):
+            dy, x, z, dx, dz = self._views(dy, x, z, dx, dz)
         if self.inner:
             m = None if mask is None else mask.view
             self._backward(dy, x, z, m, coef, training, n, bcoef, dgamma, dbeta, TOKENS[act], dx, dz)
