@@ -111,6 +111,37 @@ def test_folded_rows(rng, dtype):
     np.testing.assert_allclose(dbeta, edb, atol=atol * np.sqrt(4096) * 4, rtol=rtol)
 
 
+@pytest.mark.parametrize("shape3", [(33, 5, 1), (4, 3, 35)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_takes_either_view(rng, shape3, dtype):
+    """A CPU plan given canonical (outer, C, inner) views, or views already in
+    its ``kernel_shape`` (gpubn.torch's), computes the same bits; both match
+    the float64 reference."""
+    from gpubn.kernels.plan import plan_for
+
+    plan = plan_for("cpu", shape3, np.dtype(dtype))
+    C, acc = shape3[1], np.float64 if dtype == np.float64 else np.float32
+    x, dy = make(rng, shape3, dtype), rng.standard_normal(shape3).astype(dtype)
+    results = []
+    for view in (lambda a: a, lambda a: a.reshape(plan.kernel_shape)):
+        y, dx = np.empty(shape3, dtype), np.empty(shape3, dtype)
+        coef, bcoef, grads = np.empty((5, C), acc), np.empty((5, C), acc), np.empty((2, C), acc)
+        ones, zeros, unused = np.ones(C, acc), np.zeros(C, acc), np.empty((2, C), acc)
+        plan.forward_train(view(x), None, coef, ones, zeros, *unused, 1e-5, 0.0, False, 0, None, view(y))
+        plan.backward(view(dy), view(x), None, None, coef, True, bcoef, grads[0], grads[1], 0, view(dx), None)
+        results.append((y, dx, grads))
+    for a, b in zip(results[0], results[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    y, dx, (dgamma, dbeta) = results[0]
+    np.testing.assert_allclose(y.astype(np.float64), forward(x, None, None, 1)[0], **tol(dtype))
+    edx, edg, edb = backward(dy, x, None, 1)
+    np.testing.assert_allclose(dx.astype(np.float64), edx, **grad_tol(dtype))
+    atol, rtol = tol(dtype).values()
+    n = shape3[0] * shape3[2]
+    np.testing.assert_allclose(dgamma, edg, atol=atol * np.sqrt(n) * 4, rtol=rtol)
+    np.testing.assert_allclose(dbeta, edb, atol=atol * np.sqrt(n) * 4, rtol=rtol)
+
+
 @pytest.mark.parametrize("shape", EDGE_SIZES)
 def test_edge_sizes(backend, rng, shape):
     x = make(rng, shape, np.float32)
