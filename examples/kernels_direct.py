@@ -61,6 +61,8 @@ def main(argv=None):
         d_rm, d_rv = cuda.to_device(running_mean), cuda.to_device(running_var)
         # the statistics kernel: grid (C, splits), block (TX, TY); each block
         # reduces one slice of one channel, the last block of a channel finalizes
+        # (channels-contiguous views, inner == 1: a block per tile of channels,
+        # and inner_splits None)
         kernel, grid, block, inner_splits, splits, columns = K.stats_launch_config(x3.shape)
         work = cuda.device_array((3, splits, C), np.float64)  # partial count/mean/M2
         counter = cuda.to_device(np.zeros(columns, np.int32))  # blocks done per channel

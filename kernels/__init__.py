@@ -24,8 +24,7 @@ from .backward import (
     backward_channels_cpu,
     backward_inner_cpu,
     backward_sums_channels_cpu,
-    backward_sums_cuda_channels,
-    backward_sums_cuda_inner,
+    backward_sums_cuda,
     backward_sums_inner_cpu,
     input_grad_channels_cpu,
     input_grad_cuda_channels,
@@ -65,8 +64,7 @@ from .normalize import (
 from .plan import CPUPlan, CUDAPlan, Mask, plan_for
 from .rows import BIAS, INVSTD, MEAN, SCALE, VAR
 from .stats import (
-    batch_stats_cuda_channels,
-    batch_stats_cuda_inner,
+    batch_stats_cuda,
     channel_moments_channels_cpu,
     channel_moments_cpu,
     channel_moments_inner_cpu,
@@ -76,3 +74,9 @@ from .stats import (
     moments_inner_cpu,
     stats_launch_config,
 )
+
+#: The earlier names of the reduction kernels, one per access regime, now one
+#: kernel each (``common.reduction_slot``); the channels regime passes
+#: ``inner_splits=None`` (before ``act``, or ``dx``) where it passed nothing.
+batch_stats_cuda_inner = batch_stats_cuda_channels = batch_stats_cuda
+backward_sums_cuda_inner = backward_sums_cuda_channels = backward_sums_cuda

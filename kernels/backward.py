@@ -49,7 +49,6 @@ from .common import (
     JIT,
     JIT_STREAM,
     MAX_THREADS,
-    block_slice,
     block_sum2,
     channel_parts,
     coherent,
@@ -59,11 +58,11 @@ from .common import (
     last_block,
     launches,
     part_of,
+    reduction_slot,
     repeat_groups,
     row_blocks,
     sum_parts,
     task_channels,
-    tile_rows,
     twin,
 )
 from .half import compute_dtype, narrow, widen
@@ -342,17 +341,18 @@ def backward_channels_cpu(dy, x, z, dyf, xf, zf, rows, coef, training, n, bcoef,
     finish_backward_cpu(sums, n, coef, training, bcoef, dgamma, dbeta)
     input_grad_channels_cpu(dy, x, rows, bcoef, dx, act, z, dz)
 
-    # ----------------------------------------------------------------------------
-    # CUDA kernels
+
+# ----------------------------------------------------------------------------
+# CUDA kernels
 
 
 @gpu_kernel(whole_warps=True)
-def backward_sums_cuda_inner(
+def backward_sums_cuda(
     dy,  # (outer, C, inner) upstream gradient
     x,  # (outer, C, inner) forward input
     coef,  # (5, C) forward constants (MEAN, VAR, INVSTD, SCALE, BIAS)
     work,  # (2, splits, C) float64 partial sums
-    counter,  # (C,) int32 blocks finished per channel; zero between launches
+    counter,  # (columns,) int32 blocks finished per column of blocks; zero between launches
     bcoef,  # (5, C) out: MEAN, A, B, K, BIAS
     dgamma,  # (C,) out
     dbeta,  # (C,) out
@@ -361,110 +361,51 @@ def backward_sums_cuda_inner(
     act,  # None, or an ACTIVATIONS code: dy is the gradient w.r.t. g(v)
     z,  # None, or (outer, C, inner) the forward's residual (with act)
     mask,  # None, or (outer, inner) bool: only True positions are summed
-    inner_splits,  # splits along inner; gridDim.y = outer splits * inner_splits
-    dx,  # None, or (outer, C, inner) out (one block per channel only: gridDim.y == 1)
+    inner_splits,  # int: splits along inner (inner > 1), or None: channels contiguous (inner == 1)
+    dx,  # None, or (outer, C, inner) out (one block per column only: gridDim.y == 1)
     dz,  # None, or (outer, C, inner) out: dv, the residual's gradient (with dx and act)
 ):
-    """Grid (C, splits), block (TX, TY), the same slicing as batch_stats_cuda_inner."""
+    """Grid (columns, splits), block (TX, TY), the slices of batch_stats_cuda
+    (``common.reduction_slot``)."""
     outer, C, inner = x.shape
     acc = coef.dtype.type  # float32, or float64 for float64 input
-    tx, ty, TX, TY = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
-    c, s, t = cuda.blockIdx.x, cuda.blockIdx.y, ty * TX + tx
-    o0, o1, i0, i1 = block_slice(outer, inner, s, inner_splits)
-    m = coef[MEAN, c]
-    sc = coef[SCALE, c]
-    b = coef[BIAS, c]
-    s1 = acc(0)
-    s2 = acc(0)
-    for o in range(o0 + ty, o1, TY):
-        for i in range(i0 + tx, i1, TX):
-            if mask is None or mask[o, i]:
-                g, d = dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act)
-                s1 += g
-                s2 += g * d
-
-    a1 = cuda.shared.array(MAX_THREADS, numba.float64)
-    a2 = cuda.shared.array(MAX_THREADS, numba.float64)
-    flag = cuda.shared.array(1, numba.int32)
-    block_sum2(a1, a2, s1, s2, t, TX * TY, 1)
-    if t == 0:
-        work[0, s, c] = a1[0]
-        work[1, s, c] = a2[0]
-
-    splits = cuda.gridDim.y
-    if last_block(counter, c, splits, flag):
-        t1, t2 = 0.0, 0.0
-        for j in range(t, splits, TX * TY):
-            t1 += coherent(work, 0, j, c)
-            t2 += coherent(work, 1, j, c)
-        block_sum2(a1, a2, t1, t2, t, TX * TY, 1)
-        if t == 0:
-            finish_backward_channel_cuda(c, n, a1[0], a2[0], coef, training, bcoef, dgamma, dbeta)
-        if dx is not None:  # the block owns channel c: the input gradient, from L1/L2
-            cuda.syncthreads()  # bcoef[:, c] written
-            bx, kc = bcoef[B_X, c], bcoef[B_CONST, c]
-            for o in range(ty, outer, TY):
-                for i in range(tx, inner, TX):
-                    input_grad_at(dy, x, z, mask, o, c, i, coef, m, sc, b, bx, kc, act, dx, dz)
-
-
-@gpu_kernel(whole_warps=True)
-def backward_sums_cuda_channels(
-    dy,  # (outer, C, 1) upstream gradient, channels contiguous
-    x,  # (outer, C, 1) forward input
-    coef,  # (5, C) forward constants
-    work,  # (2, splits, C) float64 partial sums
-    counter,  # (ceil(C / TX),) int32 blocks finished per channel tile
-    bcoef,  # (5, C) out: MEAN, A, B, K, BIAS
-    dgamma,  # (C,) out
-    dbeta,  # (C,) out
-    training,  # bool
-    n,  # float: values per channel the statistics came from
-    act,  # None, or an ACTIVATIONS code
-    z,  # None, or (outer, C, 1) the forward's residual (with act)
-    mask,  # None, or (outer, 1) bool: only True rows are summed
-    dx,  # None, or (outer, C, 1) out (one block per tile only: gridDim.y == 1)
-    dz,  # None, or (outer, C, 1) out: dv (with dx and act)
-):
-    """Grid (ceil(C / TX), splits), block (TX, TY), as batch_stats_cuda_channels."""
-    outer, C, _ = x.shape
-    acc = coef.dtype.type  # float32, or float64 for float64 input
-    c, t, o0, o1 = tile_rows(outer)  # thread t < TX: the block's row ty == 0, tx == t
-    s, splits, ty, TX, TY = cuda.blockIdx.y, cuda.gridDim.y, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    ty, TX, TY = cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    s, splits, t, threads = cuda.blockIdx.y, cuda.gridDim.y, ty * TX + cuda.threadIdx.x, TX * TY
+    c, width, o0, o1, i0, i1, ix, di = reduction_slot(outer, inner, inner_splits)
     s1 = s2 = m = sc = b = acc(0)
     if c < C:
-        m = coef[MEAN, c]
-        sc = coef[SCALE, c]
-        b = coef[BIAS, c]
+        m, sc, b = coef[MEAN, c], coef[SCALE, c], coef[BIAS, c]
         for o in range(o0 + ty, o1, TY):
-            if mask is None or mask[o, 0]:
-                g, d = dv_cuda(dy, x, z, o, c, 0, coef, m, sc, b, act)
-                s1 += g
-                s2 += g * d
+            for i in range(i0 + ix, i1, di):
+                if mask is None or mask[o, i]:
+                    g, d = dv_cuda(dy, x, z, o, c, i, coef, m, sc, b, act)
+                    s1 += g
+                    s2 += g * d
 
     a1 = cuda.shared.array(MAX_THREADS, numba.float64)
     a2 = cuda.shared.array(MAX_THREADS, numba.float64)
     flag = cuda.shared.array(1, numba.int32)
-    block_sum2(a1, a2, s1, s2, t, TX * TY, TX)
-    if t < TX and c < C:
+    block_sum2(a1, a2, s1, s2, t, threads, width)
+    if t < width and c < C:  # thread t < width: row ty == 0, channel t of the block
         work[0, s, c] = a1[t]
         work[1, s, c] = a2[t]
 
     if last_block(counter, cuda.blockIdx.x, splits, flag):
-        t1, t2 = 0.0, 0.0
+        t1, t2 = 0.0, 0.0  # the partials of channel c, a stride of them per thread
         if c < C:
-            for j in range(ty, splits, TY):
+            for j in range(t // width, splits, threads // width):
                 t1 += coherent(work, 0, j, c)
                 t2 += coherent(work, 1, j, c)
-        block_sum2(a1, a2, t1, t2, t, TX * TY, TX)
-        if t < TX and c < C:
+        block_sum2(a1, a2, t1, t2, t, threads, width)
+        if t < width and c < C:
             finish_backward_channel_cuda(c, n, a1[t], a2[t], coef, training, bcoef, dgamma, dbeta)
-        if dx is not None:  # the block owns its channels: the input gradient, from L1/L2
+        if dx is not None:  # one block per column: its slice is the whole channel, re-read from L1/L2
             cuda.syncthreads()  # bcoef[:, c] written
             if c < C:
                 bx, kc = bcoef[B_X, c], bcoef[B_CONST, c]
-                for o in range(ty, outer, TY):
-                    input_grad_at(dy, x, z, mask, o, c, 0, coef, m, sc, b, bx, kc, act, dx, dz)
+                for o in range(o0 + ty, o1, TY):
+                    for i in range(i0 + ix, i1, di):
+                        input_grad_at(dy, x, z, mask, o, c, i, coef, m, sc, b, bx, kc, act, dx, dz)
 
 
 @gpu_kernel
@@ -563,11 +504,8 @@ def launch_backward_cuda(
     counter = workspace("backward.counter", (columns,), np.int32, zero=True, stream=stream, scratch=scratch)
     n = float(outer * inner if mask is None else count)
     mask = mask if training else None
-    args = [dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), n, act, z, mask]
-    if inner_splits is not None:
-        args.append(inner_splits)
+    args = (dy, x, coef, work, counter, bcoef, dgamma, dbeta, bool(training), n, act, z, mask, inner_splits)
     tail = (dx, dz) if launch.one_launch else (None, None)  # a block per channel: it writes dx too
-    kernel = backward_sums_cuda_inner if inner_splits is not None else backward_sums_cuda_channels
-    kernel[grid, block, stream](*args, *tail)
+    backward_sums_cuda[grid, block, stream](*args, *tail)
     if not launch.one_launch:
         launch_input_grad_cuda(dy, x, bcoef, dx, mask, act, z, dz, stream, launch)

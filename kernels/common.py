@@ -616,17 +616,28 @@ def block_slice(outer, inner, s, inner_splits):
 
 
 @cuda.jit(device=True)
-def tile_rows(outer):
-    """(c, t, o0, o1) of this thread of a channels-regime reduction (inner ==
-    1): grid (columns, splits), block (TX, TY); block (tile, s) covers channels
-    tile * TX ... tile * TX + TX - 1 over the s-th slice [o0, o1) of the rows;
-    thread (tx, ty), number t in its block, walks channel c = tile * TX + tx."""
-    TX = cuda.blockDim.x
-    splits = cuda.gridDim.y
-    rows = (outer + splits - 1) // splits
-    o0 = cuda.blockIdx.y * rows
-    c = cuda.blockIdx.x * TX + cuda.threadIdx.x
-    return c, cuda.threadIdx.y * TX + cuda.threadIdx.x, o0, min(outer, o0 + rows)
+def reduction_slot(outer, inner, inner_splits):
+    """Where this thread of a split reduction works, on grid (columns, splits)
+    and block (TX, TY) over the view (outer, C, inner): (c, width, o0, o1, i0,
+    i1, ix, di).  Thread (tx, ty) walks channel c over the rows o0 + ty, o0 +
+    ty + TY, ... < o1 and, in each, the positions i0 + ix, i0 + ix + di, ...
+    < i1; a block reduces ``width`` channels (thread t holds a partial of its
+    t % width-th: ``block_sum2``, ``block_merge``).
+
+    ``inner_splits`` an int (inner > 1): block (c, s) owns slice s of channel
+    c (``block_slice``), its TX * TY threads walk the slice's rows and inner
+    positions (width 1).  None (inner == 1, channels contiguous): block
+    (tile, s) covers channels tile * TX ... tile * TX + TX - 1 over the s-th
+    slice of the rows, thread tx walks channel tile * TX + tx (width TX; c may
+    be past C in the last tile).  ``inner_splits is None`` is decided when the
+    kernel is compiled: one source, one specialization per access regime.
+    """
+    TX, tx = cuda.blockDim.x, cuda.threadIdx.x
+    if inner_splits is None:
+        o0, o1, _, _ = block_slice(outer, 1, cuda.blockIdx.y, 1)
+        return cuda.blockIdx.x * TX + tx, TX, o0, o1, 0, 1, 0, 1
+    o0, o1, i0, i1 = block_slice(outer, inner, cuda.blockIdx.y, inner_splits)
+    return cuda.blockIdx.x, 1, o0, o1, i0, i1, tx, TX
 
 
 @cuda.jit(device=True)

@@ -34,10 +34,10 @@ warp shuffles, then across warps), every block writes its partial triple to a
 workspace, and the last block of a channel column to finish (threadfence +
 atomic ticket) merges the partials and finalizes.  Where a channel fits one
 block (``common.one_pass``: splits == 1) the same block then writes y from
-L1/L2: one launch for the whole training forward.  Two kernels, one per access
-regime of the view: ``batch_stats_cuda_inner`` (inner > 1: threads walk the
-contiguous inner axis) and ``batch_stats_cuda_channels`` (inner == 1: threads
-walk channels).
+L1/L2: one launch for the whole training forward.  One kernel,
+``batch_stats_cuda``, compiled once per access regime of the view
+(``common.reduction_slot``): inner > 1, threads walk the contiguous inner axis
+of one channel; inner == 1, a block's threads walk a tile of contiguous channels.
 
 One algorithm on both backends, split or one launch: sums of deviations from a
 value of the data (the CPU's center, the GPU's shift), pieces merged by Chan's
@@ -71,7 +71,6 @@ from .common import (
     MAX_THREADS,
     PARALLEL_MIN_ELEMENTS,
     block_merge,
-    block_slice,
     chan_merge,
     channel_parts,
     coherent,
@@ -86,12 +85,12 @@ from .common import (
     merge_moments,
     merge_rows,
     reduction_config,
+    reduction_slot,
     repeat_groups,
     row_blocks,
     shifted_add,
     shifted_to_moments,
     task_channels,
-    tile_rows,
     twin,
 )
 from .half import compute_dtype, widen
@@ -384,12 +383,12 @@ def finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, 
 
 
 @gpu_kernel(whole_warps=True)
-def batch_stats_cuda_inner(
+def batch_stats_cuda(
     x,  # (outer, C, inner) input, float16/32/64
     mask,  # None, or (outer, inner) bool: only True positions count
     origin,  # int: flat (o * inner + i) position of the first counted value (0 without a mask)
     work,  # (3, splits, C) float64 partial count/mean/M2 (a float32 mean at 1e6 loses 0.03)
-    counter,  # (C,) int32 blocks finished per channel; zero between launches
+    counter,  # (columns,) int32 blocks finished per column of blocks; zero between launches
     coef,  # (5, C) out: MEAN, VAR, INVSTD, SCALE, BIAS
     gamma,  # (C,) scale
     beta,  # (C,) shift
@@ -398,146 +397,74 @@ def batch_stats_cuda_inner(
     eps,  # float
     momentum,  # float, weight of this batch in the running statistics
     update,  # bool
-    inner_splits,  # splits along inner; gridDim.y = outer splits * inner_splits
+    inner_splits,  # int: splits along inner (inner > 1), or None: channels contiguous (inner == 1)
     act,  # int: an ACTIVATIONS code (0: none), with y
     z,  # None, or (outer, C, inner) residual added before the activation, with y
-    y,  # None, or (outer, C, inner) out (one block per channel only: gridDim.y == 1)
+    y,  # None, or (outer, C, inner) out (one block per column only: gridDim.y == 1)
 ):
-    """Grid (C, splits), block (TX, TY): block (c, s) reduces one slice of channel c."""
+    """Grid (columns, splits), block (TX, TY): block (column, s) reduces the
+    s-th slice of its channels (``common.reduction_slot``: one channel when
+    inner > 1, a tile of TX contiguous channels when inner == 1)."""
     outer, C, inner = x.shape
     acc = coef.dtype.type  # float32, or float64 for float64 input
-    tx, ty, TX, TY = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
-    c, s, t = cuda.blockIdx.x, cuda.blockIdx.y, ty * TX + tx
-    o0, o1, i0, i1 = block_slice(outer, inner, s, inner_splits)
+    ty, TX, TY = cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    s, splits, t, threads = cuda.blockIdx.y, cuda.gridDim.y, ty * TX + cuda.threadIdx.x, TX * TY
+    c, width, o0, o1, i0, i1, ix, di = reduction_slot(outer, inner, inner_splits)
 
     # per thread: values shifted by the thread's first value (large offsets
     # exact), summed around the running mean in chunks of SHIFT_CHUNK, one
     # Chan fold per chunk (no division per value; fold_chunk).  Partial means
     # are then taken relative to the channel's first value (float64), so
     # merges never round an absolute mean at the data's offset.
-    ob = origin // inner
-    base = numba.float64(x[ob, c, origin - ob * inner])  # a counted value
-    one = acc(1)
-    n = acc(0)
-    mean = acc(0)
-    m2 = acc(0)
-    k = acc(0)
-    s1 = acc(0)
-    s2 = acc(0)
-    cnt = acc(0)
-    shift = acc(base)
-    if o0 + ty < o1 and i0 + tx < i1 and (mask is None or mask[o0 + ty, i0 + tx]):
-        shift = acc(x[o0 + ty, c, i0 + tx])
-    for o in range(o0 + ty, o1, TY):
-        for i in range(i0 + tx, i1, TX):
-            if mask is None or mask[o, i]:
-                n, mean, m2, k, s1, s2, cnt = shifted_add(acc(x[o, c, i]) - shift, n, mean, m2, k, s1, s2, cnt, one)
-    n, mean, m2 = fold_chunk(n, mean, m2, cnt, k, s1, s2, one)
-
-    sn = cuda.shared.array(MAX_THREADS, numba.float64)
-    sm = cuda.shared.array(MAX_THREADS, numba.float64)
-    sq = cuda.shared.array(MAX_THREADS, numba.float64)
-    flag = cuda.shared.array(1, numba.int32)
-    block_merge(sn, sm, sq, n, (numba.float64(shift) - base) + numba.float64(mean), m2, t, TX * TY, 1)
-    if t == 0:
-        work[0, s, c] = sn[0]
-        work[1, s, c] = sm[0]
-        work[2, s, c] = sq[0]
-
-    splits = cuda.gridDim.y
-    if last_block(counter, c, splits, flag):
-        n2, m2, q2 = 0.0, 0.0, 0.0
-        for j in range(t, splits, TX * TY):
-            n2, m2, q2 = chan_merge(
-                n2, m2, q2, coherent(work, 0, j, c), coherent(work, 1, j, c), coherent(work, 2, j, c)
-            )
-        block_merge(sn, sm, sq, n2, m2, q2, t, TX * TY, 1)
-        if t == 0:
-            finish_channel_cuda(c, sn[0], base + sm[0], sq[0], coef, gamma, beta, rmean, rvar, eps, momentum, update)
-        if y is not None:  # the block owns channel c: the elementwise pass, from L1/L2
-            cuda.syncthreads()  # coef[:, c] written
-            m, sc, b = coef[MEAN, c], coef[SCALE, c], coef[BIAS, c]
-            for o in range(ty, outer, TY):
-                for i in range(tx, inner, TX):
-                    forward_at(x, z, o, c, i, m, sc, b, act, y)
-
-
-@gpu_kernel(whole_warps=True)
-def batch_stats_cuda_channels(
-    x,  # (outer, C, 1) input, channels contiguous
-    mask,  # None, or (outer, 1) bool: only True rows count
-    origin,  # int: the first counted row (0 without a mask)
-    work,  # (3, splits, C) float64 partial count/mean/M2 (a float32 mean at 1e6 loses 0.03)
-    counter,  # (ceil(C / TX),) int32 blocks finished per channel tile
-    coef,  # (5, C) out: MEAN, VAR, INVSTD, SCALE, BIAS
-    gamma,  # (C,)
-    beta,  # (C,)
-    rmean,  # (C,) running mean
-    rvar,  # (C,) running variance
-    eps,  # float
-    momentum,  # float
-    update,  # bool
-    act,  # int: an ACTIVATIONS code (0: none), with y
-    z,  # None, or (outer, C, 1) residual, with y
-    y,  # None, or (outer, C, 1) out (one block per tile only: gridDim.y == 1)
-):
-    """Grid (ceil(C / TX), splits), block (TX, TY): thread (tx, ty) of block
-    (tile, s) walks channel tile*TX + tx over rows s*rows + ty, step TY."""
-    outer, C, _ = x.shape
-    acc = coef.dtype.type  # float32, or float64 for float64 input
-    c, t, o0, o1 = tile_rows(outer)  # thread t < TX: the block's row ty == 0, tx == t
-    s, splits, ty, TX, TY = cuda.blockIdx.y, cuda.gridDim.y, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
-
     one, n, mean, m2, shift = acc(1), acc(0), acc(0), acc(0), acc(0)
-    base = 0.0  # the channel's first value: partial means are relative to it
+    base = 0.0
     if c < C:
-        base = numba.float64(x[origin, c, 0])  # a counted value
+        ob = origin // inner
+        base = numba.float64(x[ob, c, origin - ob * inner])  # a counted value
         shift = acc(base)
-        if o0 + ty < o1 and (mask is None or mask[o0 + ty, 0]):
-            shift = acc(x[o0 + ty, c, 0])
-        k = acc(0)  # the shifted sums of batch_stats_cuda_inner
-        s1 = acc(0)
-        s2 = acc(0)
-        cnt = acc(0)
+        if o0 + ty < o1 and i0 + ix < i1 and (mask is None or mask[o0 + ty, i0 + ix]):
+            shift = acc(x[o0 + ty, c, i0 + ix])
+        k, s1, s2, cnt = acc(0), acc(0), acc(0), acc(0)
         for o in range(o0 + ty, o1, TY):
-            if mask is None or mask[o, 0]:
-                n, mean, m2, k, s1, s2, cnt = shifted_add(acc(x[o, c, 0]) - shift, n, mean, m2, k, s1, s2, cnt, one)
+            for i in range(i0 + ix, i1, di):
+                if mask is None or mask[o, i]:
+                    n, mean, m2, k, s1, s2, cnt = shifted_add(acc(x[o, c, i]) - shift, n, mean, m2, k, s1, s2, cnt, one)
         n, mean, m2 = fold_chunk(n, mean, m2, cnt, k, s1, s2, one)
 
     sn = cuda.shared.array(MAX_THREADS, numba.float64)
     sm = cuda.shared.array(MAX_THREADS, numba.float64)
     sq = cuda.shared.array(MAX_THREADS, numba.float64)
     flag = cuda.shared.array(1, numba.int32)
-    block_merge(sn, sm, sq, n, (numba.float64(shift) - base) + numba.float64(mean), m2, t, TX * TY, TX)
-    if t < TX and c < C:
+    block_merge(sn, sm, sq, n, (numba.float64(shift) - base) + numba.float64(mean), m2, t, threads, width)
+    if t < width and c < C:  # thread t < width: row ty == 0, channel t of the block
         work[0, s, c] = sn[t]
         work[1, s, c] = sm[t]
         work[2, s, c] = sq[t]
 
     if last_block(counter, cuda.blockIdx.x, splits, flag):
-        n2, m2, q2 = 0.0, 0.0, 0.0
+        pn, pm, pq = 0.0, 0.0, 0.0  # the partials of channel c, a stride of them per thread
         if c < C:
-            for j in range(ty, splits, TY):
-                n2, m2, q2 = chan_merge(
-                    n2, m2, q2, coherent(work, 0, j, c), coherent(work, 1, j, c), coherent(work, 2, j, c)
+            for j in range(t // width, splits, threads // width):
+                pn, pm, pq = chan_merge(
+                    pn, pm, pq, coherent(work, 0, j, c), coherent(work, 1, j, c), coherent(work, 2, j, c)
                 )
-        block_merge(sn, sm, sq, n2, m2, q2, t, TX * TY, TX)
-        if t < TX and c < C:
+        block_merge(sn, sm, sq, pn, pm, pq, t, threads, width)
+        if t < width and c < C:
             finish_channel_cuda(c, sn[t], base + sm[t], sq[t], coef, gamma, beta, rmean, rvar, eps, momentum, update)
-        if y is not None:  # the block owns its channels: the elementwise pass, from L1/L2
+        if y is not None:  # one block per column: its slice is the whole channel, re-read from L1/L2
             cuda.syncthreads()  # coef[:, c] written
             if c < C:
                 m, sc, b = coef[MEAN, c], coef[SCALE, c], coef[BIAS, c]
-                for o in range(ty, outer, TY):
-                    forward_at(x, z, o, c, 0, m, sc, b, act, y)
+                for o in range(o0 + ty, o1, TY):
+                    for i in range(i0 + ix, i1, di):
+                        forward_at(x, z, o, c, i, m, sc, b, act, y)
 
 
 def stats_launch_config(shape, one_launch=False):
     """(kernel, grid, block, inner_splits or None, splits, columns) for a view shape
-    (``common.reduction_config``, with the statistics kernel of its regime)."""
+    (``common.reduction_config``; the kernel is ``batch_stats_cuda`` in either regime)."""
     cfg = reduction_config(shape, one_launch)
-    kernel = batch_stats_cuda_inner if cfg.regime == "inner" else batch_stats_cuda_channels
-    return kernel, cfg.grid, cfg.block, cfg.inner_splits, cfg.splits, cfg.columns
+    return batch_stats_cuda, cfg.grid, cfg.block, cfg.inner_splits, cfg.splits, cfg.columns
 
 
 def launch_stats_cuda(
@@ -568,13 +495,10 @@ def launch_stats_cuda(
     acc = gamma.dtype
     launch = launch or launches(x.shape)
     regime, grid, block, inner_splits, splits, columns = launch.reduce
-    kernel = batch_stats_cuda_inner if regime == "inner" else batch_stats_cuda_channels
     C = x.shape[1]
     work = workspace("stats.work", (3, splits, C), np.float64, stream=stream, scratch=scratch)
     counter = workspace("stats.counter", (columns,), np.int32, zero=True, stream=stream, scratch=scratch)
-    args = [x, mask, int(origin), work, counter, coef, gamma, beta, rmean, rvar]
-    args += [acc.type(eps), acc.type(momentum), bool(update)]
-    if inner_splits is not None:
-        args.append(inner_splits)
+    args = (x, mask, int(origin), work, counter, coef, gamma, beta, rmean, rvar)
     z, y = (z, y) if launch.one_launch else (None, None)
-    kernel[grid, block, stream](*args, int(act), z, y)
+    batch_stats_cuda[grid, block, stream](*args, acc.type(eps), acc.type(momentum), bool(update), inner_splits,
+                                          int(act), z, y)  # fmt: skip

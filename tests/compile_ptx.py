@@ -23,20 +23,10 @@ import types as pytypes
 import numpy as np
 
 #: kernels whose block reductions run on warp shuffles (common.block_sum2 / block_merge)
-WARP_SHUFFLES = {
-    "batch_stats_cuda_inner",
-    "batch_stats_cuda_channels",
-    "backward_sums_cuda_inner",
-    "backward_sums_cuda_channels",
-}
+WARP_SHUFFLES = {"batch_stats_cuda", "backward_sums_cuda"}
 
 #: kernels whose last block merges the other blocks' partials (common.last_block)
-LAST_BLOCK = {
-    "batch_stats_cuda_inner",
-    "batch_stats_cuda_channels",
-    "backward_sums_cuda_inner",
-    "backward_sums_cuda_channels",
-}
+LAST_BLOCK = {"batch_stats_cuda", "backward_sums_cuda"}
 
 
 def fenced_ticket(ptx) -> bool:
@@ -174,18 +164,20 @@ def main():
         # batch norm) and all given (mask, activation code, residual / its gradient)
         MASK, ACT, Z = [types.boolean[:, ::1]], [types.int64], [x3]
         stats = (MASK, i64, w3, i32, m2, v, v, v, v, acc, acc, flag)
-        signatures = {
-            K.batch_stats_cuda_inner: (x3, *stats, i64, i64, Z, Z),
-            K.batch_stats_cuda_channels: (strided, *stats, i64, Z, Z),
-            K.affine_coefficients_cuda: (v, v, v, v, acc, m2),
-            K.scale_shift_cuda_inner: (x3, Z, m2, i64, x3),
-            K.scale_shift_cuda_channels: (strided, Z, m2, i64, x3),
-            K.backward_sums_cuda_inner: (x3, x3, m2, w3, i32, m2, v, v, flag, f64, ACT, Z, MASK, i64, Z, Z),
-            K.backward_sums_cuda_channels: (strided, x3, m2, w3, i32, m2, v, v, flag, f64, ACT, Z, MASK, Z, Z),
-            K.input_grad_cuda_inner: (x3, x3, MASK, m2, x3, ACT, Z, Z),
-            K.input_grad_cuda_channels: (x3, strided, MASK, m2, x3, ACT, Z, Z),
-        }
-        for kernel, sig in signatures.items():
+        sums = (m2, w3, i32, m2, v, v, flag, f64, ACT, Z, MASK)
+        none = types.none  # inner_splits of the channels regime (inner == 1)
+        signatures = [  # the reductions once per access regime: inner_splits an int (inner > 1) or None
+            (K.batch_stats_cuda, (x3, *stats, i64, i64, Z, Z)),
+            (K.batch_stats_cuda, (strided, *stats, none, i64, Z, Z)),
+            (K.affine_coefficients_cuda, (v, v, v, v, acc, m2)),
+            (K.scale_shift_cuda_inner, (x3, Z, m2, i64, x3)),
+            (K.scale_shift_cuda_channels, (strided, Z, m2, i64, x3)),
+            (K.backward_sums_cuda, (x3, x3, *sums, i64, Z, Z)),
+            (K.backward_sums_cuda, (strided, x3, *sums, none, Z, Z)),
+            (K.input_grad_cuda_inner, (x3, x3, MASK, m2, x3, ACT, Z, Z)),
+            (K.input_grad_cuda_channels, (x3, strided, MASK, m2, x3, ACT, Z, Z)),
+        ]
+        for kernel, sig in signatures:
             sizes = []
             variants = (True, False) if any(isinstance(t, list) for t in sig) else (False,)
             for plain in variants:

@@ -40,7 +40,7 @@ def test_kernels_direct_cuda():
     from conftest import SIM
 
     out = run("kernels_direct.py", "--backend", "cuda", sim=SIM)
-    assert "launched batch_stats_cuda_inner" in out and "all kernel results match NumPy" in out
+    assert "launched batch_stats_cuda" in out and "all kernel results match NumPy" in out
 
 
 def test_normalize_inputs():

@@ -146,8 +146,7 @@ def test_shuffle_kernels_refuse_partial_warps(block):
     """The full-mask shuffle reductions need whole warps, at most MAX_THREADS
     (their shared partials): a custom block (as examples/kernels_direct.py
     invites) that is not is refused at configuration."""
-    for kernel in (K.batch_stats_cuda_inner, K.batch_stats_cuda_channels, K.backward_sums_cuda_inner,
-                   K.backward_sums_cuda_channels):  # fmt: skip
+    for kernel in (K.batch_stats_cuda, K.backward_sums_cuda):
         with pytest.raises(ValueError, match="multiple of 32 threads"):
             kernel[(1, 1), block]
     K.scale_shift_cuda_inner[(1, 1), (8, 3)]  # no shuffles: any block

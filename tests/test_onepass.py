@@ -25,19 +25,32 @@ def path(request, monkeypatch):
     return request.param
 
 
-REDUCTIONS = {stats: ["batch_stats_cuda_inner", "batch_stats_cuda_channels"]}
-REDUCTIONS[bw] = ["backward_sums_cuda_inner", "backward_sums_cuda_channels"]
+REDUCTIONS = {stats: ["batch_stats_cuda"], bw: ["backward_sums_cuda"]}
 ELEMENTWISE = {normalize: ["scale_shift_cuda_inner", "scale_shift_cuda_channels", "elementwise_cuda_vec4"]}
 ELEMENTWISE[bw] = ["input_grad_cuda_inner", "input_grad_cuda_channels", "elementwise_cuda_vec4"]
 
 
+class _RegimeSpy(_Spy):
+    """A reduction kernel that records "name (regime)" at each launch: its
+    ``inner_splits`` (argument 13 of both) is None in the channels regime."""
+
+    def __getitem__(self, config):
+        launch = self.kernel[config]
+
+        def record(*args):
+            self.seen.append(f"{self.name} ({'channels' if args[13] is None else 'inner'})")
+            return launch(*args)
+
+        return record
+
+
 def _launched(monkeypatch):
-    """Names of the reduction and elementwise kernels launched, recorded while the test runs."""
+    """The reduction kernels (with their regime) and elementwise kernels launched while the test runs."""
     seen = []
-    for group in (REDUCTIONS, ELEMENTWISE):
+    for group, spy in ((REDUCTIONS, _RegimeSpy), (ELEMENTWISE, _Spy)):
         for module, names in group.items():
             for name in names:
-                monkeypatch.setattr(module, name, _Spy(getattr(module, name), name, seen))
+                monkeypatch.setattr(module, name, spy(getattr(module, name), name, seen))
     return seen
 
 
@@ -115,8 +128,9 @@ def test_one_launch_every_block_shape(monkeypatch, rng, block):
             both = gpubn.batch_norm_backward(dy, cache), gpubn.batch_norm_backward(dy, cache_cpu)
             for g, w in zip(*both, strict=True):
                 np.testing.assert_allclose(g, w, atol=3e-5, rtol=3e-5)
-    # every reduction kernel ran, each also writing y or dx: no elementwise launch
-    assert set(seen) == {name for names in REDUCTIONS.values() for name in names}
+    # every reduction kernel ran in both regimes, each also writing y or dx: no elementwise launch
+    names = [name for names in REDUCTIONS.values() for name in names]
+    assert set(seen) == {f"{name} ({r})" for name in names for r in ("inner", "channels")}
 
 
 @pytest.mark.parametrize("offset", [1e4, 1e6, 1e8])
