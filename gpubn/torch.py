@@ -48,7 +48,15 @@ import torch
 from torch import Tensor
 
 from . import functional as _F
-from ._arrays import channel_vector, check_activation, device_scope, device_view, to_canonical
+from ._arrays import (
+    acc_dtype,
+    canonical_shape,
+    channel_vector,
+    check_activation,
+    device_scope,
+    device_view,
+    to_canonical,
+)
 from ._backend import available_backends
 from .distributed import batch_norm_backward_sync, batch_norm_forward_sync, communicator
 from .functional import moments as _moments
@@ -196,7 +204,8 @@ _plan.forgetters.append(_CPU_CALLS.clear)
 
 
 def _cpu_call(input: Tensor) -> _CPUCall:
-    """The record of input's call signature, validated by gpubn.functional on first sight."""
+    """The record of input's call signature (its dtype, shape and values per
+    channel checked by ``_check``), built on first sight."""
     key = (input.shape, input.stride(), input.dtype)
     call = _CPU_CALLS.get(key)
     if call is None:
@@ -204,13 +213,14 @@ def _cpu_call(input: Tensor) -> _CPUCall:
             raise RuntimeError(f"input: tensors on {input.device.type!r} are not supported; expected CPU or CUDA")
         x, axis, perm = _layout(input)
         arr = _host(x)
-        info = _F._shape_of(arr, axis, "cpu", "input", x.dtype == torch.bfloat16, False)
+        shape3 = canonical_shape(arr.shape, axis)
+        plan = _plan.plan_for("cpu", shape3, arr.dtype, bool(arr.flags.c_contiguous))
         # large outputs from gpubn's host cache: a fresh large tensor costs its
         # size again in page faults and zero-filling (the module step on (64,
         # 64, 56, 56) took 2.2x as long with ``torch.empty_like`` on the 2-vCPU
         # development VM)
         empty = host_empty if arr.nbytes >= CACHE_MIN_BYTES else np.empty
-        call = _CPUCall(perm, arr.shape, info.shape3, info.plan.kernel_shape, info.plan, arr.dtype, info.acc,
+        call = _CPUCall(perm, arr.shape, shape3, plan.kernel_shape, plan, arr.dtype, acc_dtype(arr.dtype),
                         input.dtype, empty)  # fmt: skip
         _CPU_CALLS[key] = call
     return call
