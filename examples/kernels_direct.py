@@ -68,7 +68,7 @@ def main(argv=None):
         counter = cuda.to_device(np.zeros(columns, np.int32))  # blocks done per channel
         mask, origin = None, 0  # no mask: every position counts (else a bool (outer, inner) array)
         stats_args = (d_x, mask, origin, work, counter, d_coef, d_gamma, d_beta, d_rm, d_rv)
-        act, residual = 0, None  # no activation (an ACTIVATIONS code), no residual
+        act, residual = None, None  # no activation (else an ACTIVATIONS code), no residual
         # y None: statistics only (a launch with one block per channel may pass y and write it too)
         kernel[grid, block](*stats_args, np.float32(eps), np.float32(momentum), True, inner_splits, act, residual, None)
         print(f"launched {kernel.py_func.__name__}[grid={grid}, block={block}] ({splits} blocks per channel)")

@@ -587,15 +587,15 @@ def _backward_sync(inp, dyv, cache, bcoef, dgamma, dbeta, dx3, reduce):
         dy, x, dx = dy[:, :, 0], x[:, :, 0], dx[:, :, 0]
     if inp.count:
         if x.ndim == 3:
-            bw.backward_sums_inner_cpu(dy, x, cache.coef, sums, (), None, None)
+            bw.backward_sums_inner_cpu(dy, x, cache.coef, sums, None, None, None)
         else:
-            bw.backward_sums_folded_cpu(dy, x, None, cache.coef, (), None, sums)
+            bw.backward_sums_folded_cpu(dy, x, None, cache.coef, None, None, sums)
     bw.finish_backward_cpu(fn(sums), float(n), cache.coef, True, bcoef, dgamma, dbeta)
     dbeta[...] = sums[0]
     dgamma[...] = sums[1] * cache.coef[INVSTD]
     if inp.count:
         grad = bw.input_grad_inner_cpu if x.ndim == 3 else bw.input_grad_channels_cpu
-        grad(dy, x, None, bcoef, dx, (), None, None)
+        grad(dy, x, None, bcoef, dx, None, None, None)
 
 
 __all__ = ["batch_stats", "moments", "normalize", "batch_norm_forward", "batch_norm_backward", "ForwardCache"]

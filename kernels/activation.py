@@ -14,10 +14,12 @@ and batch norm's own backward runs on dv: the backward kernels (``backward.py``)
 compute dv inline where they read dy, with ``slope`` below, at plain batch
 norm's traffic.
 
-The activation travels as an int (``ACTIVATIONS``) to the CUDA kernels (a
-uniform branch per element) and as a token to the CPU kernels (``act_token``:
-a constant to the compiler, one branch-free loop per activation); a plan
-converts it once per call shape.  The kernels are in ``normalize.py`` (forward)
+No activation is None on both backends, as every absent optional input (a
+None argument removes its code when the kernel is compiled).  An activation
+travels as its int code (``ACTIVATIONS``) to the CUDA kernels (a uniform
+branch per element) and as a token to the CPU kernels (``act_token``: a
+constant to the compiler, one branch-free loop per activation); a plan
+converts the code once per call.  The kernels are in ``normalize.py`` (forward)
 and ``backward.py``.
 """
 
@@ -56,18 +58,23 @@ def activate(v, act):
 def forward_at(x, z, o, c, i, m, s, b, act, y):
     """y[o, c, i] = g((x[o, c, i] - m) * s + b (+ z[o, c, i])): the forward's
     element on the GPU (m, s, b: the channel's MEAN, SCALE, BIAS, in the
-    accumulation dtype; z None removes its branch at compile time)."""
+    accumulation dtype; act None and z None remove their branches at compile
+    time)."""
     v = (x[o, c, i] - m) * s + b
     if z is not None:
         v += z[o, c, i]
-    y[o, c, i] = activate(v, act)
+    if act is not None:
+        v = activate(v, act)
+    y[o, c, i] = v
 
 
-#: The activation as the CPU kernels take it, by code: a tuple of ``code``
-#: Nones.  Its length is a constant to the compiler, so every activation gets
-#: its own compiled loop with no branch on the activation (vectorised), and
-#: plain batch norm, ``()``, none of the activation's code.
-TOKENS = tuple((None,) * code for code in range(len(ACTIVATIONS)))
+#: The activation as the CPU kernels take it, by code: None for none, else a
+#: tuple of ``code`` Nones.  Its length is a constant to the compiler, so every
+#: activation gets its own compiled loop with no branch on the activation
+#: (vectorised), and plain batch norm none of the activation's code.
+TOKENS = (None, *((None,) * code for code in range(1, len(ACTIVATIONS))))
+#: ... and as the CUDA kernels take it: None for none, else the code itself.
+CUDA_CODES = (None, RELU, SIGMOID, TANH)
 
 
 def act_token(code: int) -> tuple:

@@ -147,7 +147,7 @@ def _dv(dy, x, z, i, m, s, b, act):
     MEAN, SCALE, BIAS).  The one place of the fused arithmetic on the CPU."""
     d = widen(x[i]) - m
     g = widen(dy[i])
-    if len(act):  # fused: a constant to the compiler
+    if act is not None:  # fused: a constant to the compiler
         v = d * s + b
         if z is not None:
             v += widen(z[i])
@@ -467,7 +467,7 @@ def launch_input_grad_cuda(dy, x, bcoef, dx, mask=None, act=None, z=None, dz=Non
     if launch.quads is not None and mask is None and act is None and vec4_fits(x, dy, dx):
         (grid, block), size = launch.quads, x.size
         dy1, x1, dx1 = (a.reshape(size) for a in (dy, x, dx))
-        elementwise_cuda_vec4[grid, block, stream](x1, None, dy1, bcoef, 0, dx1, x.shape[2])
+        elementwise_cuda_vec4[grid, block, stream](x1, None, dy1, bcoef, None, dx1, x.shape[2])
         return
     regime, grid, block = launch.elementwise
     kernel = input_grad_cuda_inner if regime == "inner" else input_grad_cuda_channels

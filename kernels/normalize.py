@@ -90,11 +90,13 @@ def affine_coefficients_cuda(
 def _forward_at(x, z, i, m, s, b, act, y):
     """y[i] = g((x[i] - m) * s + b (+ z[i])) (m, s, b: the channel's MEAN,
     SCALE, BIAS): the forward's element on the CPU (``activation.forward_at``
-    is the GPU's); z None and the token ``act`` are constants to the compiler."""
+    is the GPU's); z and the token ``act`` (None: none) are constants to the compiler."""
     v = (widen(x[i]) - m) * s + b
     if z is not None:
         v += widen(z[i])
-    y[i] = narrow(activate(v, len(act)), y)
+    if act is not None:
+        v = activate(v, len(act))
+    y[i] = narrow(v, y)
 
 
 @cpu_kernel
@@ -164,10 +166,10 @@ def forward_eval_channels_cpu(x, mean, var, gamma, beta, eps, coef, act, z, y):
     scale_shift_channels_cpu(x, z, coef, act, y)
 
 
-def scale_shift_cpu(x, coef, y, act=(), z=None):
+def scale_shift_cpu(x, coef, y, act=None, z=None):
     """y = g((x - mean) * scale + bias (+ z)) on (outer, C, inner) views x, z, y
-    (float32/64, or float16 as its bits: ``half.bits``); act: the activation as
-    a token (``activation.act_token``: () for none), z None for no residual."""
+    (float32/64, or float16 as its bits: ``half.bits``); act: None, or the
+    activation as a token (``activation.act_token``), z None for no residual."""
     if x.shape[2] > 1:
         scale_shift_inner_cpu(x, z, coef, act, y)
     else:  # a 2-D view: the compiler then knows the channels are contiguous
@@ -179,7 +181,7 @@ def scale_shift_cuda_inner(
     x,  # (outer, C, inner) input
     z,  # None, or (outer, C, inner) residual added before the activation
     coef,  # (5, C) per-channel MEAN, SCALE, BIAS (accumulation dtype)
-    act,  # int: an ACTIVATIONS code (0: none)
+    act,  # None, or an ACTIVATIONS code
     y,  # (outer, C, inner) out, x's dtype
 ):
     """y = g((x - mean) * scale + bias (+ z)).  Block (TX, TY); grid.y
@@ -199,7 +201,7 @@ def scale_shift_cuda_channels(
     x,  # (outer, C, 1) input, channels contiguous
     z,  # None, or (outer, C, 1) residual
     coef,  # (5, C) per-channel MEAN, SCALE, BIAS
-    act,  # int: an ACTIVATIONS code (0: none)
+    act,  # None, or an ACTIVATIONS code
     y,  # (outer, C, 1) out
 ):
     """scale_shift_cuda_inner for inner == 1.  Block (TX, TY); grid.x tiles
@@ -219,7 +221,7 @@ def elementwise_cuda_vec4(
     z,  # None, or (outer * C * inner,) float32 residual (forward), 16-byte aligned
     dy,  # None (forward), or (outer * C * inner,) float32 upstream gradient (input gradient)
     coef,  # (5, C) float32: MEAN, SCALE, BIAS (forward), or bcoef's B_MEAN, B_DY, B_X, B_CONST
-    act,  # int: an ACTIVATIONS code (forward; 0: none)
+    act,  # None, or an ACTIVATIONS code (forward)
     out,  # (outer * C * inner,) float32 out: y, or dx; 16-byte aligned
     inner,  # int: a multiple of 4, so that every row starts 16-byte aligned
 ):
@@ -247,7 +249,9 @@ def elementwise_cuda_vec4(
                 if z is not None:
                     z0, z1, z2, z3 = load4(z, e)
                     v0, v1, v2, v3 = v0 + z0, v1 + z1, v2 + z2, v3 + z3
-                store4(out, e, activate(v0, act), activate(v1, act), activate(v2, act), activate(v3, act))
+                if act is not None:
+                    v0, v1, v2, v3 = activate(v0, act), activate(v1, act), activate(v2, act), activate(v3, act)
+                store4(out, e, v0, v1, v2, v3)
             else:
                 g0, g1, g2, g3 = load4(dy, e)
                 store4(
@@ -268,7 +272,7 @@ def vec4_fits(x, *others) -> bool:
     )
 
 
-def launch_scale_shift_cuda(x, coef, y, act=0, z=None, stream=0, launch=None):
+def launch_scale_shift_cuda(x, coef, y, act=None, z=None, stream=0, launch=None):
     """y = g((x - mean) * scale + bias (+ z)) on the GPU, one launch (16-byte
     loads for float32 rows of a multiple of 4 starting 16-byte aligned).
 
@@ -282,11 +286,11 @@ def launch_scale_shift_cuda(x, coef, y, act=0, z=None, stream=0, launch=None):
         (grid, block), size = launch.quads, x.size
         flat = None if z is None else z.reshape(size)
         x1, y1 = x.reshape(size), y.reshape(size)
-        elementwise_cuda_vec4[grid, block, stream](x1, flat, None, coef, int(act), y1, x.shape[2])
+        elementwise_cuda_vec4[grid, block, stream](x1, flat, None, coef, act, y1, x.shape[2])
         return
     regime, grid, block = launch.elementwise
     kernel = scale_shift_cuda_inner if regime == "inner" else scale_shift_cuda_channels
-    kernel[grid, block, stream](x, z, coef, int(act), y)
+    kernel[grid, block, stream](x, z, coef, act, y)
 
 
 def launch_affine_coefficients_cuda(mean, var, gamma, beta, eps, coef, stream=0):

@@ -21,7 +21,8 @@ plan's ``kernel_shape``) and writes its outputs in place:
     forward_eval(x, mean, var, gamma, beta, eps, coef, act, z, y)
     backward(dy, x, z, mask, coef, training, bcoef, dgamma, dbeta, act, dx, dz)
 
-``act`` is the activation's code (``activation.ACTIVATIONS``), z/y/dz None
+``act`` is the activation's code (``activation.ACTIVATIONS``, 0: none; the
+plan hands the kernels None for none, as for every absent input), z/y/dz None
 where absent, ``mask`` a ``Mask`` or None (training only).  CUDA ops also
 take the caller's ``stream`` and ``scratch`` allocator.
 """
@@ -32,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import common, normalize
-from .activation import TOKENS
+from .activation import CUDA_CODES, TOKENS
 from .backward import backward_channels_cpu, backward_inner_cpu, launch_backward_cuda
 from .common import PARALLEL_MIN_ELEMENTS, fold_factor
 from .normalize import launch_affine_coefficients_cuda, launch_scale_shift_cuda
@@ -140,18 +141,17 @@ class CUDAPlan:
     ):
         m, origin = (None, 0) if mask is None else (mask.view, mask.origin)
         args = (x, coef, gamma, beta, rmean, rvar, eps, momentum, update, m, origin, stream, scratch)
-        launch_stats_cuda(*args, act, z, y, self.launch)
+        launch_stats_cuda(*args, CUDA_CODES[act], z, y, self.launch)
         if y is not None and not self.onepass:
-            launch_scale_shift_cuda(x, coef, y, act, z, stream, self.launch)
+            launch_scale_shift_cuda(x, coef, y, CUDA_CODES[act], z, stream, self.launch)
 
     def forward_eval(self, x, mean, var, gamma, beta, eps, coef, act, z, y, stream=0, scratch=None):
         launch_affine_coefficients_cuda(mean, var, gamma, beta, eps, coef, stream=stream)
-        launch_scale_shift_cuda(x, coef, y, act, z, stream, self.launch)
+        launch_scale_shift_cuda(x, coef, y, CUDA_CODES[act], z, stream, self.launch)
 
     def backward(self, dy, x, z, mask, coef, training, bcoef, dgamma, dbeta, act, dx, dz, stream=0, scratch=None):
         m, count = (None, None) if mask is None else (mask.view, mask.count)
-        code = int(act) or None  # None: plain batch norm, the activation's branch removed when compiled
-        args = (dy, x, coef, training, bcoef, dgamma, dbeta, dx, m, count, code, z, dz)
+        args = (dy, x, coef, training, bcoef, dgamma, dbeta, dx, m, count, CUDA_CODES[act], z, dz)
         launch_backward_cuda(*args, stream, scratch, self.launch)
 
 

@@ -398,7 +398,7 @@ def batch_stats_cuda(
     momentum,  # float, weight of this batch in the running statistics
     update,  # bool
     inner_splits,  # int: splits along inner (inner > 1), or None: channels contiguous (inner == 1)
-    act,  # int: an ACTIVATIONS code (0: none), with y
+    act,  # None, or an ACTIVATIONS code, with y
     z,  # None, or (outer, C, inner) residual added before the activation, with y
     y,  # None, or (outer, C, inner) out (one block per column only: gridDim.y == 1)
 ):
@@ -469,7 +469,7 @@ def stats_launch_config(shape, one_launch=False):
 
 def launch_stats_cuda(
     x, coef, gamma, beta, rmean, rvar, eps, momentum, update, mask=None, origin=0, stream=0, scratch=None,
-    act=0, z=None, y=None, launch=None,
+    act=None, z=None, y=None, launch=None,
 ):  # fmt: skip
     """Batch statistics and forward constants on the GPU, one launch; with
     ``launch.one_launch`` (a block per channel: ``common.one_pass``) it
@@ -488,7 +488,8 @@ def launch_stats_cuda(
         stream: the caller's stream handle; scratch: the caller's allocator
             for the partials (``workspace.workspace``).
         act, z, y: with ``launch.one_launch``, y like x, out:
-            y = g((x - mean) * scale + bias (+ z)).
+            y = g((x - mean) * scale + bias (+ z)); act None (no
+            activation) or an ACTIVATIONS code, z None or like x.
         launch: the shape's ``common.Launches`` (a plan's), or None for the
             split reduction chosen here (statistics only).
     """
@@ -501,4 +502,4 @@ def launch_stats_cuda(
     args = (x, mask, int(origin), work, counter, coef, gamma, beta, rmean, rvar)
     z, y = (z, y) if launch.one_launch else (None, None)
     batch_stats_cuda[grid, block, stream](*args, acc.type(eps), acc.type(momentum), bool(update), inner_splits,
-                                          int(act), z, y)  # fmt: skip
+                                          act, z, y)  # fmt: skip

@@ -167,11 +167,11 @@ def main():
         sums = (m2, w3, i32, m2, v, v, flag, f64, ACT, Z, MASK)
         none = types.none  # inner_splits of the channels regime (inner == 1)
         signatures = [  # the reductions once per access regime: inner_splits an int (inner > 1) or None
-            (K.batch_stats_cuda, (x3, *stats, i64, i64, Z, Z)),
-            (K.batch_stats_cuda, (strided, *stats, none, i64, Z, Z)),
+            (K.batch_stats_cuda, (x3, *stats, i64, ACT, Z, Z)),
+            (K.batch_stats_cuda, (strided, *stats, none, ACT, Z, Z)),
             (K.affine_coefficients_cuda, (v, v, v, v, acc, m2)),
-            (K.scale_shift_cuda_inner, (x3, Z, m2, i64, x3)),
-            (K.scale_shift_cuda_channels, (strided, Z, m2, i64, x3)),
+            (K.scale_shift_cuda_inner, (x3, Z, m2, ACT, x3)),
+            (K.scale_shift_cuda_channels, (strided, Z, m2, ACT, x3)),
             (K.backward_sums_cuda, (x3, x3, *sums, i64, Z, Z)),
             (K.backward_sums_cuda, (strided, x3, *sums, none, Z, Z)),
             (K.input_grad_cuda_inner, (x3, x3, MASK, m2, x3, ACT, Z, Z)),
@@ -214,7 +214,7 @@ def main():
     f1, m2 = types.float32[::1], types.float32[:, ::1]
     vector_kernels = [  # the forward (dy None), the input gradient (z None)
         (K.elementwise_cuda_vec4, (f1, f1, types.none, m2, types.int64, f1, types.int64)),
-        (K.elementwise_cuda_vec4, (f1, types.none, f1, m2, types.int64, f1, types.int64)),
+        (K.elementwise_cuda_vec4, (f1, types.none, f1, m2, types.none, f1, types.int64)),
     ]
     for kernel, sig in vector_kernels:
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
