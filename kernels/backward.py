@@ -399,12 +399,12 @@ def backward_sums_cuda(
         block_sum2(a1, a2, t1, t2, t, threads, width)
         if t < width and c < C:
             finish_backward_channel_cuda(c, n, a1[t], a2[t], coef, training, bcoef, dgamma, dbeta)
-        if dx is not None:  # one block per column: its slice is the whole channel, re-read from L1/L2
+        if dx is not None:  # the block owns its channels: the input gradient, re-read from L1/L2
             cuda.syncthreads()  # bcoef[:, c] written
             if c < C:
                 bx, kc = bcoef[B_X, c], bcoef[B_CONST, c]
-                for o in range(o0 + ty, o1, TY):
-                    for i in range(i0 + ix, i1, di):
+                for o in range(ty, outer, TY):
+                    for i in range(ix, inner, di):
                         input_grad_at(dy, x, z, mask, o, c, i, coef, m, sc, b, bx, kc, act, dx, dz)
 
 

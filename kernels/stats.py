@@ -451,12 +451,12 @@ def batch_stats_cuda(
         block_merge(sn, sm, sq, pn, pm, pq, t, threads, width)
         if t < width and c < C:
             finish_channel_cuda(c, sn[t], base + sm[t], sq[t], coef, gamma, beta, rmean, rvar, eps, momentum, update)
-        if y is not None:  # one block per column: its slice is the whole channel, re-read from L1/L2
+        if y is not None:  # the block owns its channels: the elementwise pass, re-read from L1/L2
             cuda.syncthreads()  # coef[:, c] written
             if c < C:
                 m, sc, b = coef[MEAN, c], coef[SCALE, c], coef[BIAS, c]
-                for o in range(o0 + ty, o1, TY):
-                    for i in range(i0 + ix, i1, di):
+                for o in range(ty, outer, TY):
+                    for i in range(ix, inner, di):
                         forward_at(x, z, o, c, i, m, sc, b, act, y)
 
 
