@@ -105,7 +105,9 @@ def device_view(a, desc=None):
     desc = dict(device_interface(a) if desc is None else desc)
     desc.pop("stream", None)  # recorded by the caller (launch_stream), not synchronized on
     if cuda.config.ENABLE_CUDASIM:
-        return _simulated_view(desc)
+        view = _simulated_view(desc)
+        view.gpubn_owner = a  # a view keeps its memory's owner alive, as numba's does (owner=a)
+        return view
     return cuda.from_cuda_array_interface(desc, owner=a, sync=False)
 
 

@@ -38,6 +38,8 @@ RELIABILITY.md); a gradient of the gradient (double backward) raises.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import warnings
 import weakref
@@ -47,7 +49,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import functional as _F
 from ._arrays import (
     acc_dtype,
     canonical_shape,
@@ -55,13 +56,14 @@ from ._arrays import (
     check_activation,
     device_scope,
     device_view,
-    to_canonical,
+    library_allocator,
 )
 from ._backend import available_backends
 from .distributed import batch_norm_backward_sync, batch_norm_forward_sync, communicator
 from .functional import moments as _moments
 from .kernels import plan as _plan
 from .kernels.activation import ACTIVATIONS
+from .kernels.common import current_device
 from .kernels.workspace import CACHE_MIN_BYTES, host_empty
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -106,27 +108,6 @@ def _array(t: Tensor | None):
     return _host(t)
 
 
-def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, act=0):
-    """(y, pass): y like input; the pass holds the (5, C) float32 (float64
-    for float64 input) per-channel constants (MEAN, VAR, INVSTD, SCALE, BIAS)
-    the backward needs.  running_mean/var are updated in place when training.
-    The arguments are checked (``_check``); the kernels get views of the
-    tensors.  ``act``: the activation's code (``check_activation``)."""
-    if input.is_cuda:
-        with device_scope(input.device.index):
-            return _forward_cuda(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
-    return _forward_cpu(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
-
-
-def _backward(grad_output, input, saved):
-    """(grad_input, grad_weight, grad_bias) of the forward that left ``saved``;
-    the two (C,) in the constants' dtype."""
-    if input.is_cuda:
-        with device_scope(input.device.index):
-            return _backward_cuda(grad_output, input, saved)
-    return _backward_cpu(grad_output, saved)
-
-
 class _Memory:
     """A NumPy view's description of a tensor's memory that does not own it (``_vector``)."""
 
@@ -163,6 +144,9 @@ def _vector(t: Tensor) -> np.ndarray:
     return view
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _widened(t: Tensor | None) -> Tensor | None:
     """A float16 / bfloat16 (C,) parameter as float32 (the kernels' vectors); others as they are."""
     return t.float() if t is not None and t.dtype in _HALF else t
@@ -175,207 +159,226 @@ def _running(running_mean, running_var):
     return (True, running_mean.float(), running_var.float()) if rounded else (False, running_mean, running_var)
 
 
-def _write_back(rounded, update, running_mean, running_var, rm, rv):
-    if rounded and update:
-        with torch.no_grad():
-            running_mean.copy_(rm)
-            running_var.copy_(rv)
+# -- a call record per input signature: the plan, and how tensors reach it ------------------
 
 
-# -- CPU: NumPy views of the tensors, a record per call signature ----------------------------
+class _HostCall:
+    """What a CPU input's shape, strides and dtype decide, found once: its
+    plan, and the kernels' views of tensors like it (NumPy views of their
+    memory, in the plan's ``kernel_shape``; bfloat16 as int16 bits)."""
 
-
-class _CPUCall(NamedTuple):
-    """What a CPU input's shape, strides and dtype decide, found once (``_cpu_call``)."""
-
-    perm: object  # _layout's permutation, or None
-    shape: tuple  # the kernels' view's shape (channels-last permuted)
-    shape3: tuple  # (outer, C, inner)
-    kernel_shape: tuple  # the plan's view of the data (``plan.kernel_shape``)
-    plan: object  # kernels.plan of the call shape
-    dtype: np.dtype  # of the data (int16: bfloat16 bits)
-    acc: np.dtype  # of the statistics
-    tensor_dtype: torch.dtype  # the input's
-    empty: object  # the outputs' allocator: np.empty, or for large outputs ``workspace.host_empty``
-
-
-_CPU_CALLS = {}
-_plan.forgetters.append(_CPU_CALLS.clear)
-
-
-def _cpu_call(input: Tensor) -> _CPUCall:
-    """The record of input's call signature (its dtype, shape and values per
-    channel checked by ``_check``), built on first sight."""
-    key = (input.shape, input.stride(), input.dtype)
-    call = _CPU_CALLS.get(key)
-    if call is None:
-        if input.device.type != "cpu":
-            raise RuntimeError(f"input: tensors on {input.device.type!r} are not supported; expected CPU or CUDA")
-        x, axis, perm = _layout(input)
+    def __init__(self, input: Tensor):
+        x, axis, self.perm = _layout(input)
         arr = _host(x)
+        self.shape = arr.shape  # the (permuted) tensor's
         shape3 = canonical_shape(arr.shape, axis)
-        plan = _plan.plan_for("cpu", shape3, arr.dtype, bool(arr.flags.c_contiguous))
+        self.C = shape3[1]
+        self.plan = _plan.plan_for("cpu", shape3, arr.dtype, bool(arr.flags.c_contiguous))
+        self.kernel_shape = self.plan.kernel_shape
+        self.dtype = arr.dtype  # of the kernels' data (int16: bfloat16 bits)
+        self.acc = acc_dtype(arr.dtype)  # of the constants
+        self.tensor_dtype = input.dtype
+        self.device = None  # nothing to make current
+        self.launch = {}
+        # C-level callables: no Python frame per call on the small-layer path
+        self.rows = functools.partial(np.empty, dtype=self.acc)  # rows((k, C)): a new array of the constants' dtype
+        self.tensor = torch.from_numpy  # a tensor over an array of ``rows``
         # large outputs from gpubn's host cache: a fresh large tensor costs its
         # size again in page faults and zero-filling (the module step on (64,
         # 64, 56, 56) took 2.2x as long with ``torch.empty_like`` on the 2-vCPU
         # development VM)
-        empty = host_empty if arr.nbytes >= CACHE_MIN_BYTES else np.empty
-        call = _CPUCall(perm, arr.shape, shape3, plan.kernel_shape, plan, arr.dtype, acc_dtype(arr.dtype),
-                        input.dtype, empty)  # fmt: skip
-        _CPU_CALLS[key] = call
+        self.empty = host_empty if arr.nbytes >= CACHE_MIN_BYTES else np.empty
+
+    def view(self, t: Tensor) -> np.ndarray:
+        """The kernels' view of a tensor of the input's shape (x, dy), in the input's dtype."""
+        if t.dtype is not self.tensor_dtype:
+            t = t.to(self.tensor_dtype)
+        a = _host(t if self.perm is None else t.permute(self.perm))
+        return a if a.shape == self.kernel_shape else a.reshape(self.kernel_shape)
+
+    def output(self):
+        """(out, its kernel view): a new output of the input's shape (``result`` makes it a tensor)."""
+        out = self.empty(self.shape, self.dtype)
+        return out, (out if out.shape == self.kernel_shape else out.reshape(self.kernel_shape))
+
+    def result(self, out) -> Tensor:
+        """The tensor over an output the kernels wrote: the input's dtype and memory format."""
+        t = torch.from_numpy(out)
+        if self.tensor_dtype == torch.bfloat16:
+            t = t.view(torch.bfloat16)
+        return t if self.perm is None else _restore(t, self.perm)
+
+    def vector(self, t: Tensor | None, fill: float = 0.0):
+        """A (C,) tensor as the kernels take it (None: ``fill``)."""
+        if t is None:
+            return np.full(self.C, fill, self.acc)
+        hit = _VECTORS.get(id(t))  # _vector's, looked up here: a call less per vector
+        if hit is not None and hit[0]() is t and hit[1] == t.data_ptr() and hit[2] is t.dtype:
+            return hit[3]
+        return _vector(t)
+
+    def array(self, t: Tensor):
+        """The kernels' array over a tensor of constants (the inverse of ``tensor``)."""
+        return _host(t)
+
+
+class _DeviceCall:
+    """_HostCall for CUDA tensors: numba views of their memory
+    (``__cuda_array_interface__``), new tensors from torch's caching allocator
+    (graph-aware), the kernels on torch's current stream and the input's
+    device.  bfloat16 is computed in float32 (the CUDA kernels have no
+    bfloat16 loads yet).  No GPU has run this path since it was rewritten
+    (BENCHMARKS.md); tests/test_torch.py runs it under the simulator."""
+
+    def __init__(self, input: Tensor):
+        if "cuda" not in available_backends():
+            raise RuntimeError("input: a CUDA tensor, but gpubn's CUDA backend is not usable here")
+        x, axis, self.perm = _layout(input)
+        self.shape = tuple(x.shape)
+        self.device = input.device
+        self.tensor_dtype = input.dtype
+        self.compute = torch.float32 if input.dtype == torch.bfloat16 else input.dtype  # the kernels' dtype
+        self.acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        shape3 = canonical_shape(self.shape, axis)
+        self.C = shape3[1]
+        self.kernel_shape = shape3
+        with device_scope(self.device.index):
+            self.plan = _plan.plan_for("cuda", shape3, _NUMPY_DTYPES[self.compute], True, current_device())
+        self._scratch = library_allocator("torch", _Owner(self.device))
+
+    @property
+    def launch(self) -> dict:
+        """The launches' keyword arguments: torch's current stream, its allocator for the partials."""
+        return {"stream": torch.cuda.current_stream(self.device).cuda_stream, "scratch": self._scratch}
+
+    def view(self, t: Tensor):
+        if t.dtype is not self.compute:
+            t = t.to(self.compute)
+        if self.perm is not None:
+            t = t.permute(self.perm)
+        return device_view(t.detach().contiguous().view(self.kernel_shape))
+
+    def output(self):
+        out = torch.empty(self.shape, dtype=self.compute, device=self.device)
+        return out, device_view(out.view(self.kernel_shape))
+
+    def result(self, out: Tensor) -> Tensor:
+        out = out if self.perm is None else _restore(out, self.perm)
+        return out.to(torch.bfloat16) if self.tensor_dtype == torch.bfloat16 else out
+
+    def vector(self, t: Tensor | None, fill: float = 0.0):
+        if t is None:
+            return channel_vector(None, "", self.C, _NUMPY_DTYPES[self.acc], "cuda", fill)
+        return device_view(_widened(t).detach())
+
+    def rows(self, shape: tuple):
+        t = torch.empty(shape, dtype=self.acc, device=self.device)
+        view = device_view(t)
+        view.gpubn_tensor = t  # ``tensor`` hands back the tensor itself
+        return view
+
+    def tensor(self, a) -> Tensor:
+        return a.gpubn_tensor
+
+    def array(self, t: Tensor):
+        return device_view(t.detach())
+
+
+class _Owner(NamedTuple):
+    """What the torch allocator of ``_arrays.library_allocator`` reads of a tensor: its device."""
+
+    device: torch.device
+
+
+_NUMPY_DTYPES = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32)}
+_NUMPY_DTYPES[torch.float64] = np.dtype(np.float64)
+_CALLS = {}
+_plan.forgetters.append(_CALLS.clear)
+
+
+def _call(input: Tensor):
+    """The record of input's call signature (its dtype, shape and values per
+    channel checked by ``_check``), built on first sight."""
+    key = (input.shape, input.stride(), input.dtype, input.device)
+    call = _CALLS.get(key)
+    if call is None:
+        if input.device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"input: tensors on {input.device.type!r} are not supported; expected CPU or CUDA")
+        call = _CALLS[key] = _DeviceCall(input) if _on_gpu(input) else _HostCall(input)
     return call
 
 
-class _CPUPass(NamedTuple):
-    """What a CPU forward leaves for its backward."""
-
-    call: _CPUCall
-    x: np.ndarray  # x's kernel view (``_cpu_view``): x itself
-    coef: np.ndarray  # (5, C)
-    training: bool
-    act: int  # kernels.activation code
-
-
-def _cpu_view(t: Tensor, call: _CPUCall) -> np.ndarray:
-    """The plan's NumPy view (``kernel_shape``) of a tensor like the call's input."""
-    a = _host(t if call.perm is None else t.permute(call.perm))
-    return a if a.shape == call.kernel_shape else a.reshape(call.kernel_shape)
-
-
-def _kernel_view(arr: np.ndarray, call: _CPUCall) -> np.ndarray:
-    """The plan's view of an output allocated in the call's shape."""
-    return arr if arr.shape == call.kernel_shape else arr.reshape(call.kernel_shape)
-
-
-def _cpu_output(arr: np.ndarray, call: _CPUCall) -> Tensor:
-    """The tensor over a result the kernels wrote (the input's dtype and memory format)."""
-    t = torch.from_numpy(arr)
-    if call.tensor_dtype == torch.bfloat16:
-        t = t.view(torch.bfloat16)
-    return t if call.perm is None else _restore(t, call.perm)
-
-
-def _forward_cpu(input, weight, bias, running_mean, running_var, training, momentum, eps, act):
-    call = _cpu_call(input)
-    C, acc = call.shape3[1], call.acc
-    x = _cpu_view(input, call)
-    y = call.empty(call.shape, call.dtype)
-    w = np.ones(C, acc) if weight is None else _vector(weight)
-    b = np.zeros(C, acc) if bias is None else _vector(bias)
-    rounded, rm, rv = _running(running_mean, running_var)
-    update = training and rm is not None
-    coef = np.empty((5, C), acc)
-    if training:
-        rmv, rvv = (_vector(rm), _vector(rv)) if update else np.empty((2, C), acc)  # the latter: never written
-        call.plan.forward_train(x, None, coef, w, b, rmv, rvv, eps, momentum if update else 0.0, update, act, None,
-                                _kernel_view(y, call))  # fmt: skip
-    else:
-        call.plan.forward_eval(x, _vector(rm), _vector(rv), w, b, eps, coef, act, None, _kernel_view(y, call))
-    if rounded:
-        _write_back(rounded, update, running_mean, running_var, rm, rv)
-    return _cpu_output(y, call), _CPUPass(call, x, coef, training, act)
-
-
-def _backward_cpu(grad_output, saved: _CPUPass):
-    call = saved.call
-    dtype = call.tensor_dtype
-    dy = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
-    dx = call.empty(call.shape, call.dtype)
-    C, acc = call.shape3[1], call.acc
-    grads, bcoef = np.empty((2, C), acc), np.empty((5, C), acc)
-    call.plan.backward(_cpu_view(dy, call), saved.x, None, None, saved.coef, saved.training, bcoef, grads[0],
-                       grads[1], saved.act, _kernel_view(dx, call), None)  # fmt: skip
-    return _cpu_output(dx, call), torch.from_numpy(grads[0]), torch.from_numpy(grads[1])
-
-
-# -- CUDA: numba views of the tensors, on torch's current stream --------------------------
-
-
-def _views(*tensors) -> list:
-    """numba device views of CUDA tensors (None stays None)."""
-    return [None if t is None else device_view(t.detach()) for t in tensors]
-
-
-def _output(like: Tensor, inp, dtype) -> tuple:
-    """(tensor, its kernel view (outer, C, inner)): a new C-contiguous CUDA
-    tensor of like's shape, from torch's caching allocator."""
-    t = torch.empty(like.shape, dtype=dtype, device=like.device)
-    return t, device_view(t).reshape(inp.shape3)
-
-
-def _input(x: Tensor, axis: int):
-    """(inp, via_float): the validated, materialized input of the CUDA ops
-    (bfloat16 goes through float32: the CUDA kernels have no bfloat16 loads yet)."""
-    if "cuda" not in available_backends():
-        raise RuntimeError("input: a CUDA tensor, but gpubn's CUDA backend is not usable here")
-    via_float = x.dtype == torch.bfloat16
-    inp = _F._prepare((x.float() if via_float else x).detach(), axis, "cuda")
-    return _F._materialize(inp), via_float
+def _on_gpu(t: Tensor) -> bool:
+    """Whether t's call takes the CUDA path (a test runs CPU tensors through it under the simulator)."""
+    return t.is_cuda
 
 
 class _Pass(NamedTuple):
-    """What a CUDA forward leaves for its backward: the validated input (x's
-    kernel view, its plan), the per-channel constants, how the layout was read."""
+    """What a forward leaves for its backward."""
 
-    inp: object
-    coef: object  # (5, C), the kernels' array
-    perm: object  # _layout's permutation, or None
-    via_float: bool  # bfloat16 on CUDA, computed in float32
+    call: object  # _HostCall or _DeviceCall
+    x: object  # x's kernel view: x itself (a contiguous copy only where x was not)
+    coef: object  # (5, C) constants
     training: bool
     act: int  # kernels.activation code
 
 
-def _forward_cuda(input, weight, bias, running_mean, running_var, training, momentum, eps, act):
-    """_forward on CUDA, with input's device current."""
-    x, axis, perm = _layout(input)
-    inp, via_float = _input(x, axis)
+def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, act=0):
+    """(y, pass): y like input, running_mean/var updated in place when
+    training; the pass holds the (5, C) float32 (float64 for float64 input)
+    per-channel constants (MEAN, VAR, INVSTD, SCALE, BIAS) the backward
+    needs.  The arguments are checked (``_check``); the kernels get views of
+    the tensors.  ``act``: the activation's code (``check_activation``)."""
+    call = _call(input)
+    if call.device is None:
+        return _forward_on(call, input, weight, bias, running_mean, running_var, training, momentum, eps, act)
+    with device_scope(call.device.index):
+        return _forward_on(call, input, weight, bias, running_mean, running_var, training, momentum, eps, act)
+
+
+def _forward_on(call, input, weight, bias, running_mean, running_var, training, momentum, eps, act):
+    x = call.view(input)
+    y, y3 = call.output()
+    w, b = call.vector(weight, 1.0), call.vector(bias)
     rounded, rm, rv = _running(running_mean, running_var)
     update = training and rm is not None
-    y, y3 = _output(x, inp, torch.float32 if via_float else x.dtype)
-    w, b, rmv, rvv = _views(_widened(weight), _widened(bias), rm, rv)
-    if w is None:
-        w = channel_vector(None, "", inp.C, inp.acc, inp.backend, 1.0, inp.stream)
-    if b is None:
-        b = channel_vector(None, "", inp.C, inp.acc, inp.backend, 0.0, inp.stream)
-    coef = _F._forward(inp, w, b, rmv, rvv, eps, momentum, training, update, act, None, None, y3)
-    _write_back(rounded, update, running_mean, running_var, rm, rv)
-    if perm is not None:
-        y = _restore(y, perm)
-    return (y.to(torch.bfloat16) if via_float else y), _Pass(inp, coef, perm, via_float, training, act)
+    coef = call.rows((5, call.C))
+    launch = call.launch
+    if training:
+        rmv, rvv = (call.vector(rm), call.vector(rv)) if update else call.rows((2, call.C))  # the latter: never written
+        call.plan.forward_train(x, None, coef, w, b, rmv, rvv, eps, momentum if update else 0.0, update, act, None,
+                                y3, **launch)  # fmt: skip
+    else:
+        call.plan.forward_eval(x, call.vector(rm), call.vector(rv), w, b, eps, coef, act, None, y3, **launch)
+    if rounded and update:
+        with torch.no_grad():
+            running_mean.copy_(rm)
+            running_var.copy_(rv)
+    return call.result(y), _Pass(call, x, coef, training, act)
 
 
-def _backward_cuda(grad_output, input, saved: _Pass):
-    """_backward on CUDA, with input's device current."""
-    inp, perm, via_float = saved.inp, saved.perm, saved.via_float
-    dtype = torch.float32 if via_float else input.dtype
-    dy = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
-    if perm is not None:
-        dy = dy.permute(perm)
-    dx, dx3 = _output(dy, inp, dtype)
-    acc = torch.float64 if inp.acc == np.float64 else torch.float32
-    dgamma = torch.empty(inp.C, dtype=acc, device=input.device)
-    dbeta = torch.empty(inp.C, dtype=acc, device=input.device)
-    dyv, dg, db = _views(dy, dgamma, dbeta)
-    dyv = to_canonical(dyv, inp.shape3, True, inp.stream)
-    bcoef = inp.empty(rows=5)
-    inp.plan.backward(
-        dyv, inp.view, None, None, saved.coef, saved.training, bcoef, dg, db, saved.act, dx3, None, **inp.launch
-    )
-    if perm is not None:
-        dx = _restore(dx, perm)
-    return (dx.to(torch.bfloat16) if via_float else dx), dgamma, dbeta
+def _backward(grad_output, saved: _Pass):
+    """(grad_input, grad_weight, grad_bias) of the forward that left ``saved``;
+    the two (C,) in the constants' dtype."""
+    device = saved.call.device
+    if device is None:
+        return _backward_on(grad_output, saved)
+    with device_scope(device.index):
+        return _backward_on(grad_output, saved)
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _tensor(a, device: torch.device) -> Tensor:
-    """A tensor over gpubn's result ``a`` (no copy)."""
-    if isinstance(a, Tensor):
-        return a
-    if device.type == "cuda":
-        return torch.as_tensor(a, device=device)
-    return torch.from_numpy(a)
+def _backward_on(grad_output, saved: _Pass):
+    call = saved.call
+    dx, dx3 = call.output()
+    C = call.C
+    dgamma, dbeta, bcoef = (
+        call.rows((C,)),
+        call.rows((C,)),
+        call.rows((5, C)),
+    )  # apart: an operator's returns may not alias
+    call.plan.backward(call.view(grad_output), saved.x, None, None, saved.coef, saved.training, bcoef, dgamma, dbeta,
+                       saved.act, dx3, None, **call.launch)  # fmt: skip
+    return call.result(dx), call.tensor(dgamma), call.tensor(dbeta)
 
 
 def _empty_batch(input, weight, bias) -> Tensor:
@@ -424,8 +427,8 @@ class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         _no_double_backward()
-        (input,) = ctx.saved_tensors
-        dx, dgamma, dbeta = _backward(grad_output, input, ctx.saved)
+        _ = ctx.saved_tensors  # autograd raises here if input was modified since the forward
+        dx, dgamma, dbeta = _backward(grad_output, ctx.saved)
         return (dx, *_param_grads(dgamma, dbeta, *ctx.dtypes), None)
 
 
@@ -493,7 +496,7 @@ def _forward_op(
         running_mean, running_var = running_mean.clone(), running_var.clone()
     act = ACTIVATIONS[activation or None]  # "" for none: a plain str in the operator's schema
     y, saved = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
-    coef = _tensor(saved.coef if isinstance(saved, _CPUPass) else saved.inp.deliver(saved.coef), input.device)
+    coef = saved.call.tensor(saved.coef)
     if not update:
         running_mean, running_var = input.new_empty(0), input.new_empty(0)
     return y, coef, running_mean, running_var
@@ -513,16 +516,10 @@ def _backward_op(
     grad_output: Tensor, input: Tensor, coef: Tensor, training: bool, activation: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of gpubn::batch_norm."""
-    act = ACTIVATIONS[activation or None]
-    if not input.is_cuda:
-        call = _cpu_call(input)
-        return _backward(grad_output, input, _CPUPass(call, _cpu_view(input, call), _host(coef), training, act))
-    with device_scope(input.device.index):
-        x, axis, perm = _layout(input)
-        inp, via_float = _input(x, axis)
-        (coef,) = _views(coef)
-        saved = _Pass(inp, coef, perm, via_float, training, act)
-    return _backward(grad_output, input, saved)
+    call = _call(input)
+    with contextlib.nullcontext() if call.device is None else device_scope(call.device.index):
+        saved = _Pass(call, call.view(input), call.array(coef), training, ACTIVATIONS[activation or None])
+    return _backward(grad_output, saved)
 
 
 @_backward_op.register_fake

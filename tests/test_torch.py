@@ -64,6 +64,44 @@ def test_module_matches_torch_over_steps(dtype, shape, fmt):
     check_module_steps("cpu", dtype, shape, fmt)
 
 
+@pytest.fixture
+def device_path(monkeypatch):
+    """CPU tensors through gpubn.torch's CUDA path, under the simulator: the
+    CUDA call record (``_DeviceCall``), numba views of the tensors' memory
+    (``__cuda_array_interface__`` as gpubn builds it for torch), new tensors
+    from torch's allocator, the CUDA plans and kernels.  What a GPU adds
+    (device memory, streams, the driver launch) is not here."""
+    if not SIM:
+        pytest.skip("runs the CUDA path on CPU tensors: the simulator only")
+    import types
+
+    import gpubn._arrays as arrays
+
+    monkeypatch.setattr(gt, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(arrays, "_is_torch_cuda", lambda a: isinstance(a, torch.Tensor))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    seen = []
+    monkeypatch.setattr(gt._DeviceCall, "rows", _spy(gt._DeviceCall.rows, seen))
+    return seen
+
+
+def _spy(method, seen):
+    def rows(self, shape):
+        seen.append(type(self).__name__)
+        return method(self, shape)
+
+    return rows
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("shape,fmt,dtype", [((12, 3), None, torch.float32), ((4, 3, 2, 3), torch.channels_last,
+                         torch.float64), ((3, 2, 5), None, torch.bfloat16)])  # fmt: skip
+def test_module_on_the_cuda_path_under_the_simulator(device_path, shape, fmt, dtype):
+    """Module steps (forward, backward, eval) on the CUDA path match torch's in float64."""
+    check_module_steps("cpu", dtype, shape, fmt)
+    assert device_path and set(device_path) == {"_DeviceCall"}
+
+
 @pytest.mark.gpu
 def test_module_matches_torch_over_steps_on_cuda():
     """Every case of the CPU test on CUDA tensors (run in a lent-GPU session)."""
@@ -549,3 +587,28 @@ def test_parameter_views_follow_their_tensors():
     del w
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.sim
+def test_custom_ops_on_the_cuda_path_under_the_simulator(device_path):
+    """The torch.compile operators through the CUDA path: opcheck, and their
+    results against torch's batch norm in float64."""
+    x = make_input((6, 3, 4), None, torch.float32, "cpu")
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    torch.library.opcheck(torch.ops.gpubn.batch_norm.default, (x, w, b, rm, rv, True, 0.1, 1e-5, ""))
+    y, coef, new_mean, new_var = torch.ops.gpubn.batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5, "")
+    xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+    rmr, rvr = rm.double(), rv.double()
+    yr = torch.nn.functional.batch_norm(xr, rmr, rvr, wr, br, True, 0.1, 1e-5)
+    close(y, yr, torch.float32)
+    close(new_mean, rmr, torch.float32)
+    close(new_var, rvr, torch.float32)
+    dy = torch.randn(x.shape)
+    dx, dw, db = torch.ops.gpubn.batch_norm_backward(dy, x, coef, True, "")
+    torch.library.opcheck(torch.ops.gpubn.batch_norm_backward.default, (dy, x, coef, True, ""))
+    yr.backward(dy.double())
+    close(dx, xr.grad, torch.float32)
+    close(dw, wr.grad, torch.float32, scale=np.sqrt(24))
+    close(db, br.grad, torch.float32, scale=np.sqrt(24))
+    assert set(device_path) == {"_DeviceCall"}
