@@ -105,14 +105,15 @@ def device_view(a, desc=None):
     desc = dict(device_interface(a) if desc is None else desc)
     desc.pop("stream", None)  # recorded by the caller (launch_stream), not synchronized on
     if cuda.config.ENABLE_CUDASIM:
-        view = _simulated_view(desc)
-        view.gpubn_owner = a  # a view keeps its memory's owner alive, as numba's does (owner=a)
-        return view
+        return _simulated_view(desc, a)
     return cuda.from_cuda_array_interface(desc, owner=a, sync=False)
 
 
-def _simulated_view(desc):
-    """A simulator device array over the host memory an interface dict points to."""
+def _simulated_view(desc, owner):
+    """A simulator device array over the host memory an interface dict
+    points to.  The view, and every slice of it, keeps ``owner`` alive (as
+    numba's views of device memory do): a row of a new array, kept after
+    the array itself is dropped, must not point into freed memory."""
     import ctypes
 
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
@@ -124,6 +125,7 @@ def _simulated_view(desc):
         strides = tuple(int(np.prod(shape[k + 1 :])) * dtype.itemsize for k in range(len(shape)))
     span = dtype.itemsize + sum((n - 1) * s for n, s in zip(shape, strides, strict=True)) if all(shape) else 0
     buffer = (ctypes.c_char * max(span, 1)).from_address(desc["data"][0])
+    buffer.owner = owner  # the NumPy array's base, and every slice's
     return FakeCUDAArray(np.ndarray(shape, dtype, buffer=buffer, strides=strides))
 
 

@@ -112,3 +112,22 @@ def spy_launches(monkeypatch, module, names) -> list:
     for name in names:
         monkeypatch.setattr(module, name, _Spy(getattr(module, name), name, seen))
     return seen
+
+
+@pytest.fixture
+def torch_as_cuda(monkeypatch):
+    """CPU torch tensors posing as CUDA tensors, under the simulator: gpubn
+    reads them through ``__cuda_array_interface__`` as it builds it for torch
+    (``_arrays._torch_interface``), on torch's "current stream" (handle 0),
+    and allocates from torch.  What a GPU adds (device memory, streams, the
+    driver launch) is not here; what gpubn does with torch's CUDA tensors is."""
+    if not SIM:
+        pytest.skip("CPU tensors posing as CUDA ones: the simulator only")
+    import types
+
+    torch = pytest.importorskip("torch")
+    import gpubn._arrays as arrays
+
+    monkeypatch.setattr(arrays, "_is_torch_cuda", lambda a: isinstance(a, torch.Tensor))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    return torch

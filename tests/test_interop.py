@@ -153,19 +153,36 @@ def test_kernels_launch_on_the_interfaces_stream(monkeypatch, rng, stream, handl
 @pytest.mark.skipif(SIM, reason="needs a real GPU")
 def test_torch_tensors_in_torch_tensors_out(rng):
     torch = pytest.importorskip("torch")
+    check_torch_tensors(torch, rng, "cuda")
+
+
+def test_torch_tensors_in_torch_tensors_out_under_the_simulator(torch_as_cuda, rng):
+    """The same on CPU tensors posing as CUDA ones (conftest's ``torch_as_cuda``)."""
+    check_torch_tensors(torch_as_cuda, rng, "cpu")
+
+
+def check_torch_tensors(torch, rng, device):
     x = (2 + rng.standard_normal((8, 4, 5))).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
-    xt, dyt = torch.from_numpy(x).cuda(), torch.from_numpy(dy).cuda()
-    rm, rv = torch.zeros(4, device="cuda"), torch.ones(4, device="cuda")
+    xt, dyt = torch.from_numpy(x).to(device), torch.from_numpy(dy).to(device)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
     y, cache = gpubn.batch_norm_forward(xt, running_mean=rm, running_var=rv, backend="cuda")
     assert isinstance(y, torch.Tensor) and y.device == xt.device and y.dtype == xt.dtype
     np.testing.assert_allclose(y.cpu().numpy(), forward(x, None, None, 1)[0], **tol(np.float32))
     np.testing.assert_allclose(rm.cpu().numpy(), running_update(np.zeros(4), np.ones(4), x, 1, 0.1)[0], atol=1e-5)
     dx, dgamma, dbeta = gpubn.batch_norm_backward(dyt, cache)
-    assert all(isinstance(a, torch.Tensor) for a in (dx, dgamma, dbeta))
-    np.testing.assert_allclose(dx.cpu().numpy(), backward(dy, x, None, 1)[0], **grad_tol(np.float32))
+    assert all(isinstance(a, torch.Tensor) and a.device == xt.device for a in (dx, dgamma, dbeta))
+    ref = backward(dy, x, None, 1)
+    np.testing.assert_allclose(dx.cpu().numpy(), ref[0], **grad_tol(np.float32))
+    for ours, theirs in zip((dgamma, dbeta), ref[1:], strict=True):
+        np.testing.assert_allclose(ours.cpu().numpy(), theirs, rtol=1e-4, atol=1e-4 * np.sqrt(x.size / 4))
     mean, var = gpubn.batch_stats(xt, backend="cuda")
-    assert isinstance(mean, torch.Tensor)
+    assert isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)
+    np.testing.assert_allclose(mean.cpu().numpy(), x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var.cpu().numpy(), x.astype(np.float64).var(axis=(0, 2)), rtol=1e-5, atol=1e-6)
+    z = gpubn.normalize(xt, mean, var, backend="cuda")
+    assert isinstance(z, torch.Tensor) and z.device == xt.device
+    np.testing.assert_allclose(z.cpu().numpy(), forward(x, None, None, 1)[0], **tol(np.float32))
 
 
 @pytest.mark.gpu

@@ -65,21 +65,13 @@ def test_module_matches_torch_over_steps(dtype, shape, fmt):
 
 
 @pytest.fixture
-def device_path(monkeypatch):
-    """CPU tensors through gpubn.torch's CUDA path, under the simulator: the
-    CUDA call record (``_DeviceCall``), numba views of the tensors' memory
-    (``__cuda_array_interface__`` as gpubn builds it for torch), new tensors
-    from torch's allocator, the CUDA plans and kernels.  What a GPU adds
-    (device memory, streams, the driver launch) is not here."""
-    if not SIM:
-        pytest.skip("runs the CUDA path on CPU tensors: the simulator only")
-    import types
-
-    import gpubn._arrays as arrays
-
+def device_path(monkeypatch, torch_as_cuda):
+    """gpubn.torch's CUDA path on CPU tensors (conftest's ``torch_as_cuda``):
+    the CUDA call record (``_DeviceCall``), numba views of the tensors'
+    memory, new tensors from torch's allocator, the CUDA plans and kernels.
+    Returns the names of the call records that allocated (all should be
+    _DeviceCall)."""
     monkeypatch.setattr(gt, "_on_gpu", lambda t: True)
-    monkeypatch.setattr(arrays, "_is_torch_cuda", lambda a: isinstance(a, torch.Tensor))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
     seen = []
     monkeypatch.setattr(gt._DeviceCall, "rows", _spy(gt._DeviceCall.rows, seen))
     return seen
