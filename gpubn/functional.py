@@ -290,16 +290,10 @@ def moments(x, axis: int = 1, backend=None, mask=None) -> Moments:
 
 def _stats_of(inp: _Input, mask=None):
     """The (5, C) forward constants of a materialized input (its statistics
-    in MEAN and VAR), on the backend's side."""
-    C = inp.C
-    ones = channel_vector(None, "gamma", C, inp.acc, inp.backend, fill=1.0, stream=inp.stream)
-    zeros = channel_vector(None, "beta", C, inp.acc, inp.backend, fill=0.0, stream=inp.stream)
-    coef = inp.empty(rows=5)
-    unused = inp.empty(rows=2)  # the running statistics' place (update=False: never written)
-    inp.plan.forward_train(
-        inp.view, mask, coef, ones, zeros, unused[0], unused[1], 0.0, 0.0, False, 0, None, None, **inp.launch
-    )
-    return coef
+    in MEAN and VAR), on the backend's side: a training forward that writes no y."""
+    ones = channel_vector(None, "gamma", inp.C, inp.acc, inp.backend, fill=1.0, stream=inp.stream)
+    zeros = channel_vector(None, "beta", inp.C, inp.acc, inp.backend, fill=0.0, stream=inp.stream)
+    return _forward(inp, ones, zeros, None, None, 0.0, 0.0, True, False, 0, None, mask, None)
 
 
 @_on_input_device

@@ -17,7 +17,7 @@ norm's traffic.
 No activation is None on both backends, as every absent optional input (a
 None argument removes its code when the kernel is compiled).  An activation
 travels as its int code (``ACTIVATIONS``) to the CUDA kernels (a uniform
-branch per element) and as a token to the CPU kernels (``act_token``: a
+branch per element) and as a token to the CPU kernels (``TOKENS[code]``: a
 constant to the compiler, one branch-free loop per activation); a plan
 converts the code once per call.  The kernels are in ``normalize.py`` (forward)
 and ``backward.py``.
@@ -77,11 +77,6 @@ TOKENS = (None, *((None,) * code for code in range(1, len(ACTIVATIONS))))
 CUDA_CODES = (None, RELU, SIGMOID, TANH)
 
 
-def act_token(code: int) -> tuple:
-    """``TOKENS[code]``: the activation as the CPU kernels take it."""
-    return TOKENS[int(code)]
-
-
 @numba.njit(**JIT_STREAM)  # the flags of the CPU kernels that call it: cacheable
 def relu_slope(v):
     """relu'(v): 1 where v > 0 (1 and 0 are exact in float32: float32 arithmetic stays float32)."""
@@ -107,7 +102,7 @@ def slope(v, act):
     """g'(v), the derivative of the activation ``act`` at the pre-activation v.
 
     The CUDA kernels branch on ``act`` per element (a uniform branch); the CPU
-    kernels pass ``len`` of an ``act_token``, a constant, so that the compiler
+    kernels pass ``len`` of a token (``TOKENS``), a constant, so that the compiler
     folds the branches and sees one branch-free loop per activation."""
     if act == RELU:
         return relu_slope(v)

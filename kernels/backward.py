@@ -135,7 +135,7 @@ def input_grad_at(dy, x, z, mask, o, c, i, coef, m, a, beta, bx, k, act, dx, dz)
 # CPU twin
 #
 # Fused with an activation, the kernels turn dy into dv = dy * g'(v) where they
-# read it.  They take the activation as a token (``activation.act_token``: a
+# read it.  They take the activation as a token (``activation.TOKENS``: a
 # tuple whose length is the code, () for plain batch norm), a constant to the
 # compiler: each activation gets its own branch-free loop, which it vectorises.
 
@@ -324,7 +324,7 @@ def backward_inner_cpu(dy, x, z, mask, coef, training, n, bcoef, dgamma, dbeta, 
     the sums over the True positions of ``mask`` (outer, inner) (None: all),
     dgamma, dbeta and bcoef, then dx = A * dv + B * (x - mean) + K (0 outside
     the mask; dz = dv when given).  n: the values per channel the forward's
-    statistics came from; act: a token (``activation.act_token``)."""
+    statistics came from; act: a token (``activation.TOKENS``)."""
     sums = np.empty((2, x.shape[1]))
     backward_sums_inner_cpu(dy, x, coef, sums, act, z, mask)
     finish_backward_cpu(sums, n, coef, training, bcoef, dgamma, dbeta)

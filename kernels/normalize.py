@@ -132,7 +132,7 @@ def forward_train_inner_cpu(x, mask, coef, gamma, beta, rmean, rvar, eps, moment
     """Training forward on x (outer, C, inner), inner > 1: statistics of the
     True positions of ``mask`` (outer, inner) (None: all), coef (5, C) and
     the running statistics (``update``), then y = g(BN(x) (+ z)) (y None:
-    statistics only).  act: a token (``activation.act_token``)."""
+    statistics only).  act: a token (``activation.TOKENS``)."""
     moments = np.empty((3, x.shape[1]))
     moments_inner_cpu(x, mask, moments)
     finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, update)
@@ -169,7 +169,7 @@ def forward_eval_channels_cpu(x, mean, var, gamma, beta, eps, coef, act, z, y):
 def scale_shift_cpu(x, coef, y, act=None, z=None):
     """y = g((x - mean) * scale + bias (+ z)) on (outer, C, inner) views x, z, y
     (float32/64, or float16 as its bits: ``half.bits``); act: None, or the
-    activation as a token (``activation.act_token``), z None for no residual."""
+    activation as a token (``activation.TOKENS``), z None for no residual."""
     if x.shape[2] > 1:
         scale_shift_inner_cpu(x, z, coef, act, y)
     else:  # a 2-D view: the compiler then knows the channels are contiguous
