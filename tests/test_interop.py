@@ -161,6 +161,35 @@ def test_torch_tensors_in_torch_tensors_out_under_the_simulator(torch_as_cuda, r
     check_torch_tensors(torch_as_cuda, rng, "cpu")
 
 
+def test_layer_standardizer_and_moments_on_torch_tensors_under_the_simulator(torch_as_cuda, rng):
+    """gpubn.BatchNorm (its state moved to the device at the first torch
+    tensor), Standardizer and moments on CPU tensors posing as CUDA ones:
+    torch tensors out, the values of the float64 reference."""
+    torch = torch_as_cuda
+    x = (2 + rng.standard_normal((8, 4, 5))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    bn = gpubn.BatchNorm(4, backend="cuda")
+    y = bn(torch.from_numpy(x))
+    assert isinstance(y, torch.Tensor) and bn.on_device
+    np.testing.assert_allclose(y.numpy(), forward(x, None, None, 1)[0], **tol(np.float32))
+    dx = bn.backward(torch.from_numpy(dy))
+    ref = backward(dy, x, None, 1)
+    assert isinstance(dx, torch.Tensor)
+    np.testing.assert_allclose(dx.numpy(), ref[0], **grad_tol(np.float32))
+    np.testing.assert_allclose(host(bn.grads["beta"]), ref[2], rtol=1e-4, atol=1e-4 * np.sqrt(x.size / 4))
+    np.testing.assert_allclose(host(bn.running_mean), running_update(np.zeros(4), np.ones(4), x, 1, 0.1)[0], atol=1e-5)
+    x2 = np.ascontiguousarray(x.transpose(0, 2, 1).reshape(40, 4))
+    sc = gpubn.Standardizer(backend="cuda").fit(torch.from_numpy(x2))
+    z = sc.transform(torch.from_numpy(x2))
+    ref64 = x2.astype(np.float64)
+    assert isinstance(z, torch.Tensor)
+    np.testing.assert_allclose(z.numpy(), (ref64 - ref64.mean(0)) / ref64.std(0), **tol(np.float32))
+    m = gpubn.moments(torch.from_numpy(x), backend="cuda")
+    np.testing.assert_allclose(m.mean, x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(m.m2, ((x - x.astype(np.float64).mean(axis=(0, 2))[:, None]) ** 2).sum(axis=(0, 2)),
+                               rtol=1e-5)  # fmt: skip
+
+
 def check_torch_tensors(torch, rng, device):
     x = (2 + rng.standard_normal((8, 4, 5))).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)

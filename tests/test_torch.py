@@ -604,3 +604,24 @@ def test_custom_ops_on_the_cuda_path_under_the_simulator(device_path):
     close(dw, wr.grad, torch.float32, scale=np.sqrt(24))
     close(db, br.grad, torch.float32, scale=np.sqrt(24))
     assert set(device_path) == {"_DeviceCall"}
+
+
+@pytest.mark.sim
+def test_fused_activation_and_float16_on_the_cuda_path_under_the_simulator(device_path):
+    """A module with a fused activation, and float16 input (float32 parameters), on the CUDA path."""
+    torch.manual_seed(0)
+    ours, ref = gt.BatchNorm2d(3, activation="tanh").double(), torch.nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+        ref.load_state_dict(ours.state_dict())
+    x, dy = torch.randn(2, 3, 3, 4, dtype=torch.float64), torch.randn(2, 3, 3, 4, dtype=torch.float64)
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yo, yr = ours(xo), torch.tanh(ref(xr))
+    torch.testing.assert_close(yo, yr)
+    yo.backward(dy)
+    yr.backward(dy)
+    for a, b in ((xo.grad, xr.grad), (ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)):
+        torch.testing.assert_close(a, b)
+    check_module_steps("cpu", torch.float16, (6, 3, 4), None)
+    assert set(device_path) == {"_DeviceCall"}
