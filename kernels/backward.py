@@ -46,7 +46,7 @@ from numba import cuda, prange
 from .activation import slope
 from .common import (
     CHUNK,
-    JIT,
+    JIT_STEP,
     JIT_STREAM,
     MAX_THREADS,
     block_sum2,
@@ -254,7 +254,7 @@ def backward_sums_channels_cpu(dy, x, coef, out, act, z, rows):
     sum_parts(part, out)
 
 
-@cpu_driver
+@cpu_driver(step=True)
 def backward_sums_folded_cpu(dyf, xf, zf, coef, act, rows, out):
     """out (2, C) float64 <- sum(dv), sum(dv * (x - mean)) per channel of
     2-D dy, x (and z) with contiguous channels, folded f rows side by side
@@ -272,7 +272,7 @@ def backward_sums_folded_cpu(dyf, xf, zf, coef, act, rows, out):
             out[j, c] = t
 
 
-@numba.njit(**JIT)
+@numba.njit(**JIT_STEP)
 def finish_backward_cpu(sums, n, coef, training, bcoef, dgamma, dbeta):
     for c in range(coef.shape[1]):
         finish_backward_channel_cpu(c, n, sums[0, c], sums[1, c], coef, training, bcoef, dgamma, dbeta)

@@ -28,7 +28,7 @@ from numba import cuda, prange
 
 from .activation import activate, forward_at
 from .common import (
-    JIT,
+    JIT_STEP,
     JIT_STREAM,
     channel_launch_config,
     channel_parts,
@@ -61,7 +61,7 @@ def affine_channel(c, mean, var, gamma, beta, eps, coef):
 affine_channel_cpu, affine_channel_cuda = twin(affine_channel)
 
 
-@numba.njit(**JIT)
+@numba.njit(**JIT_STEP)
 def affine_coefficients_cpu(mean, var, gamma, beta, eps, coef):
     """coef (5, C) out from (C,) mean, var, gamma, beta and float eps."""
     for c in range(coef.shape[1]):

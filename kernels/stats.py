@@ -67,6 +67,7 @@ from .activation import forward_at
 from .common import (
     CHUNK,
     JIT,
+    JIT_STEP,
     JIT_STREAM,
     MAX_THREADS,
     PARALLEL_MIN_ELEMENTS,
@@ -261,7 +262,7 @@ def channel_moments_channels_cpu(x, rows, center, out):
         out[2, c] = m2[c]
 
 
-@numba.njit(**JIT)
+@numba.njit(**JIT_STEP)
 def leading_center(x, mask):
     """Per-channel mean of the first CENTER_ROWS positions (o, i) of x (outer,
     C, inner) in row-major order, only those where ``mask`` (outer, inner) is
@@ -287,7 +288,7 @@ def leading_center(x, mask):
     return center
 
 
-@numba.njit(**JIT)
+@numba.njit(**JIT_STEP)
 def recenter(moments, center):
     """Move center[c] to the measured mean where n * (center - mean)**2 > RECENTER * M2;
     True if any moved."""
@@ -300,7 +301,7 @@ def recenter(moments, center):
     return moved
 
 
-@numba.njit(**JIT)
+@numba.njit(**JIT_STEP)
 def merge_groups(part, center, out):
     """out (3, C) <- count, mean, M2 of every channel from the ``groups``
     side-by-side partials in part (3, groups * C) of (count, mean - center,
@@ -320,7 +321,7 @@ def merge_groups(part, center, out):
         out[2, c] = m2[c]
 
 
-@cpu_driver
+@cpu_driver(step=True)
 def moments_inner_cpu(x, mask, out):
     """out (3, C) float64 <- count, mean, M2 of every channel of x (outer, C,
     inner), inner > 1; only the True positions of ``mask`` (outer, inner)
@@ -333,7 +334,7 @@ def moments_inner_cpu(x, mask, out):
         channel_moments_inner_cpu(x, mask, center, out)
 
 
-@cpu_driver
+@cpu_driver(step=True)
 def moments_channels_cpu(x, xf, rows, out):
     """moments_inner_cpu for x (outer, C) with contiguous channels, over the
     ``rows`` listed (int64, the unmasked rows; xf is then x) or all of them
@@ -368,7 +369,7 @@ def channel_moments_cpu(x, out, mask=None):
     moments_channels_cpu.variant(x.size >= PARALLEL_MIN_ELEMENTS)(x2, xf, rows, out)
 
 
-@numba.njit(**JIT)
+@numba.njit(**JIT_STEP)
 def finish_channels_cpu(moments, coef, gamma, beta, rmean, rvar, eps, momentum, update):
     """finish_channel for every channel from channel_moments_cpu's output."""
     for c in range(coef.shape[1]):
