@@ -155,7 +155,7 @@ def _dv(dy, x, z, i, m, s, b, act):
     return g, d
 
 
-@numba.njit(**JIT_STREAM)
+@numba.njit(**JIT_STREAM)  # not inlined: the None test on ``keep`` must stay an argument's
 def _run_sums(dy, x, z, keep, m, s, b, act):
     """sum(dv) and sum(dv * (x - m)) of 1-D runs dy, x (and z), in their compute
     dtype, over the positions where ``keep`` is True (None: all of them)."""
@@ -198,7 +198,7 @@ def _terms(dy, x, z, coef, o, c, act):
     return g, g * d
 
 
-@numba.njit(**JIT_STREAM)
+@numba.njit(inline="always", **JIT_STREAM)
 def _rows_sums(dy, x, z, coef, o0, o1, s1, s2, act, rows):
     """s1 += sum(dv), s2 += sum(dv * (x - mean)) over rows [o0, o1) of 2-D dy, x, z
     (vectorised across the C contiguous channels; s1, s2: (C,)); only the rows

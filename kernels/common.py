@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
-from numba import cuda, prange
+from numba import cuda
 from numba import types as nbtypes
 from numba.extending import overload
 
@@ -561,11 +561,12 @@ def row_blocks(outer, C):
     return blocks, rows_per, max(1, min(rows_per, SUB_BLOCK // C, SUB_ROWS))
 
 
-@cpu_kernel
+@numba.njit(inline="always", **JIT_STREAM)
 def sum_parts(part, out):
     """out[j, c] = the float64 sum over k of part[j, k, c], in k's order: the
-    partials of a CPU reduction meet in a fixed order whatever the thread count."""
-    for c in prange(part.shape[2]):
+    partials of a CPU reduction meet in a fixed order whatever the thread count
+    (serially: a few blocks' or rows' partials per channel)."""
+    for c in range(part.shape[2]):
         for j in range(part.shape[0]):
             t = 0.0
             for k in range(part.shape[1]):

@@ -126,7 +126,7 @@ finish_channel_cpu, finish_channel_cuda = twin(finish_channel)
 # CPU twin
 
 
-@numba.njit(**JIT_STREAM)
+@numba.njit(inline="always", **JIT_STREAM)
 def _centered_sums(v, center):
     """sum(v - center) and sum((v - center)**2) of a 1-D run, in v's compute dtype."""
     d = compute_dtype(v)(0)
@@ -138,7 +138,7 @@ def _centered_sums(v, center):
     return d, q
 
 
-@numba.njit(**JIT_STREAM)
+@numba.njit(inline="always", **JIT_STREAM)
 def _masked_sums(v, keep, center):
     """_centered_sums over the values of v where ``keep`` is True (masked
     values never enter the arithmetic: a NaN there changes nothing)."""
