@@ -46,7 +46,7 @@ from numba import cuda, prange
 from .activation import slope
 from .common import (
     CHUNK,
-    JIT_STEP,
+    JIT,
     JIT_STREAM,
     MAX_THREADS,
     block_sum2,
@@ -272,7 +272,7 @@ def backward_sums_folded_cpu(dyf, xf, zf, coef, act, rows, out):
             out[j, c] = t
 
 
-@numba.njit(**JIT_STEP)
+@numba.njit(**JIT)  # called, not inlined (as stats.finish_channels_cpu)
 def finish_backward_cpu(sums, n, coef, training, bcoef, dgamma, dbeta):
     for c in range(coef.shape[1]):
         finish_backward_channel_cpu(c, n, sums[0, c], sums[1, c], coef, training, bcoef, dgamma, dbeta)
