@@ -168,6 +168,29 @@ def test_functional_matches_torch_and_updates_in_place():
     close(y, torch.nn.functional.batch_norm(x.double(), rm_ref, rv_ref), torch.float32)
 
 
+def test_eager_call_without_torchs_python_wrapper_is_the_same_call():
+    """batch_norm calls its autograd Function without ``Function.apply``'s
+    Python wrapper when no functorch transform is active: the same output,
+    gradients and running statistics, bit for bit, as through the wrapper;
+    under a transform the wrapper runs (and refuses: no setup_context yet)."""
+    results = []
+    for via_wrapper in (False, True):
+        x = make_input((8, 3, 4), None, torch.float32, "cpu").requires_grad_()
+        w, b = torch.linspace(0.5, 2.0, 3, requires_grad=True), torch.linspace(-1.0, 1.0, 3, requires_grad=True)
+        rm, rv = torch.zeros(3), torch.ones(3)
+        if via_wrapper:
+            y = gt._BatchNorm.apply(x, w, b, (rm, rv, True, 0.1, 1e-5, 0))
+        else:
+            y = gt.batch_norm(x, rm, rv, w, b, training=True)
+        (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+        results.append((y.detach(), x.grad, w.grad, b.grad, rm, rv))
+    for fast, wrapped in zip(*results, strict=True):
+        assert torch.equal(fast, wrapped)
+    x = make_input((8, 3), None, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda x: gt.batch_norm(x, None, None, training=True).pow(3).sum())(x)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_float64(training):
     g = torch.Generator().manual_seed(3)
