@@ -179,16 +179,17 @@ def channel_moments_inner_cpu(x, mask, center, out):
                 q += s2
             part[0, o, c] = d
             part[1, o, c] = q
-    total = np.zeros((2, C))
+    for c in range(C):  # D and Q summed in out[1], out[2]: loops, not np.zeros (a parfor of its own)
+        out[1, c] = out[2, c] = 0.0
     for o in range(outer):
         for c in range(C):
-            total[0, c] += part[0, o, c]
-            total[1, c] += part[1, o, c]
+            out[1, c] += part[0, o, c]
+            out[2, c] += part[1, o, c]
     n = outer * inner
     if mask is not None:
         n = np.count_nonzero(mask)
     for c in range(C):
-        out[0, c], out[1, c], out[2, c] = shifted_to_moments(n, center[c], total[0, c], total[1, c])
+        out[0, c], out[1, c], out[2, c] = shifted_to_moments(n, center[c], out[1, c], out[2, c])
 
 
 @numba.njit(**JIT)
@@ -249,17 +250,15 @@ def channel_moments_channels_cpu(x, rows, center, out):
             n += o1 - o0
         for c in range(C):
             part[0, k, c] = n
-    mean = np.zeros(C)
-    m2 = np.zeros(C)
+    for c in range(C):  # the blocks merged in out[1], out[2]: loops, not np.zeros (a parfor of its own)
+        out[1, c] = out[2, c] = 0.0
     n = 0.0
     for k in range(blocks):
         nb = part[0, k, 0]
-        merge_moments(mean, m2, n, nb, part[1, k], part[2, k])
+        merge_moments(out[1], out[2], n, nb, part[1, k], part[2, k])
         n += nb
     for c in range(C):
         out[0, c] = n
-        out[1, c] = mean[c]
-        out[2, c] = m2[c]
 
 
 @numba.njit(**JIT_STEP)
@@ -269,7 +268,9 @@ def leading_center(x, mask):
     True when a mask is given; in x's compute dtype, 0 where not finite (an Inf
     there must not become the center)."""
     outer, C, inner = x.shape
-    total = np.zeros(C)
+    total = np.empty(C)  # np.empty and loops, not np.zeros: one overload less to compile
+    for c in range(C):
+        total[c] = 0.0
     taken = 0
     for p in range(outer * inner):
         if taken == CENTER_ROWS:
@@ -280,11 +281,10 @@ def leading_center(x, mask):
             taken += 1
             for c in range(C):
                 total[c] += widen(x[o, c, i])
-    center = np.zeros(C, compute_dtype(x))
+    center = np.empty(C, compute_dtype(x))
     for c in range(C):
         m = total[c] / max(taken, 1)
-        if math.isfinite(m):
-            center[c] = m
+        center[c] = m if math.isfinite(m) else 0.0
     return center
 
 
