@@ -179,17 +179,18 @@ def channel_moments_inner_cpu(x, mask, center, out):
                 q += s2
             part[0, o, c] = d
             part[1, o, c] = q
-    for c in range(C):  # D and Q summed in out[1], out[2]: loops, not np.zeros (a parfor of its own)
-        out[1, c] = out[2, c] = 0.0
+    total = np.empty((2, C))  # float64 D and Q whatever out's dtype
+    for c in range(C):  # loops, not np.zeros: in a parallel kernel np.zeros is a parfor of its own
+        total[0, c] = total[1, c] = 0.0
     for o in range(outer):
         for c in range(C):
-            out[1, c] += part[0, o, c]
-            out[2, c] += part[1, o, c]
+            total[0, c] += part[0, o, c]
+            total[1, c] += part[1, o, c]
     n = outer * inner
     if mask is not None:
         n = np.count_nonzero(mask)
     for c in range(C):
-        out[0, c], out[1, c], out[2, c] = shifted_to_moments(n, center[c], out[1, c], out[2, c])
+        out[0, c], out[1, c], out[2, c] = shifted_to_moments(n, center[c], total[0, c], total[1, c])
 
 
 @numba.njit(**JIT)
@@ -250,15 +251,18 @@ def channel_moments_channels_cpu(x, rows, center, out):
             n += o1 - o0
         for c in range(C):
             part[0, k, c] = n
-    for c in range(C):  # the blocks merged in out[1], out[2]: loops, not np.zeros (a parfor of its own)
-        out[1, c] = out[2, c] = 0.0
+    total = np.empty((2, C))  # the blocks merged in float64: mean - center, M2
+    for c in range(C):  # loops, not np.zeros: in a parallel kernel np.zeros is a parfor of its own
+        total[0, c] = total[1, c] = 0.0
     n = 0.0
     for k in range(blocks):
         nb = part[0, k, 0]
-        merge_moments(out[1], out[2], n, nb, part[1, k], part[2, k])
+        merge_moments(total[0], total[1], n, nb, part[1, k], part[2, k])
         n += nb
     for c in range(C):
         out[0, c] = n
+        out[1, c] = total[0, c]
+        out[2, c] = total[1, c]
 
 
 @numba.njit(**JIT_STEP)

@@ -137,3 +137,18 @@ def test_offset_variance_no_worse_than_torch(backend, rng, offset):
     ours = np.abs(var - ref).max() / ref.max()
     theirs = np.abs(t_var - ref).max() / ref.max()
     assert ours <= max(theirs, 1e-6), (ours, theirs)
+
+
+@pytest.mark.parametrize("shape", [(64, 8, 50), (100, 16, 1)], ids=["inner", "channels"])
+def test_kernel_moments_accumulate_in_float64_whatever_out_dtype(rng, shape):
+    """kernels.channel_moments_cpu (called directly, as examples/kernels_direct.py
+    does) sums and merges in float64 and only stores into ``out``: a float32
+    ``out`` holds the float64 results rounded once (summed in a float32 ``out``,
+    M2 of the inner shape was 6x further from the float64 value)."""
+    from gpubn.kernels import channel_moments_cpu
+
+    x = (1000 + 0.01 * rng.standard_normal(shape)).astype(np.float32)
+    out64, out32 = np.empty((3, shape[1])), np.empty((3, shape[1]), np.float32)
+    channel_moments_cpu(x, out64)
+    channel_moments_cpu(x, out32)
+    np.testing.assert_array_equal(out32, out64.astype(np.float32))
