@@ -86,7 +86,14 @@ class CPUKernel:
     the kernels and drivers it names in its parallel variant, the serial ones
     in its serial variant.  Variants are built at their first use (the
     module's names are all defined by then).  Calling the object picks by the
-    size of its first argument (a plan picks once per shape: ``variant``)."""
+    size of its first argument (a plan picks once per shape: ``variant``).
+
+    A parallel variant starts numba's thread pool before it is compiled or
+    loaded from the disk cache.  numba starts it when it loads a cached
+    parallel function, but a driver compiled where its kernels were loaded
+    from the cache is saved without that step, and the next process to load
+    that driver first called a null pointer (a segmentation fault, found
+    2026-12-03: ``tests/test_cache.py``)."""
 
     def __init__(self, fn, options):
         self.py_func = fn
@@ -105,6 +112,8 @@ class CPUKernel:
                     scope[name] = value.variant(parallel)
             suffix = "_parallel" if parallel else "_serial"
             options = self.options[0] if parallel else self.options[1]
+            if parallel:
+                numba.get_num_threads()  # starts the thread pool (see the class docstring)
             v = self._variants[parallel] = numba.njit(**options)(renamed(self.py_func, suffix, scope))
         return v
 

@@ -8,9 +8,13 @@ cached the serial one).
 """
 
 import importlib.util
+import os
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from gpubn.kernels.common import cpu_kernel
 
@@ -111,3 +115,32 @@ def test_processes_compiling_at_once_never_share_a_cache_file(tmp_path, monkeypa
         got = a.load(key)
         assert got is None or got == code  # missing (a recompile) or right, never another key's
     assert a.load("key-B") == b"code of B"  # the last index written
+
+
+FIRST_KERNEL = """
+import numpy as np
+from gpubn.kernels import stats
+stats.channel_moments_channels_cpu.parallel(np.ones((4096, 32), np.float32), None, np.zeros(32, np.float32),
+                                            np.empty((3, 32)))
+"""
+FIRST_DRIVER = """
+import numpy as np, gpubn
+x = np.random.default_rng(0).standard_normal((4096, 32)).astype(np.float32)
+mean, var = gpubn.batch_stats(x, axis=1, backend="cpu")
+print(float(np.abs(mean - x.mean(axis=0)).max()), float(np.abs(var - x.var(axis=0)).max()))
+"""
+
+
+@pytest.mark.subprocess
+def test_driver_compiled_over_cached_kernels_loads_in_a_fresh_process(tmp_path):
+    """A parallel kernel cached by one process; a second loads it and compiles
+    the driver that calls it (numba saves that driver without its step that
+    starts the thread pool); a third process loads the driver as its first
+    parallel code.  Before CPUKernel started the pool itself, the third
+    process died of a segmentation fault."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), GPUBN_BACKEND="cpu")
+    for step, code in enumerate((FIRST_KERNEL, FIRST_DRIVER, FIRST_DRIVER)):
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"process {step + 1}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
+        if code is FIRST_DRIVER:
+            assert max(map(float, proc.stdout.split())) < 1e-5, proc.stdout
