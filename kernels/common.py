@@ -14,7 +14,10 @@ which never subtracts two large sums, so an offset of 1e6 over a spread of 1 in
 float32 loses nothing (unlike ``E[x^2] - E[x]^2``).
 """
 
+import functools
 import math
+import os
+import threading
 import types
 from typing import NamedTuple
 
@@ -93,7 +96,8 @@ class CPUKernel:
     parallel function, but a driver compiled where its kernels were loaded
     from the cache is saved without that step, and the next process to load
     that driver first called a null pointer (a segmentation fault, found
-    2026-12-03: ``tests/test_cache.py``)."""
+    2026-12-03: ``tests/test_cache.py``).  Python calls a variant through
+    ``entry``, which keeps the pool's rules (``_enter_pool``)."""
 
     def __init__(self, fn, options):
         self.py_func = fn
@@ -101,6 +105,7 @@ class CPUKernel:
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
         self._variants = {}
+        self._entries = {}
 
     def variant(self, parallel: bool):
         v = self._variants.get(parallel)
@@ -113,9 +118,18 @@ class CPUKernel:
             suffix = "_parallel" if parallel else "_serial"
             options = self.options[0] if parallel else self.options[1]
             if parallel:
-                numba.get_num_threads()  # starts the thread pool (see the class docstring)
+                _start_pool()  # see the class docstring
             v = self._variants[parallel] = numba.njit(**options)(renamed(self.py_func, suffix, scope))
         return v
+
+    def entry(self, parallel: bool):
+        """The variant as Python calls it: the serial one itself, the parallel
+        one through ``_enter_pool``."""
+        e = self._entries.get(parallel)
+        if e is None:
+            v = self.variant(parallel)
+            e = self._entries[parallel] = functools.partial(_enter_pool, v, self) if parallel else v
+        return e
 
     @property
     def parallel(self):
@@ -126,7 +140,52 @@ class CPUKernel:
         return self.variant(False)
 
     def __call__(self, x, *args):
-        return self.variant(x.size >= PARALLEL_MIN_ELEMENTS)(x, *args)
+        return self.entry(x.size >= PARALLEL_MIN_ELEMENTS)(x, *args)
+
+
+#: numba's thread pool as gpubn's Python calls must treat it (``_enter_pool``):
+#: ``layer`` once gpubn started it; ``lock``, held around every call of
+#: parallel code where the layer is workqueue (not thread-safe: two Python
+#: threads inside it abort the process, as a Dask threaded scheduler did);
+#: ``forked``, in a child forked after the pool started under GNU OpenMP (not
+#: fork-safe: the child's first parallel region aborts it, and a
+#: multiprocessing pool waits forever), where the serial variants run instead.
+_pool = types.SimpleNamespace(layer=None, lock=None, forked=False)
+
+
+def _start_pool():
+    """Start numba's thread pool (before any parallel code is compiled or loaded: CPUKernel) and note its layer."""
+    if _pool.layer is None:
+        numba.get_num_threads()  # starts it
+        _pool.layer = numba.threading_layer()
+        _pool.lock = threading.Lock() if _pool.layer == "workqueue" else None
+
+
+def _enter_pool(variant, kernel, *args):
+    """Call the parallel ``variant`` of ``kernel`` from Python, under ``_pool``'s rules."""
+    if _pool.forked:
+        return kernel.variant(False)(*args)
+    if _pool.lock is None:
+        return variant(*args)
+    with _pool.lock:
+        return variant(*args)
+
+
+def _after_fork_in_child():
+    try:
+        layer = numba.threading_layer()  # ValueError: no pool started (by gpubn or anyone), nothing to keep
+    except ValueError:
+        return
+    if _pool.lock is not None:
+        _pool.lock = threading.Lock()  # another thread may have held the parent's
+    if layer == "omp":
+        from numba.np.ufunc import omppool
+
+        _pool.forked = getattr(omppool, "openmp_vendor", "GNU") == "GNU"
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def cpu_kernel(fn):

@@ -59,13 +59,13 @@ class CPUPlan:
         self.half = np.dtype(dtype) == np.float16  # read as its bits (``half.bits``)
         parallel = outer * C * inner >= PARALLEL_MIN_ELEMENTS
         if self.inner:
-            self._train = normalize.forward_train_inner_cpu.variant(parallel)
-            self._eval = normalize.forward_eval_inner_cpu.variant(parallel)
-            self._backward = backward_inner_cpu.variant(parallel)
+            self._train = normalize.forward_train_inner_cpu.entry(parallel)
+            self._eval = normalize.forward_eval_inner_cpu.entry(parallel)
+            self._backward = backward_inner_cpu.entry(parallel)
         else:
-            self._train = normalize.forward_train_channels_cpu.variant(parallel)
-            self._eval = normalize.forward_eval_channels_cpu.variant(parallel)
-            self._backward = backward_channels_cpu.variant(parallel)
+            self._train = normalize.forward_train_channels_cpu.entry(parallel)
+            self._eval = normalize.forward_eval_channels_cpu.entry(parallel)
+            self._backward = backward_channels_cpu.entry(parallel)
         fold = contiguous and not self.inner and outer * C >= common.FOLD_MIN
         self.fold = fold_factor(outer, C) if fold else 1
         self.folded = (outer // self.fold, self.fold * C)

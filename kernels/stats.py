@@ -70,7 +70,6 @@ from .common import (
     JIT_STEP,
     JIT_STREAM,
     MAX_THREADS,
-    PARALLEL_MIN_ELEMENTS,
     block_merge,
     chan_merge,
     channel_parts,
@@ -370,7 +369,7 @@ def channel_moments_cpu(x, out, mask=None):
     x2 = x[:, :, 0]  # a 2-D view: the compiler then knows the channels are contiguous
     rows = None if mask is None else np.flatnonzero(mask[:, 0])
     xf = fold_rows(x2)[0] if rows is None else x2
-    moments_channels_cpu.variant(x.size >= PARALLEL_MIN_ELEMENTS)(x2, xf, rows, out)
+    moments_channels_cpu(x2, xf, rows, out)
 
 
 @numba.njit(**JIT)  # called, not inlined: inlined beside moments_*_cpu, a driver took 1.3 us more (256, 64)
