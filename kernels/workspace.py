@@ -58,10 +58,14 @@ def workspace(name, shape, dtype, zero=False, stream=0, scratch=None):
 
 
 class _FreeList:
-    """Freed buffers by size in bytes, at most ``limit`` bytes kept (thread-safe)."""
+    """Freed buffers by size in bytes, at most ``limit`` bytes kept (thread-safe).
+
+    The lock is re-entrant: a buffer comes back from a finalizer, which the
+    garbage collector may run inside ``take`` or ``give`` (an allocation there
+    can start a collection that frees a cached array in a reference cycle)."""
 
     def __init__(self, limit: int):
-        self.limit, self.cached, self.free, self.lock = limit, 0, {}, threading.Lock()
+        self.limit, self.cached, self.free, self.lock = limit, 0, {}, threading.RLock()
 
     def take(self, nbytes: int):
         """A kept buffer of ``nbytes``, or None."""

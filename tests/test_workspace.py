@@ -1,5 +1,8 @@
 """The host and device output caches reuse memory only once nothing views it."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -81,3 +84,38 @@ def test_workspaces_are_per_stream():
     assert workspace.workspace("test.work", (3, 4), np.float64, stream=0) is a
     counter = workspace.workspace("test.counter", (5,), np.int32, zero=True, stream=0x5EED)
     np.testing.assert_array_equal(counter.copy_to_host(), 0)
+
+
+FREED_INSIDE_THE_LOCK = """
+import gc, threading
+import subprocess
+import sys
+
+import numpy as np
+from gpubn.kernels import workspace
+
+class Cycle:
+    pass
+
+c = Cycle()
+c.self, c.array = c, workspace.host_empty((512, 1024), np.float32)  # cached, in a reference cycle
+del c
+done = threading.Event()
+
+def inside():
+    with workspace._host.lock:
+        gc.collect()  # what an allocation inside take or give may start
+    done.set()
+
+threading.Thread(target=inside, daemon=True).start()
+print("ok" if done.wait(20) else "deadlock")
+"""
+
+
+@pytest.mark.subprocess
+def test_an_output_freed_by_the_collector_inside_the_cache_lock():
+    """A cached output in a reference cycle goes back to the cache whenever the
+    garbage collector runs, which may be inside the cache's own lock: before
+    the lock was re-entrant, that thread waited for itself forever."""
+    proc = subprocess.run([sys.executable, "-c", FREED_INSIDE_THE_LOCK], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["ok"], proc.stdout + proc.stderr[-2000:]
