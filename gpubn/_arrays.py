@@ -137,6 +137,11 @@ def acc_dtype(dtype) -> np.dtype:
 def check_float(dtype, name: str) -> np.dtype:
     dt = np.dtype(dtype)
     if dt not in FLOAT_DTYPES:
+        if dt.kind == "f" and not dt.isnative:  # '>f4' equals no native dtype
+            raise TypeError(
+                f"{name}: dtype {dt} is in non-native byte order; convert it first "
+                f"(a.astype(a.dtype.newbyteorder('=')))"
+            )
         raise TypeError(f"{name}: dtype {dt} is not supported; expected float16, float32 or float64")
     return dt
 

@@ -12,6 +12,7 @@ def state(C=3, dtype=np.float32):
 
 
 X = np.arange(24, dtype=np.float32).reshape(4, 3, 2)
+SWAPPED = np.dtype(np.float32).newbyteorder("S")  # ">f4" on little-endian machines
 
 # (description, kwargs overriding a valid call, exception, message fragment)
 BAD_FORWARD = [
@@ -19,6 +20,7 @@ BAD_FORWARD = [
     ("bool input", dict(x=X > 3), TypeError, "x: dtype bool"),
     ("complex input", dict(x=X.astype(np.complex64)), TypeError, "x: dtype complex64"),
     ("object input", dict(x=X.astype(object)), TypeError, "x: dtype object"),
+    ("swapped bytes input", dict(x=X.astype(SWAPPED)), TypeError, f"x: dtype {SWAPPED} is in non-native byte order"),
     ("axis out of range", dict(axis=3), ValueError, "axis: 3 is out of range"),
     ("axis negative out of range", dict(axis=-4), ValueError, "axis: -4"),
     ("axis float", dict(axis=1.0), TypeError, "axis: expected an int"),
