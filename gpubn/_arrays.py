@@ -233,6 +233,11 @@ def read_input(x, name: str, backend: str) -> Source:
         desc = device_interface(x)
         return Source(device_view(x, desc), True, array_library(x), launch_stream(desc), x)
     if isinstance(x, np.ndarray):
+        if type(x) is not np.ndarray and isinstance(x, np.ma.MaskedArray):
+            raise TypeError(
+                f"{name}: a masked array, and gpubn does not read its mask; pass np.asarray({name}) to use "
+                "every value, or its data with mask= (bool over the non-feature axes, True: counted)"
+            )
         return Source(x, False, "numpy", 0, x)
     try:
         arr = np.asarray(x)

@@ -20,6 +20,7 @@ BAD_FORWARD = [
     ("bool input", dict(x=X > 3), TypeError, "x: dtype bool"),
     ("complex input", dict(x=X.astype(np.complex64)), TypeError, "x: dtype complex64"),
     ("object input", dict(x=X.astype(object)), TypeError, "x: dtype object"),
+    ("masked array input", dict(x=np.ma.masked_array(X, X > 3)), TypeError, "x: a masked array"),
     ("swapped bytes input", dict(x=X.astype(SWAPPED)), TypeError, f"x: dtype {SWAPPED} is in non-native byte order"),
     ("axis out of range", dict(axis=3), ValueError, "axis: 3 is out of range"),
     ("axis negative out of range", dict(axis=-4), ValueError, "axis: -4"),
