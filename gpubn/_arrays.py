@@ -129,6 +129,29 @@ def _simulated_view(desc, owner):
     return FakeCUDAArray(np.ndarray(shape, dtype, buffer=buffer, strides=strides))
 
 
+def may_overlap(a, b) -> bool:
+    """Whether two arrays on one side (host, or one device) may share memory:
+    their address ranges meet (``np.may_share_memory``'s test, for any array)."""
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _span(a) -> tuple:
+    """(first byte, last byte + 1) of an array's elements."""
+    if not isinstance(a, np.ndarray):
+        a = getattr(a, "_ary", a)  # the simulator's device arrays wrap a NumPy array
+    desc = a.__array_interface__ if isinstance(a, np.ndarray) else device_interface(a)
+    first = last = desc["data"][0]
+    for n, step in zip(a.shape, a.strides, strict=True):
+        if n == 0:
+            return first, first
+        if step < 0:
+            first += (n - 1) * step
+        else:
+            last += (n - 1) * step
+    return first, last + a.dtype.itemsize
+
+
 def acc_dtype(dtype) -> np.dtype:
     """Accumulation / statistics dtype: float64 for float64 input, else float32."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)

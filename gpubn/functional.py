@@ -39,6 +39,7 @@ from ._arrays import (
     empty_like_library,
     host_copy,
     library_allocator,
+    may_overlap,
     read_input,
     to_canonical,
     to_device,
@@ -340,15 +341,16 @@ class ForwardCache:
     would cost a pass over memory per forward).
     """
 
-    __slots__ = ("inp", "coef", "training", "act", "z", "mask")
+    __slots__ = ("inp", "coef", "training", "act", "z", "mask", "overwritten")
 
-    def __init__(self, inp, coef, training, act=0, z=None, mask=None):
+    def __init__(self, inp, coef, training, act=0, z=None, mask=None, overwritten=None):
         self.inp = inp
         self.coef = coef
         self.training = training
         self.act = act  # kernels.activation code: y = g(BN(x) + z)
         self.z = z  # the residual's canonical view (referenced like x), or None
         self.mask = mask  # the positions that gave the statistics (masked batch norm), or None
+        self.overwritten = overwritten  # "x" or "residual" where the forward's out= was its memory, else None
 
     @property
     def backend(self) -> str:
@@ -413,8 +415,9 @@ def batch_norm_forward(
             gradients as zero padding.  Ignored (but checked) when
             training=False.  At least 2 True positions when training.
         out: None, or an array of x's shape and dtype (C-contiguous, on x's
-            side) that receives y (a layer's own buffer, or in place: out=x
-            is allowed only with training=False and no backward).
+            side) that receives y (a layer's own buffer, or x itself: in
+            place, but then batch_norm_backward raises ValueError, as it
+            needs x; the same for the residual's memory).
         _bfloat16: (internal) x is bfloat16 as int16 bits (gpubn.torch);
             y comes back the same way.
     Returns:
@@ -464,9 +467,12 @@ def batch_norm_forward(
     if update and rm.copied:
         rm.commit()
         rv.commit()
+    overwritten = None
+    if out is not None:  # y over x (or the residual): the forward is right, a backward could not be
+        overwritten = "x" if may_overlap(y, inp.view) else "residual" if z is not None and may_overlap(y, z) else None
     if out is None and inp.backend == "cuda":
         y = inp.deliver(y)
-    return y, ForwardCache(inp, coef, training, act, z, m)
+    return y, ForwardCache(inp, coef, training, act, z, m, overwritten)
 
 
 def _forward(inp: _Input, g, b, rm, rv, eps, momentum, training, update, act, z, m, y3):
@@ -527,6 +533,11 @@ def batch_norm_backward(dy, cache: ForwardCache, *, out=None, _reduce=None):
     """
     if not isinstance(cache, ForwardCache):
         raise TypeError(f"cache: expected the cache returned by batch_norm_forward, got {type(cache).__name__}")
+    if cache.overwritten is not None:
+        raise ValueError(
+            f"cache: its forward wrote y over {cache.overwritten} (out=), which the backward reads; "
+            "give that forward another out"
+        )
     inp = cache.inp
     if type(dy) is np.ndarray and inp.backend == "cpu":
         arr, on_device = dy, False
