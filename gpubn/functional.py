@@ -144,7 +144,7 @@ class _Input:
         if self.backend != "cuda":
             return np.empty(shape, dtype) if rows is not None else host_empty(shape, dtype)
         out = empty_like_library(shape, dtype, self.src.library, self.src.owner)
-        return device_empty(shape, dtype) if out is None else out
+        return device_empty(shape, dtype, self.src.stream) if out is None else out
 
     def deliver(self, arr):
         """Results go back where the input came from, as its library's arrays."""

@@ -58,7 +58,14 @@ def workspace(name, shape, dtype, zero=False, stream=0, scratch=None):
 
 
 class _FreeList:
-    """Freed buffers by size in bytes, at most ``limit`` bytes kept (thread-safe).
+    """Freed buffers by size in bytes and ``where`` they may be reused, at
+    most ``limit`` bytes kept (thread-safe).
+
+    Device buffers: ``where`` = (device, stream).  A buffer is reused on its
+    own device only, and by calls on the stream it was allocated for: freed
+    by the host, it may still be in use by work queued on that stream, which
+    a later call on the same stream queues after, and a call on another
+    stream could run beside (the rule of torch's caching allocator).
 
     The lock is re-entrant: a buffer comes back from a finalizer, which the
     garbage collector may run inside ``take`` or ``give`` (an allocation there
@@ -67,20 +74,20 @@ class _FreeList:
     def __init__(self, limit: int):
         self.limit, self.cached, self.free, self.lock = limit, 0, {}, threading.RLock()
 
-    def take(self, nbytes: int):
-        """A kept buffer of ``nbytes``, or None."""
+    def take(self, nbytes: int, where=None):
+        """A kept buffer of ``nbytes`` for ``where``, or None."""
         with self.lock:
-            free = self.free.get(nbytes)
+            free = self.free.get((nbytes, where))
             if not free:
                 return None
             self.cached -= nbytes
             return free.pop()
 
-    def give(self, buffer, nbytes: int):
-        """Keep ``buffer`` for reuse (dropped when the list is full)."""
+    def give(self, buffer, nbytes: int, where=None):
+        """Keep ``buffer`` for reuse at ``where`` (dropped when the list is full)."""
         with self.lock:
             if self.cached + nbytes <= self.limit:
-                self.free.setdefault(nbytes, []).append(buffer)
+                self.free.setdefault((nbytes, where), []).append(buffer)
                 self.cached += nbytes
 
 
@@ -127,9 +134,10 @@ def host_empty(shape, dtype):
     return np.asarray(_HostBlock(buffer, shape, dtype))
 
 
-def device_empty(shape, dtype):
+def device_empty(shape, dtype, stream: int = 0):
     """cuda.device_array(shape, dtype), C order, but large arrays reuse device
-    memory freed by earlier ones.
+    memory freed by earlier ones of the current device allocated for the same
+    ``stream`` (a handle: the stream the caller's kernels use; ``_FreeList``).
 
     A fresh allocation costs a cudaMalloc (about 0.5 ms for a 200 MB output on
     an H200, longer than the kernel that fills it).  The array gets a numba
@@ -145,13 +153,14 @@ def device_empty(shape, dtype):
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
     from numba.cuda.cudadrv.driver import AutoFreePointer
 
-    base = _device.take(nbytes)
+    where = (current_device(), stream)
+    base = _device.take(nbytes, where)
     if base is None:
         base = cuda.device_array(nbytes, np.uint8)
 
     def give_back():
         _device_live.discard(pointer)
-        _device.give(base, nbytes)
+        _device.give(base, nbytes, where)
 
     memory = base.gpu_data
     pointer = AutoFreePointer(memory.context, memory.device_pointer, nbytes, finalizer=give_back)

@@ -71,6 +71,9 @@ def test_device_output_reused_only_after_every_view_is_gone_cuda():
     c.copy_to_device(np.arange(np.prod(shape), dtype=np.float32).reshape(shape))
     np.testing.assert_array_equal(c.copy_to_host().ravel(), np.arange(np.prod(shape)))
     cuda.synchronize()
+    del c
+    d = workspace.device_empty(shape, np.float32, stream=0x5EED)  # freed for stream 0: not reused on another
+    assert d.device_ctypes_pointer.value != addr
 
 
 def test_workspaces_are_per_stream():
@@ -119,3 +122,18 @@ def test_an_output_freed_by_the_collector_inside_the_cache_lock():
     the lock was re-entrant, that thread waited for itself forever."""
     proc = subprocess.run([sys.executable, "-c", FREED_INSIDE_THE_LOCK], capture_output=True, text=True, timeout=300)
     assert proc.stdout.split() == ["ok"], proc.stdout + proc.stderr[-2000:]
+
+
+def test_freed_buffers_are_reused_where_they_were_freed():
+    """A device buffer is reused on its own device and stream only (work
+    queued on its stream may still use it); host buffers have one place."""
+    free = workspace._FreeList(1 << 20)
+    free.give("on 0, stream 5", 256, (0, 5))
+    free.give("host", 256)
+    assert free.take(256, (0, 7)) is None  # another stream
+    assert free.take(256, (1, 5)) is None  # another device
+    assert free.take(512, (0, 5)) is None  # another size
+    assert free.take(256, (0, 5)) == "on 0, stream 5"
+    assert free.take(256, (0, 5)) is None
+    assert free.take(256) == "host"
+    assert free.cached == 0
