@@ -56,7 +56,7 @@ def fold(weight, bias, bn, axis: int = 0):
         running statistics, which is what ``bn`` computes only in eval mode.
     """
     is_torch = hasattr(weight, "detach")
-    w = np.asarray(weight.detach().cpu().numpy() if is_torch else weight)
+    w = as_numpy(weight)  # (bfloat16 tensors widened to float32)
     if w.dtype.kind != "f":
         raise TypeError(f"weight: dtype {w.dtype} is not supported; expected floats")
     ax = check_axis(axis, w.ndim)
@@ -77,13 +77,13 @@ def fold(weight, bias, bn, axis: int = 0):
     s = gamma / np.sqrt(rv + eps)
     shape = [1] * w.ndim
     shape[ax] = C
-    w2 = (w.astype(np.float64) * s.reshape(shape)).astype(w.dtype)
-    b2 = ((b.astype(np.float64) - rm) * s + beta).astype(w.dtype)
-    if is_torch:
+    w2 = w.astype(np.float64) * s.reshape(shape)
+    b2 = (b.astype(np.float64) - rm) * s + beta
+    if is_torch:  # rounded once, to the weight's dtype
         import torch
 
-        return torch.from_numpy(w2).to(weight.device), torch.from_numpy(b2).to(weight.device)
-    return w2, b2
+        return tuple(torch.from_numpy(a).to(weight.device, weight.dtype) for a in (w2, b2))
+    return w2.astype(w.dtype), b2.astype(w.dtype)
 
 
 __all__ = ["fold"]

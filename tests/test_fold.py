@@ -57,6 +57,22 @@ def test_conv_layers_torch(dtype, tol):
             torch.testing.assert_close(torch.nn.functional.conv2d(x, W2, b2), bn(conv(x)), atol=tol, rtol=tol)
 
 
+def test_half_torch_weights_are_rounded_once():
+    """float16 and bfloat16 weights (bfloat16 has no NumPy dtype): the float64 fold, rounded once."""
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    for dtype in (torch.float16, torch.bfloat16):
+        w, b = conv.weight.to(dtype), conv.bias.to(dtype)
+        W2, b2 = gpubn.fold(w, b, bn)
+        W64, b64 = gpubn.fold(w.double(), b.double(), bn)
+        assert W2.dtype == b2.dtype == dtype
+        assert torch.equal(W2, W64.to(dtype)) and torch.equal(b2, b64.to(dtype))
+
+
 def test_channels_last_weight_axis(rng):
     W = rng.standard_normal((3, 3, 2, 6))  # (kh, kw, in, out)
     bn = trained_bn(6, rng)
