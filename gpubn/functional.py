@@ -104,8 +104,7 @@ def _shape_of(arr, axis, backend, name, bfloat16, allow_empty) -> _Shape:
         raise ValueError(f"{name}: empty input of shape {tuple(arr.shape)}")
     contiguous = backend == "cpu" and bool(arr.flags.c_contiguous)
     plan = plan_for(backend, shape3, dtype, contiguous, device)
-    info = _SHAPES[key] = _Shape(tuple(arr.shape), dtype, ax, shape3, acc_dtype(dtype), plan)
-    return info
+    return _plan.remember(_SHAPES, key, _Shape(tuple(arr.shape), dtype, ax, shape3, acc_dtype(dtype), plan))
 
 
 class _Input:

@@ -304,7 +304,7 @@ def _call(input: Tensor):
     if call is None:
         if input.device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"input: tensors on {input.device.type!r} are not supported; expected CPU or CUDA")
-        call = _CALLS[key] = _DeviceCall(input) if _on_gpu(input) else _HostCall(input)
+        call = _plan.remember(_CALLS, key, _DeviceCall(input) if _on_gpu(input) else _HostCall(input))
     return call
 
 

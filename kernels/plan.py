@@ -158,6 +158,20 @@ class CUDAPlan:
 _plans = {}
 _lock = threading.Lock()
 
+#: The most call shapes a cache of them keeps (``remember``).
+MAX_SHAPES = 4096
+
+
+def remember(cache: dict, key, value):
+    """``cache[key] = value``, the cache first emptied when it holds
+    MAX_SHAPES entries: a process that meets ever new shapes (a server of
+    variable-length inputs) would otherwise grow by about 1 KB a shape for
+    as long as it runs.  A forgotten shape is planned again when it returns."""
+    if len(cache) >= MAX_SHAPES:
+        cache.clear()
+    cache[key] = value
+    return value
+
 
 def clear():
     """Forget every plan (tests that change a module-level choice: block
@@ -183,5 +197,5 @@ def plan_for(backend: str, shape3: tuple, dtype, contiguous: bool = True, device
     if plan is None:
         plan = CPUPlan(shape3, dtype, contiguous) if backend == "cpu" else CUDAPlan(shape3, dtype)
         with _lock:
-            _plans[key] = plan
+            remember(_plans, key, plan)
     return plan

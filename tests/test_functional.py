@@ -331,3 +331,20 @@ def test_training_flag_must_be_a_bool(backend, bad):
     np.testing.assert_array_equal(rv, 1)
     y, _ = gpubn.batch_norm_forward(x, training=np.bool_(False), running_mean=rm, running_var=rv, backend=backend)
     np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+def test_shape_caches_stay_bounded(monkeypatch, rng):
+    """Ever new shapes (variable-length inputs) do not grow the caches of
+    plans and call shapes past MAX_SHAPES; a forgotten shape is planned again."""
+    from gpubn import functional
+    from gpubn.kernels import plan
+
+    monkeypatch.setattr(plan, "MAX_SHAPES", 4)
+    first = (1 + rng.standard_normal((5, 3, 2))).astype(np.float32)
+    for length in range(2, 12):
+        x = first if length == 2 else rng.standard_normal((5, 3, length)).astype(np.float32)
+        y, _ = gpubn.batch_norm_forward(x, backend="cpu")
+        np.testing.assert_allclose(y, forward(x, None, None, 1)[0], **tol(np.float32))
+        assert len(plan._plans) <= 4 and len(functional._SHAPES) <= 4
+    y, _ = gpubn.batch_norm_forward(first, backend="cpu")  # its plan long forgotten
+    np.testing.assert_allclose(y, forward(first, None, None, 1)[0], **tol(np.float32))

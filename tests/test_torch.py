@@ -648,3 +648,21 @@ def test_fused_activation_and_float16_on_the_cuda_path_under_the_simulator(devic
         torch.testing.assert_close(a, b)
     check_module_steps("cpu", torch.float16, (6, 3, 4), None)
     assert set(device_path) == {"_DeviceCall"}
+
+
+def test_call_records_stay_bounded(monkeypatch):
+    """Ever new input shapes (variable-length sequences) do not grow the
+    module's call records past MAX_SHAPES; results stay torch's."""
+    from gpubn.kernels import plan
+
+    monkeypatch.setattr(plan, "MAX_SHAPES", 4)
+    torch.manual_seed(0)
+    ours, ref = gt.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for length in list(range(2, 12)) + [2]:
+        x = torch.randn(4, 3, length)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours(xa).square().sum().backward()
+        ref(xb).square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad)
+        assert len(gt._CALLS) <= 4
+    torch.testing.assert_close(ours.running_var, ref.running_var)
